@@ -1,0 +1,1 @@
+"""Per-head autotuning under accuracy and latency budgets (to come)."""

@@ -1,0 +1,1 @@
+"""The compiler: pattern IR, block classification and block-mask IR (to come)."""

@@ -1,0 +1,1 @@
+"""The dsl: grammar, AST, checker and formatter of the .attn language."""

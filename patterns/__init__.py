@@ -1,0 +1,1 @@
+"""The shipped pattern library: one .attn file per family."""
