@@ -456,8 +456,10 @@ def parse_expr(text: str, file: str = "<expr>") -> N.Expr:
             else:
                 end = len(text) + 1
                 span = N.Span(file, 1, end, 1, end + 1, len(text), len(text))
-        msg = d.message.replace("'}'", "end of expression").replace(
-            ", 'bias', 'let', 'mask', 'require' or '}'", "")
+        msg = d.message
+        for kw in ("'bias', ", "'let', ", "'mask', ", "'require' or ", "'require', "):
+            msg = msg.replace(kw, "")
+        msg = msg.replace("'}'", "end of expression")
         raise AttncError(Diagnostic(msg, span, text)) from None
     register_source(file, text)
     return _shift_spans(mod.items[0].body[0].value, file)
