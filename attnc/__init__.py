@@ -1,4 +1,4 @@
-"""attnc: a compiler for attention patterns (.attn files to Triton kernels) and a head autotuner."""
+"""attnc: a compiler for attention patterns (.attn files to Triton kernels) and a head tuner."""
 
 from __future__ import annotations
 

@@ -585,30 +585,37 @@ def evaluate_plan(
     scores: torch.Tensor | None = None,
     gates: GateInput | None = None,
     segments: torch.Tensor | None = None,
+    heads: list[int] | None = None,
 ) -> Evaluated:
-    """Evaluate one layer of a plan: every query head with the pattern the plan assigns it."""
+    """Evaluate one layer of a plan: each query head (all, or those listed in `heads`) with the
+    pattern the plan assigns it. `scores` has one row per evaluated head."""
     info = program if isinstance(program, PlanInfo) else program.plan(plan)
     if not 0 <= layer < info.layers:
         raise AttncError(f"plan '{info.name}' has layers 0..{info.layers - 1}, not {layer}")
     qpos = _positions(n, q_len, q_start)
-    H = info.heads
+    wanted = list(range(info.heads)) if heads is None else list(heads)
+    for h in wanted:
+        if not 0 <= h < info.heads:
+            raise AttncError(f"plan '{info.name}' has heads 0..{info.heads - 1}, not {h}")
+    row = {h: i for i, h in enumerate(wanted)}
+    H = len(wanted)
     out_mask = torch.zeros(H, qpos.numel(), n, dtype=torch.bool)
     out_bias: torch.Tensor | None = None
     for a in info.assignments:
-        hs = sorted(h for (ly, h) in a.cells if ly == layer)
+        hs = sorted(h for (ly, h) in a.cells if ly == layer and h in row)
         if not hs:
             continue
-        idx = torch.tensor(hs)
-        sc = scores[idx] if scores is not None and scores.shape[0] == H else scores
-        ev = _Evaluator(n, qpos, idx, Inputs(sc, gates, segments))
+        rows = torch.tensor([row[h] for h in hs])
+        sc = scores[rows] if scores is not None and scores.shape[0] == H else scores
+        ev = _Evaluator(n, qpos, torch.tensor(hs), Inputs(sc, gates, segments))
         ev._plan_scope = info.module.scope
         m, b = ev.pattern(a.pattern, a.call, {"n": _t(n), "h": ev.h}, None)
-        out_mask[idx] = m.expand(ev.shape)
+        out_mask[rows] = m.expand(ev.shape)
         if b is not None:
             if out_bias is None:
                 out_bias = torch.zeros(H, qpos.numel(), n, dtype=F64)
-            out_bias[idx] = b.expand(ev.shape)
-    return Evaluated(out_mask, out_bias, qpos, torch.arange(H))
+            out_bias[rows] = b.expand(ev.shape)
+    return Evaluated(out_mask, out_bias, qpos, torch.tensor(wanted))
 
 
 __all__ = ["Evaluated", "Inputs", "evaluate", "evaluate_plan", "load", "loads", "mask"]

@@ -16,7 +16,6 @@ from .builtins import (
     BUILTINS,
     FLOAT,
     INT,
-    KEYWORDS,
     NUMERIC,
     PARAM_TYPES,
     SET,
@@ -864,7 +863,86 @@ class _Checker:
             if name in callee.uniform_params:
                 self._require_uniform(t, a, f"argument '{name}' of '{e.func}'")
             deps |= t.deps
+        consts = {}
+        for name, a in bound.items():
+            try:
+                consts[name] = const_eval(a, {})
+            except (NotConstant, TypeError, ZeroDivisionError, ValueError, OverflowError):
+                pass
+        self._instantiate(callee, consts, set(bound), e, [])
         return _Typed(BOOL, frozenset(deps), callee)
+
+    def _instantiate(self, p: PatternInfo, consts: dict, given: set[str], site: N.Call,
+                     stack: list) -> None:
+        """Check a call's constant arguments against the callee's requirements and, through
+        the callee's own calls, against the ranges and requirements further down."""
+        if p in stack or len(stack) > 32:
+            return
+        env: dict[str, object] = {}
+        for prm in p.params:
+            if prm.name in consts:
+                env[prm.name] = consts[prm.name]
+            elif prm.default is not None and prm.name not in given:
+                try:
+                    env[prm.name] = const_eval(prm.default, env)
+                except (NotConstant, TypeError, ZeroDivisionError, ValueError, OverflowError):
+                    pass
+        chain = " -> ".join([s.name for s in stack] + [p.name])
+
+        def values() -> str:
+            shown = [f"{k} = {_fmt_const(v)}" for k, v in env.items() if p.param(k)]
+            return f" ({', '.join(shown)})" if shown else ""
+
+        for st in p.node.body:
+            if isinstance(st, N.Let):
+                try:
+                    env[st.name] = const_eval(st.value, env)
+                except (NotConstant, TypeError, ZeroDivisionError, ValueError, OverflowError):
+                    env.pop(st.name, None)
+                expr = st.value
+            elif isinstance(st, N.Require):
+                try:
+                    ok = const_eval(st.cond, env)
+                except (NotConstant, TypeError, ZeroDivisionError, ValueError, OverflowError):
+                    ok = True
+                if ok is False:
+                    what = st.message or "requirement fails"
+                    self.err(
+                        f"{what}: '{chain}' is called with{values()}",
+                        site.span,
+                        (f"the requirement is at {st.span}", ),
+                    )
+                continue
+            else:
+                expr = st.expr
+            for sub in _walk(expr):
+                if not isinstance(sub, N.Call) or sub.func in BUILTINS:
+                    continue
+                callee = p.module.scope.get(sub.func)
+                if callee is None:
+                    continue
+                sub_consts: dict[str, object] = {}
+                named = list(zip([x.name for x in callee.params], sub.args, strict=False))
+                named += [(kw.name, kw.value) for kw in sub.kwargs]
+                for name, a in named:
+                    try:
+                        v = const_eval(a, env)
+                    except (NotConstant, TypeError, ZeroDivisionError, ValueError,
+                            OverflowError):
+                        continue
+                    prm = callee.param(name)
+                    if (prm is not None and isinstance(v, (int, float))
+                            and not isinstance(v, bool) and not prm.in_range(v)):
+                        self.err(
+                            f"'{chain}' is called with{values()}, which makes parameter "
+                            f"'{name}' of '{callee.name}' {_fmt_const(v)}, out of range "
+                            f"{prm.range_text()}",
+                            site.span,
+                            (f"the call is at {sub.span}",),
+                        )
+                    sub_consts[name] = v
+                self._instantiate(callee, sub_consts, {name for name, _ in named}, site,
+                                  stack + [p])
 
     def _type_builtin(self, b: Builtin, e: N.Call, p, env, lets, context) -> _Typed | None:
         bound = self._bind_args(

@@ -107,7 +107,8 @@ def _describe_token(tok: Token) -> str:
     text = str(tok)
     kinds = {"NAME": "name", "INT": "integer", "FLOAT": "number", "STRING": "string"}
     if tok.type in kinds:
-        return f"{kinds[tok.type]} {text}" if tok.type == "STRING" else f"{kinds[tok.type]} '{text}'"
+        quoted = text if tok.type == "STRING" else f"'{text}'"
+        return f"{kinds[tok.type]} {quoted}"
     return f"'{text}'"
 
 
