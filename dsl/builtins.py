@@ -12,9 +12,10 @@ PARAM_TYPES = (INT, FLOAT, BOOL)
 # Builtin variables: query position, key position, query head, key length (all int).
 VARIABLES = {"q": INT, "k": INT, "h": INT, "n": INT}
 
+# Reserved everywhere; `layers`, `heads` and `kv_heads` are keywords only inside plans.
 KEYWORDS = {
     "pattern", "plan", "import", "let", "require", "mask", "bias", "in", "true", "false",
-    "default", "layers", "heads", "kv_heads",
+    "default",
 }
 
 

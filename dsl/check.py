@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
@@ -29,6 +30,10 @@ from .parser import parse
 # Dependency tags of an expression: which of q, k, h, n it reads, and 'dyn' when it reads
 # run-time data (scores, a learned gate, segment ids).
 POSITIONAL = frozenset({"q", "k"})
+# A plan's cells are enumerated when it is checked; real models have a few thousand.
+MAX_PLAN_CELLS = 1 << 20
+# Type of a name whose declaration was already reported; uses of it report nothing more.
+ERROR = "error"
 
 
 @dataclass
@@ -221,6 +226,26 @@ def const_eval(e: N.Expr, env: dict[str, object]):
     raise NotConstant(type(e).__name__)
 
 
+def try_const(e: N.Expr, env: dict[str, object]):
+    """const_eval that also turns arithmetic failures (overflow, complex powers, huge values)
+    into NotConstant, so a check never crashes on a strange constant."""
+    try:
+        v = const_eval(e, env)
+    except NotConstant:
+        raise
+    except (ArithmeticError, TypeError, ValueError, RecursionError) as exc:
+        raise NotConstant(str(exc)) from exc
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int):
+        if not -(2**63) <= v < 2**63:
+            raise NotConstant("integer overflow")
+        return v
+    if isinstance(v, float):
+        return v
+    raise NotConstant(type(v).__name__)
+
+
 def apply_binary(op: str, a, b):
     if op == "&":
         return bool(a and b)
@@ -321,7 +346,8 @@ def load(path: str | os.PathLike, *, with_library: bool = True) -> Program:
         raise AttncError(f"cannot read '{path}': {e.strerror}") from None
     except UnicodeDecodeError:
         raise AttncError(f"'{path}' is not UTF-8 text") from None
-    return loads(text, str(path), base_dir=path.parent, with_library=with_library)
+    return loads(text, str(path), base_dir=path.parent, with_library=with_library,
+                 _path=path.resolve())
 
 
 def loads(
@@ -330,11 +356,14 @@ def loads(
     *,
     base_dir: str | os.PathLike | None = None,
     with_library: bool = True,
+    _path: Path | None = None,
 ) -> Program:
     """Parse and check source text; imports resolve relative to base_dir (default: cwd)."""
     mod = parse(text, file)
     lib = library().scope if with_library else {}
     checker = _Checker(base_dir=Path(base_dir) if base_dir is not None else Path.cwd())
+    if _path is not None:
+        checker._loading.append(_path)  # so a cycle back to this file is reported as one
     main = checker.check_module(mod, library_scope=lib)
     checker.raise_if_errors()
     return Program(main, checker.modules)
@@ -351,6 +380,8 @@ class _Typed:
 
 
 class _Checker:
+    _imports_failed = False
+
     def __init__(self, base_dir: Path | None = None):
         self.base_dir = base_dir or Path.cwd()
         self.errors: list[Diagnostic] = []
@@ -382,10 +413,12 @@ class _Checker:
         info = ModuleInfo(mod.file, mod)
         base = base_dir or self.base_dir
         imported: dict[str, PatternInfo] = {}
+        failed = False
         for item in mod.items:
             if isinstance(item, N.Import):
                 sub = self._import(item, base, library_scope)
                 if sub is None:
+                    failed = True
                     continue
                 info.imports.append(sub)
                 for name, p in sub.patterns.items():
@@ -415,6 +448,8 @@ class _Checker:
                 info.patterns[item.name] = p
                 scope[item.name] = p
         info.scope = scope
+        # After a failed import, unknown names most likely come from it: report the import only.
+        outer_failed, self._imports_failed = self._imports_failed, failed
         self._check_patterns(info)
         for item in mod.items:
             if isinstance(item, N.PlanDef):
@@ -426,6 +461,7 @@ class _Checker:
                 plan = self._check_plan(item, info)
                 if plan is not None:
                     info.plans[item.name] = plan
+        self._imports_failed = outer_failed
         self.modules.append(info)
         return info
 
@@ -441,7 +477,8 @@ class _Checker:
         if path in self._loaded:
             return self._loaded[path]
         if not path.is_file():
-            self.err(f"cannot import '{imp.path}': no such file (looked for {path})", imp.span)
+            self.err(f"cannot import '{imp.path}': no such file (looked for "
+                     f"{os.path.relpath(path)})", imp.span)
             return None
         try:
             text = path.read_text()
@@ -450,18 +487,29 @@ class _Checker:
             return None
         # Report imported files by the path the user wrote, relative to the importer.
         shown = os.path.relpath(path) if not os.path.isabs(imp.path) else str(path)
+        before = len(self.errors)
         try:
             mod = parse(text, shown)
         except AttncError as e:
             self.errors.extend(e.diagnostics)
+            self._note_import(before, imp)
             return None
         self._loading.append(path)
         try:
             sub = self.check_module(mod, library_scope, base_dir=path.parent)
         finally:
             self._loading.pop()
+        self._note_import(before, imp)
         self._loaded[path] = sub
-        return sub
+        return None if len(self.errors) > before else sub
+
+    def _note_import(self, before: int, imp: N.Import) -> None:
+        """Say where a file with errors was imported from."""
+        note = f"in a file imported at {imp.span}"
+        for i in range(before, len(self.errors)):
+            d = self.errors[i]
+            if note not in d.notes:
+                self.errors[i] = dataclasses.replace(d, notes=d.notes + (note,))
 
     # -- patterns
     def _check_patterns(self, info: ModuleInfo) -> None:
@@ -508,8 +556,8 @@ class _Checker:
                     if key not in reported:
                         reported.add(key)
                         self.err(
-                            f"recursive pattern: {' -> '.join(cyc)} (patterns cannot call "
-                            "themselves)",
+                            f"recursive pattern: {' -> '.join(cyc)} (a pattern cannot call "
+                            "itself, directly or through others)",
                             span,
                         )
                     continue
@@ -542,6 +590,7 @@ class _Checker:
                     f"{_suggest(prm.type, PARAM_TYPES)}",
                     prm.type_span,
                 )
+                params.append(ParamInfo(prm.name, ERROR, None, None, None, prm))
                 continue
             lo = hi = None
             if prm.range is not None:
@@ -553,6 +602,7 @@ class _Checker:
                     if lo is not None and hi is not None and lo > hi:
                         self.err(f"empty range {_fmt_const(lo)}..{_fmt_const(hi)}",
                                  prm.range.span)
+                        lo = hi = None  # reported; do not also reject the default
             params.append(ParamInfo(prm.name, prm.type, lo, hi, prm.default, prm))
         p.params = tuple(params)
         # Defaults: typed like arguments; they may use n and h (elastic) and earlier params.
@@ -570,8 +620,8 @@ class _Checker:
                             prm.default.span,
                         )
                     try:
-                        v = const_eval(prm.default, {})
-                    except (NotConstant, TypeError, ZeroDivisionError, ValueError):
+                        v = try_const(prm.default, {})
+                    except NotConstant:
                         v = None
                     if v is not None and not prm.in_range(v):
                         self.err(
@@ -585,12 +635,15 @@ class _Checker:
         if e is None:
             return None
         try:
-            v = const_eval(e, {})
-        except (NotConstant, TypeError, ZeroDivisionError, ValueError):
+            v = try_const(e, {})
+        except NotConstant:
             self.err("a range bound must be a constant (literals and arithmetic)", e.span)
             return None
         if isinstance(v, bool) or (typ == INT and not isinstance(v, int)):
             self.err(f"a range bound of an {typ} parameter must be an {typ}", e.span)
+            return None
+        if isinstance(v, float) and not math.isfinite(v):
+            self.err("a range bound must be a finite number", e.span)
             return None
         return v
 
@@ -600,6 +653,7 @@ class _Checker:
         for prm in p.params:
             env[prm.name] = prm.type
         masks = biases = 0
+        let_lines: dict[str, int] = {}
         uniform: set[str] = set()
         selectors: set[str] = set()
         self._cur_uniform = uniform
@@ -608,10 +662,16 @@ class _Checker:
         for st in p.node.body:
             if isinstance(st, N.Let):
                 if st.name in env or st.name in lets:
-                    what = ("builtin variable" if st.name in VARIABLES else
-                            "parameter" if p.param(st.name) else "name")
-                    self.err(f"'{st.name}' is already a {what}; choose another name", st.span)
+                    if st.name in VARIABLES:
+                        msg = f"'{st.name}' is a builtin variable; choose another name"
+                    elif p.param(st.name):
+                        msg = f"'{st.name}' is already a parameter; choose another name"
+                    else:
+                        msg = (f"'{st.name}' is already defined at line "
+                               f"{let_lines[st.name]}; choose another name")
+                    self.err(msg, st.name_span if st.name_span.line else st.span)
                     continue
+                let_lines[st.name] = st.span.line
                 t = self._type(st.value, p, env, lets, context="let")
                 if t is not None:
                     lets[st.name] = t
@@ -623,8 +683,9 @@ class _Checker:
                     if t.type != BOOL:
                         self.err(f"require needs a bool condition, not {t.type}", st.cond.span)
                     if t.deps & (POSITIONAL | {"dyn"}):
+                        bad = _dep_names(t.deps & POSITIONAL) or "run-time data"
                         self.err(
-                            "a requirement may depend on parameters, n and h only",
+                            f"a requirement may depend on parameters, n and h only, not on {bad}",
                             st.cond.span,
                         )
                 continue
@@ -672,6 +733,8 @@ class _Checker:
             if e.id in lets:
                 return lets[e.id]
             if e.id in env:
+                if env[e.id] == ERROR:
+                    return None
                 if e.id in VARIABLES:
                     return _Typed(env[e.id], frozenset({e.id}))
                 return _Typed(env[e.id], frozenset({"param:" + e.id}))
@@ -696,7 +759,8 @@ class _Checker:
                          "only", e.span)
                 return None
             names = list(lets) + list(env) + list(scope)
-            self.err(f"unknown name '{e.id}'{_suggest(e.id, names)}", e.span)
+            if not self._imports_failed:
+                self.err(f"unknown name '{e.id}'{_suggest(e.id, names)}", e.span)
             return None
         if isinstance(e, N.Unary):
             t = T(e.operand, p, env, lets, context)
@@ -737,7 +801,8 @@ class _Checker:
                         self.err(f"'{e.op}' needs integers, not {t.type}; use {alt}", side.span)
                         return None
                 if isinstance(e.right, N.IntLit) and e.right.value == 0:
-                    self.err(f"'{e.op}' by zero", e.right.span)
+                    what = "integer division" if e.op == "//" else "modulo"
+                    self.err(f"{what} by zero", e.right.span)
                     return None
                 return _Typed(INT, deps)
             if e.op == "/":
@@ -754,7 +819,10 @@ class _Checker:
                     op in ("==", "!=") and a.type == b.type == BOOL
                 )
                 if not ok:
-                    self.err(f"cannot compare {a.type} {op} {b.type}", e.span)
+                    lo, hi = e.operands[i].span, e.operands[i + 1].span
+                    span = N.Span(lo.file, lo.line, lo.col, hi.end_line, hi.end_col, lo.start,
+                                  hi.end) if lo.line else e.span
+                    self.err(f"cannot compare {a.type} {op} {b.type}", span)
                     return None
             return _Typed(BOOL, deps)
         if isinstance(e, N.In):
@@ -828,7 +896,10 @@ class _Checker:
             bound[kw.name] = kw.value
         missing = [n for n, required in params if required and n not in bound]
         if missing:
-            self.err(f"{what} is missing {_plural('argument', missing)}", call.span)
+            hint = ", ".join(f"{m} = ..." for m in missing)
+            self.err(f"{what} is missing {_plural('argument', missing)}; call it as "
+                     f"{call.func}({hint})" if not call.args and not call.kwargs else
+                     f"{what} is missing {_plural('argument', missing)}", call.span)
             return None
         return bound
 
@@ -837,6 +908,8 @@ class _Checker:
         if e.func in BUILTINS:
             return self._type_builtin(BUILTINS[e.func], e, p, env, lets, context)
         if e.func not in scope:
+            if self._imports_failed:
+                return None
             self.err(
                 f"unknown pattern or function '{e.func}'"
                 f"{_suggest(e.func, list(scope) + list(BUILTINS))}",
@@ -866,8 +939,8 @@ class _Checker:
         consts = {}
         for name, a in bound.items():
             try:
-                consts[name] = const_eval(a, {})
-            except (NotConstant, TypeError, ZeroDivisionError, ValueError, OverflowError):
+                consts[name] = try_const(a, {})
+            except NotConstant:
                 pass
         self._instantiate(callee, consts, set(bound), e, [])
         return _Typed(BOOL, frozenset(deps), callee)
@@ -884,8 +957,8 @@ class _Checker:
                 env[prm.name] = consts[prm.name]
             elif prm.default is not None and prm.name not in given:
                 try:
-                    env[prm.name] = const_eval(prm.default, env)
-                except (NotConstant, TypeError, ZeroDivisionError, ValueError, OverflowError):
+                    env[prm.name] = try_const(prm.default, env)
+                except NotConstant:
                     pass
         chain = " -> ".join([s.name for s in stack] + [p.name])
 
@@ -896,14 +969,14 @@ class _Checker:
         for st in p.node.body:
             if isinstance(st, N.Let):
                 try:
-                    env[st.name] = const_eval(st.value, env)
-                except (NotConstant, TypeError, ZeroDivisionError, ValueError, OverflowError):
+                    env[st.name] = try_const(st.value, env)
+                except NotConstant:
                     env.pop(st.name, None)
                 expr = st.value
             elif isinstance(st, N.Require):
                 try:
-                    ok = const_eval(st.cond, env)
-                except (NotConstant, TypeError, ZeroDivisionError, ValueError, OverflowError):
+                    ok = try_const(st.cond, env)
+                except NotConstant:
                     ok = True
                 if ok is False:
                     what = st.message or "requirement fails"
@@ -926,9 +999,8 @@ class _Checker:
                 named += [(kw.name, kw.value) for kw in sub.kwargs]
                 for name, a in named:
                     try:
-                        v = const_eval(a, env)
-                    except (NotConstant, TypeError, ZeroDivisionError, ValueError,
-                            OverflowError):
+                        v = try_const(a, env)
+                    except NotConstant:
                         continue
                     prm = callee.param(name)
                     if (prm is not None and isinstance(v, (int, float))
@@ -973,14 +1045,14 @@ class _Checker:
                 self._check_assignable(t, want, a, f"argument '{name}' of {b.name}()")
                 if bp.lo is not None or bp.hi is not None:
                     try:
-                        v = const_eval(a, {})
-                    except (NotConstant, TypeError, ZeroDivisionError, ValueError):
+                        v = try_const(a, {})
+                    except NotConstant:
                         v = None
                     if isinstance(v, (int, float)) and not (
                         (bp.lo is None or v >= bp.lo) and (bp.hi is None or v <= bp.hi)
                     ):
-                        self.err(f"argument '{name}' of {b.name}() must be >= {bp.lo}, not "
-                                 f"{_fmt_const(v)}", a.span)
+                        self.err(f"argument '{name}' of {b.name}() is {_fmt_const(v)}, out of "
+                                 f"range {bp.lo}..", a.span)
                         return None
             if b.uniform_args:
                 self._require_uniform(t, a, f"argument '{name}' of {b.name}()")
@@ -1025,8 +1097,8 @@ class _Checker:
         if prm.lo is None and prm.hi is None:
             return
         try:
-            v = const_eval(a, {})
-        except (NotConstant, TypeError, ZeroDivisionError, ValueError):
+            v = try_const(a, {})
+        except NotConstant:
             return
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return
@@ -1042,8 +1114,9 @@ class _Checker:
         ok = True
         for a in node.args:
             if a.name not in ("layers", "heads", "kv_heads"):
-                self.err(f"unknown plan argument '{a.name}'; a plan takes layers, heads and "
-                         "kv_heads", a.span)
+                self.err(f"unknown plan argument '{a.name}'"
+                         f"{_suggest(a.name, ('layers', 'heads', 'kv_heads'))} (a plan takes "
+                         "layers, heads and kv_heads)", a.span)
                 ok = False
             elif a.name in args:
                 self.err(f"plan argument '{a.name}' is given twice", a.span)
@@ -1055,9 +1128,11 @@ class _Checker:
                 args[a.name] = a.value
         for req in ("layers", "heads"):
             if req not in args and ok:
+                example = ", ".join(f"{k} = {args.get(k, d)}" for k, d in
+                                    (("layers", 30), ("heads", 9)))
                 self.err(
                     f"plan '{node.name}' must say how many {req} the model has, e.g. "
-                    f"plan {node.name}(layers = 30, heads = 9)",
+                    f"plan {node.name}({example})",
                     node.name_span,
                 )
                 ok = False
@@ -1065,6 +1140,10 @@ class _Checker:
             return None
         layers, heads = args["layers"], args["heads"]
         kv = args.get("kv_heads", heads)
+        if layers * heads > MAX_PLAN_CELLS:
+            self.err(f"plan '{node.name}' has {layers} x {heads} (layer, head) cells; at most "
+                     f"{MAX_PLAN_CELLS} are supported", node.name_span)
+            return None
         if heads % kv:
             span = next(a.span for a in node.args if a.name == "kv_heads")
             self.err(f"heads ({heads}) must be a multiple of kv_heads ({kv})", span)
@@ -1072,6 +1151,7 @@ class _Checker:
         plan = PlanInfo(node.name, node, info, layers, heads, kv)
         owner: dict[tuple[int, int], N.Span] = {}
         default: N.PlanDefault | None = None
+        n_errors = len(self.errors)
         self._plan_scope = info.scope
         self._cur_uniform, self._cur_selectors = set(), set()
         for entry in node.entries:
@@ -1113,11 +1193,12 @@ class _Checker:
             if pat is not None and rest:
                 plan.assignments.append(PlanAssignment(tuple(rest), default.pattern, pat,
                                                        default))
-        elif rest:
+        elif rest and len(self.errors) == n_errors:
             ly, h = rest[0]
             self.err(
                 f"plan '{node.name}' has no pattern for layer {ly} head {h} "
-                f"({len(rest)} of {layers * heads} heads uncovered); add `default: ...`",
+                f"({len(rest)} of its {layers * heads} (layer, head) cells are uncovered); add "
+                "`default: ...`",
                 node.name_span,
             )
         return plan
@@ -1143,9 +1224,13 @@ class _Checker:
 
     def _plan_call(self, call: N.Call) -> PatternInfo | None:
         env = {"n": INT, "h": INT}
-        if call.func in BUILTINS or call.func not in self._plan_scope:
-            self.err(f"unknown pattern '{call.func}'{_suggest(call.func, self._plan_scope)}",
-                     call.name_span)
+        if call.func in BUILTINS:
+            self.err(f"'{call.func}' is a builtin function, not a pattern", call.name_span)
+            return None
+        if call.func not in self._plan_scope:
+            if not self._imports_failed:
+                self.err(f"unknown pattern '{call.func}'{_suggest(call.func, self._plan_scope)}",
+                         call.name_span)
             return None
         # Type the call as an expression with only n and h in scope.
         t = self._type_call(call, None, env, {}, "plan")

@@ -37,7 +37,7 @@ def register_source(file: str, text: str) -> None:
 
 
 def _quote(span: Span, source: str | None) -> str:
-    source = source or _SOURCES.get(span.file)
+    source = span.text or source or _SOURCES.get(span.file)
     if not source:
         return ""
     lines = source.splitlines()

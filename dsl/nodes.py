@@ -16,6 +16,8 @@ class Span:
     end_col: int
     start: int = 0  # character offsets, for slicing the source
     end: int = 0
+    # The quoted text for spans outside any file (e.g. a CLI argument); not part of identity.
+    text: str | None = field(default=None, compare=False, hash=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
@@ -153,6 +155,7 @@ class Let(Stmt):
     name: str
     value: Expr
     span: Span = _span()
+    name_span: Span = _span()
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+import re
 import threading
 from functools import lru_cache
 from importlib import resources
@@ -16,6 +18,7 @@ from lark.exceptions import (
 )
 
 from . import nodes as N
+from .builtins import KEYWORDS
 from .errors import AttncError, Diagnostic, register_source
 
 # Deeper expressions are almost surely machine-made; refusing them keeps every recursive pass
@@ -148,17 +151,69 @@ def _eof_span(file: str, text: str) -> N.Span:
     return N.Span(file, line, col, line, col + 1, len(text), len(text))
 
 
+def _before(text: str, pos: int) -> str:
+    """The source before `pos` with comments blanked out (offsets unchanged), for hints."""
+    return re.sub(r"#[^\n]*", lambda m: " " * len(m.group()), text[:pos])
+
+
+def _unclosed_brace(text: str) -> int | None:
+    """Offset of the last '{' that is never closed, ignoring comments and strings."""
+    stack: list[int] = []
+    for m in re.finditer(r'#[^\n]*|"[^"\n]*"?|[{}]', text):
+        tok = m.group()
+        if tok == "{":
+            stack.append(m.start())
+        elif tok == "}" and stack:
+            stack.pop()
+    return stack[-1] if stack else None
+
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
 def _syntax_error(e: UnexpectedInput, file: str, text: str) -> AttncError:
     if isinstance(e, UnexpectedToken):
         tok = e.token
+        notes: tuple[str, ...] = ()
         if tok.type == "$END":
             span = _eof_span(file, text)
             msg = "unexpected end of file"
+            brace = _unclosed_brace(text)
+            if brace is not None:
+                line, col = _line_col(text, brace)
+                notes = (f"the '{{' at {file}:{line}:{col} is never closed",)
         else:
             span = _tok_span(file, tok)
             msg = f"unexpected {_describe_token(tok)}"
-            if tok.type == "NAME" and str(tok) in ("and", "or", "not"):
-                msg += f"; use {'&' if tok == 'and' else '|' if tok == 'or' else '!'}"
+        word = str(tok) if tok.type == "NAME" else ""
+        prev = re.search(r"\b(and|or|not)\s*$", _before(text, tok.start_pos or 0)) if (
+            tok.type != "$END") else None
+        if word in ("and", "or", "not") or prev:
+            w = word if word in ("and", "or", "not") else prev.group(1)
+            if prev and word not in ("and", "or", "not"):
+                start = prev.start(1)
+                line, col = _line_col(text, start)
+                span = N.Span(file, line, col, line, col + len(w), start, start + len(w))
+            use = {"and": "'&' to combine conditions", "or": "'|' to combine conditions",
+                   "not": "'!' to negate a condition"}[w]
+            return AttncError(Diagnostic(f"unexpected '{w}'; use {use}", span, text))
+        doubled = _before(text, tok.start_pos or 0).rstrip().endswith(str(tok))
+        if str(tok) in ("&", "|") and doubled:
+            return AttncError(Diagnostic(f"unexpected '{tok}{tok}'; use a single '{tok}'", span,
+                                         text))
+        if tok.type == "EQUAL":
+            nxt = text[tok.end_pos: tok.end_pos + 1] if tok.end_pos is not None else ""
+            if nxt == ">":
+                return AttncError(Diagnostic(
+                    "'=>' is not an operator; write `!a | b` for an implication", span, text))
+            return AttncError(Diagnostic("unexpected '='; use '==' to compare", span, text))
+        if tok.type == "ADD_OP" and str(tok) == "-" and re.search(
+            r"\b(layers|heads|kv_heads)\s+[\d\s,.]*\d\s*$", _before(text, tok.start_pos or 0)
+        ):
+            return AttncError(Diagnostic(
+                "unexpected '-'; write index ranges as 0..3 (both ends included)", span, text))
         try:
             # LALR's state lookahead over-approximates; simulate to list what really fits here.
             expected = set(e.interactive_parser.accepts())
@@ -167,22 +222,25 @@ def _syntax_error(e: UnexpectedInput, file: str, text: str) -> AttncError:
         exp = _describe_expected(expected)
         if exp:
             msg += f"; expected {exp}"
-        return AttncError(Diagnostic(msg, span, text))
+        return AttncError(Diagnostic(msg, span, text, notes))
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else ""
         span = N.Span(file, e.line, e.column, e.line, e.column + 1, e.pos_in_stream,
                       e.pos_in_stream + 1)
         if ch == '"':
-            msg = "unterminated string"
+            end = text.find("\n", e.pos_in_stream)
+            end = len(text) if end < 0 else end
+            span = N.Span(file, e.line, e.column, e.line, e.column + max(1, end - e.pos_in_stream),
+                          e.pos_in_stream, end)
+            msg = "unterminated string (strings end on the same line with '\"')"
         elif ch == "=" and text[e.pos_in_stream: e.pos_in_stream + 2] == "=>":
-            msg = "unexpected '=>'"
+            msg = "'=>' is not an operator; write `!a | b` for an implication"
+        elif ch == "=":
+            msg = "unexpected '='; use '==' to compare"
+        elif ch in "&|" and text[e.pos_in_stream: e.pos_in_stream + 2] in ("&&", "||"):
+            msg = f"unexpected '{ch}{ch}'; use a single '{ch}'"
         else:
             msg = f"unexpected character {ch!r}"
-        allowed = getattr(e, "allowed", None)
-        if allowed:
-            exp = _describe_expected(set(allowed))
-            if exp:
-                msg += f"; expected {exp}"
         return AttncError(Diagnostic(msg, span, text))
     if isinstance(e, UnexpectedEOF):
         exp = _describe_expected(set(e.expected))
@@ -191,16 +249,23 @@ def _syntax_error(e: UnexpectedInput, file: str, text: str) -> AttncError:
     return AttncError(Diagnostic(f"syntax error: {e}", None, text))
 
 
+_STATEMENTS = {"let", "require", "mask", "bias", "param", "plan_arg", "entry", "default",
+               "import_"}
+
+
 def _tree_depth_ok(tree: Tree) -> Tree | None:
-    """Return a subtree nested deeper than MAX_DEPTH, or None; iterative on purpose."""
-    stack: list[tuple[Tree, int]] = [(tree, 0)]
+    """The statement holding an expression nested deeper than MAX_DEPTH, or None (iterative:
+    this runs before any recursive pass)."""
+    stack: list[tuple[Tree, int, Tree]] = [(tree, 0, tree)]
     while stack:
-        node, depth = stack.pop()
+        node, depth, top = stack.pop()
+        if node.data in _STATEMENTS:
+            top = node
         if depth > MAX_DEPTH:
-            return node
+            return top
         for child in node.children:
             if isinstance(child, Tree):
-                stack.append((child, depth + 1))
+                stack.append((child, depth + 1, top))
     return None
 
 
@@ -208,8 +273,39 @@ def _unquote(tok: Token) -> str:
     return str(tok)[1:-1]
 
 
+INT_MAX = 2**63 - 1
+
+
+class _LiteralError(Exception):
+    def __init__(self, message: str, tok: Token):
+        super().__init__(message)
+        self.tok = tok
+
+
 def _int(tok: Token) -> int:
-    return int(str(tok).replace("_", ""))
+    digits = str(tok).replace("_", "")
+    if len(digits) > 19 or int(digits) > INT_MAX:
+        raise _LiteralError("integer literal too large (ints are 64-bit: at most "
+                            "9223372036854775807)", tok)
+    return int(digits)
+
+
+def _float(tok: Token) -> float:
+    v = float(str(tok).replace("_", ""))
+    if v == float("inf"):
+        raise _LiteralError("number too large for a 64-bit float", tok)
+    return v
+
+
+# Words with a meaning in the grammar; the contextual lexer would let them through as names.
+# `layers`, `heads` and `kv_heads` are keywords only inside a plan (alibi has a `heads`).
+RESERVED = KEYWORDS
+
+
+def _name(tok: Token) -> str:
+    if str(tok) in RESERVED:
+        raise _LiteralError(f"'{tok}' is a reserved word; choose another name", tok)
+    return str(tok)
 
 
 class _ToAst(Transformer):
@@ -236,7 +332,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def pattern(self, meta, c):
         name, params, body = c[0], c[1] or (), c[2:]
-        return N.PatternDef(str(name), params, tuple(body), self._s(meta), self._t(name))
+        return N.PatternDef(_name(name), params, tuple(body), self._s(meta), self._t(name))
 
     @v_args(meta=True)
     def params(self, meta, c):
@@ -245,7 +341,7 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def param(self, meta, c):
         name, typ, rng, default = c
-        return N.Param(str(name), str(typ), rng, default, self._s(meta), self._t(typ))
+        return N.Param(_name(name), str(typ), rng, default, self._s(meta), self._t(typ))
 
     @v_args(meta=True)
     def prange(self, meta, c):
@@ -253,7 +349,7 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def let(self, meta, c):
-        return N.Let(str(c[0]), c[1], self._s(meta))
+        return N.Let(_name(c[0]), c[1], self._s(meta), self._t(c[0]))
 
     @v_args(meta=True)
     def require(self, meta, c):
@@ -274,7 +370,7 @@ class _ToAst(Transformer):
         name = c[0]
         args = tuple(a for a in c[1:] if isinstance(a, N.PlanArg))
         entries = tuple(e for e in c[1:] if isinstance(e, (N.PlanEntry, N.PlanDefault)))
-        return N.PlanDef(str(name), args, entries, self._s(meta), self._t(name))
+        return N.PlanDef(_name(name), args, entries, self._s(meta), self._t(name))
 
     @v_args(meta=True)
     def plan_arg(self, meta, c):
@@ -363,7 +459,7 @@ class _ToAst(Transformer):
         kws = tuple(a for a in args if isinstance(a, N.Keyword))
         # Positional after keyword is a check error, not a parse error; keep the order visible.
         order_ok = all(not isinstance(a, N.Keyword) for a in args[: len(pos)])
-        node = N.Call(str(name), pos, kws, self._s(meta), self._t(name))
+        node = N.Call(_name(name), pos, kws, self._s(meta), self._t(name))
         if not order_ok:
             bad = next(a for a in args[len(pos):] if not isinstance(a, N.Keyword))
             raise AttncError(Diagnostic("positional argument follows keyword argument",
@@ -380,13 +476,13 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def kw_arg(self, meta, c):
-        return N.Keyword(str(c[0]), c[1], self._s(meta))
+        return N.Keyword(_name(c[0]), c[1], self._s(meta))
 
     def int_(self, c):
         return N.IntLit(_int(c[0]), self._t(c[0]))
 
     def float_(self, c):
-        return N.FloatLit(float(str(c[0]).replace("_", "")), self._t(c[0]))
+        return N.FloatLit(_float(c[0]), self._t(c[0]))
 
     @v_args(meta=True)
     def true_(self, meta, c):
@@ -397,7 +493,7 @@ class _ToAst(Transformer):
         return N.BoolLit(False, self._s(meta))
 
     def name(self, c):
-        return N.Name(str(c[0]), self._t(c[0]))
+        return N.Name(_name(c[0]), self._t(c[0]))
 
 
 def parse(text: str, file: str = "<string>") -> N.Module:
@@ -413,7 +509,8 @@ def parse(text: str, file: str = "<string>") -> N.Module:
     if deep is not None:
         span = _meta_span(file, deep.meta)
         raise AttncError(
-            Diagnostic(f"expression nested too deeply (more than {MAX_DEPTH} levels)", span, text)
+            Diagnostic(f"expression too deep (more than {MAX_DEPTH} nested operations); split it "
+                       "with let", span, text)
         )
     try:
         items = _ToAst(file).transform(tree)
@@ -421,8 +518,14 @@ def parse(text: str, file: str = "<string>") -> N.Module:
         if isinstance(e.orig_exc, AttncError):
             d = e.orig_exc.diagnostics[0]
             raise AttncError(Diagnostic(d.message, d.span, text)) from None
+        if isinstance(e.orig_exc, _LiteralError):
+            tok = e.orig_exc.tok
+            raise AttncError(Diagnostic(str(e.orig_exc), _tok_span(file, tok), text)) from None
         raise
     return N.Module(tuple(items), comments, file, text)
+
+
+_EXPR_TEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("expr", default=None)
 
 
 def _shift_spans(obj, file: str):
@@ -431,7 +534,7 @@ def _shift_spans(obj, file: str):
 
     if isinstance(obj, N.Span):
         return dataclasses.replace(obj, line=max(1, obj.line - 1),
-                                   end_line=max(1, obj.end_line - 1))
+                                   end_line=max(1, obj.end_line - 1), text=_EXPR_TEXT.get())
     if isinstance(obj, tuple):
         return tuple(_shift_spans(x, file) for x in obj)
     if dataclasses.is_dataclass(obj):
@@ -445,10 +548,17 @@ def parse_expr(text: str, file: str = "<expr>") -> N.Expr:
     """Parse a lone expression (the CLI's --arg values, tests); spans refer to `text` itself."""
     if "\n" in text:
         raise AttncError(Diagnostic("an expression must fit on one line", None))
+    token = _EXPR_TEXT.set(text)
+    try:
+        return _parse_expr(text, file)
+    finally:
+        _EXPR_TEXT.reset(token)
+
+
+def _parse_expr(text: str, file: str) -> N.Expr:
     try:
         mod = parse(f"pattern __expr__ {{ let value =\n{text}\n}}", file)
     except AttncError as e:
-        register_source(file, text)
         d = e.diagnostics[0]
         span = d.span
         if span is not None and span.line >= 2:
@@ -461,6 +571,6 @@ def parse_expr(text: str, file: str = "<expr>") -> N.Expr:
         for kw in ("'bias', ", "'let', ", "'mask', ", "'require' or ", "'require', "):
             msg = msg.replace(kw, "")
         msg = msg.replace("'}'", "end of expression")
+        msg = re.sub(r", (end of expression)$", r" or \1", msg)
         raise AttncError(Diagnostic(msg, span, text)) from None
-    register_source(file, text)
     return _shift_spans(mod.items[0].body[0].value, file)

@@ -24,7 +24,6 @@ import pytest
 
 import attnc
 from attnc import AttncError
-from attnc.dsl import nodes as N
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
@@ -67,7 +66,7 @@ def _dump(node, indent: str, lines: list[str], first: str) -> None:
                 _dump(item, child_indent + "  ", lines, f"{child_indent}- ")
 
 
-def dump_ast(module: N.Module) -> str:
+def dump_ast(module) -> str:
     """A deterministic, indented dump of a module (comments included), spans left out."""
     lines: list[str] = []
     _dump(module, "", lines, "")

@@ -159,10 +159,6 @@ def _shards(c):
     return _grid(c, pred), None
 
 
-def _floor_log2(x: int) -> int:
-    return x.bit_length() - 1 if x >= 1 else 0
-
-
 @hand("radial", block=64, dense=8, causal=True)
 def _radial(c):
     def pred(i, h, q, k):
@@ -574,7 +570,11 @@ def test_every_library_pattern_has_a_hand_written_mask():
 def test_hand_defaults_match_the_library():
     """The hand-written masks assume the library's defaults; keep them in step."""
     for name, (defaults, _) in HAND.items():
-        assert [p.name for p in LIB.pattern(name).params] == list(defaults), name
+        params = LIB.pattern(name).params
+        assert [p.name for p in params] == list(defaults), name
+        for p in params:
+            lit = p.default.value  # every library default is a literal
+            assert lit == defaults[p.name] and type(lit) is type(defaults[p.name]), (name, p)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
@@ -609,6 +609,18 @@ def test_wrongly_shaped_scores_are_a_plain_error():
         evaluate(LIB, "block_topk", n=16, heads=2, scores=torch.zeros(2, 16, 15))
     with pytest.raises(attnc.AttncError, match="gate scores"):
         evaluate(LIB, "gated", n=16, heads=2, args={"block": 4}, gates=torch.zeros(2, 3, 3))
+
+
+def test_bad_elastic_arguments_are_plain_errors():
+    # an elastic parameter that leaves its range for some head or some n
+    with pytest.raises(attnc.AttncError, match="out of range"):
+        evaluate(LIB, "a_shape", n=16, heads=2, args={"local": parse_expr("h")})
+    with pytest.raises(attnc.AttncError, match="out of range"):
+        evaluate(LIB, "window", n=3, args={"size": parse_expr("n // 4")})
+    # the block of a block selector must not vary per head
+    with pytest.raises(attnc.AttncError, match="same for every head"):
+        evaluate(LIB, "block_topk", n=16, heads=2, args={"block": parse_expr("h + 4")},
+                 scores=torch.zeros(2, 16, 16))
 
 
 # --------------------------------------------------------------------------- selectors directly
@@ -797,12 +809,31 @@ def test_plan_q(n, q_len):
             np.testing.assert_allclose(ev.bias.numpy(), want_bias, rtol=1e-12, atol=1e-12)
 
 
+def test_plan_head_subset():
+    """heads= evaluates some query heads, in the order given; scores have one row per head."""
+    n, wanted = 40, [5, 1, 3]
+    scores = torch.randn(3, n, n, generator=_generator("plan-q-subset"), dtype=torch.float64)
+    ev = evaluate_plan(PLAN, "q", layer=2, n=n, heads=wanted, scores=scores)
+    assert ev.heads.tolist() == wanted
+    cells = {5: ("block_topk", {"topk": 2, "block": 8}),
+             1: ("shards", {"stride": 3, "block": 4, "local": 2}),
+             3: ("shards", {"stride": 3, "block": 4, "local": 2})}
+    qpos = list(range(n))
+    want = np.zeros((3, n, n), dtype=bool)
+    for i, h in enumerate(wanted):
+        name, args = cells[h]
+        c = Ctx(n, [h], qpos, args, HAND[name][0], scores=scores[i : i + 1].tolist())
+        want[i] = HAND[name][1](c)[0][0]
+    _check(ev.mask, want, wanted, qpos)
+
+
 def test_plan_dynamic_needs_scores():
     with pytest.raises(attnc.AttncError, match="scores"):
         evaluate_plan(PLAN, "q", layer=2, n=16)
 
 
-@pytest.mark.xfail(strict=True, raises=attnc.AttncError, reason="evaluate_plan slices scores per head but passes the "
+@pytest.mark.xfail(strict=True, raises=attnc.AttncError,
+                   reason="evaluate_plan slices scores per head but passes the "
                    "plan-wide [heads, nb, nb] gates unsliced to each head group, so a gated "
                    "entry that covers only some heads rejects (or misreads) the gates")
 def test_plan_gates_are_per_plan_head():
