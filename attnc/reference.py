@@ -574,6 +574,21 @@ def mask(target, name: str | None = None, **kw) -> torch.Tensor:
     return evaluate(target, name, **kw).mask
 
 
+def _gate_rows(gates: GateInput | None, rows: torch.Tensor, H: int) -> GateInput | None:
+    """The gate scores of some of a layer's heads (given per evaluated head, or shared)."""
+    if gates is None:
+        return None
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t[rows] if t.dim() == 3 and t.shape[0] == H and H > 1 else t
+
+    if isinstance(gates, torch.Tensor):
+        return pick(gates)
+    if isinstance(gates, Mapping):
+        return {b: pick(t) for b, t in gates.items()}
+    return lambda block: pick(gates(block))
+
+
 def evaluate_plan(
     program: Program | PlanInfo,
     plan: str | None = None,
@@ -607,7 +622,8 @@ def evaluate_plan(
             continue
         rows = torch.tensor([row[h] for h in hs])
         sc = scores[rows] if scores is not None and scores.shape[0] == H else scores
-        ev = _Evaluator(n, qpos, torch.tensor(hs), Inputs(sc, gates, segments))
+        ev = _Evaluator(n, qpos, torch.tensor(hs), Inputs(sc, _gate_rows(gates, rows, H),
+                                                           segments))
         ev._plan_scope = info.module.scope
         m, b = ev.pattern(a.pattern, a.call, {"n": _t(n), "h": ev.h}, None)
         out_mask[rows] = m.expand(ev.shape)

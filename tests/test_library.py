@@ -832,10 +832,6 @@ def test_plan_dynamic_needs_scores():
         evaluate_plan(PLAN, "q", layer=2, n=16)
 
 
-@pytest.mark.xfail(strict=True, raises=attnc.AttncError,
-                   reason="evaluate_plan slices scores per head but passes the "
-                   "plan-wide [heads, nb, nb] gates unsliced to each head group, so a gated "
-                   "entry that covers only some heads rejects (or misreads) the gates")
 def test_plan_gates_are_per_plan_head():
     n, H = 12, 4
     gates = torch.randn(H, 3, 3, generator=_generator("plan-r"), dtype=torch.float64)
