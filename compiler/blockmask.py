@@ -1,0 +1,521 @@
+"""Block-mask IR: per head class, closed-form key-block ranges per query block; materialised on
+demand as CSR arrays with FlexAttention's BlockMask layout and meaning.
+
+Building the IR is symbolic (no block grid); evaluating its ranges costs O(query blocks); the CSR
+costs O(visited blocks). No n x n or (n/B) x (n/B) array is ever formed (except by to_dense(),
+which exists for tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import absint
+from .absint import EMPTY, FULL, PARTIAL
+from .ir import Const, Node, Op, PatternIR, Var, free_vars, substitute, to_text, walk
+from .numeric import evaluate as num_eval
+from .rules import rewrite
+from .support import Rule, derive, fallback_rule
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the kernel tiles the problem; the pattern does not choose it."""
+
+    block_m: int = 128
+    block_n: int = 128
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, not {v!r}")
+
+    def text(self) -> str:
+        return f"(schedule :block_m {self.block_m} :block_n {self.block_n})"
+
+
+@dataclass
+class HeadClass:
+    """Heads whose specialised mask is identical share one set of rules."""
+
+    heads: list[int]
+    mask: Node  # h substituted and folded
+    rules: list[Rule]
+    exact_rules: bool  # False when the DNF was too large and the fallback rule is used
+
+
+@dataclass
+class CSR:
+    """FlexAttention BlockMask layout (numpy; batch dimension 1): partial and full key blocks of
+    every query block, indices ascending, rows padded with the unused block indices."""
+
+    kv_num_blocks: np.ndarray  # [H, QB] int32
+    kv_indices: np.ndarray  # [H, QB, W] int32
+    full_kv_num_blocks: np.ndarray  # [H, QB] int32
+    full_kv_indices: np.ndarray  # [H, QB, WF] int32
+    block_m: int
+    block_n: int
+    q_len: int
+    n: int
+    q_start: int
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_num_blocks.shape[1]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return -(-self.n // self.block_n)
+
+
+@dataclass
+class Stats:
+    kept_pairs: int
+    visited_blocks: int
+    partial_blocks: int
+    full_blocks: int
+    total_pairs: int
+    head_dim: int = 128
+
+    @property
+    def density(self) -> float:
+        return self.kept_pairs / self.total_pairs if self.total_pairs else 0.0
+
+    def useful_flops(self, head_dim: int | None = None) -> int:
+        d = head_dim or self.head_dim
+        return 4 * d * self.kept_pairs  # QK^T and PV, 2 flops per multiply-add each
+
+    def executed_flops(self, block_m: int, block_n: int, head_dim: int | None = None) -> int:
+        d = head_dim or self.head_dim
+        return 4 * d * block_m * block_n * self.visited_blocks
+
+
+@dataclass
+class BlockMaskIR:
+    pattern: PatternIR
+    n: int
+    heads: int
+    q_len: int
+    q_start: int
+    schedule: Schedule
+    classes: list[HeadClass] = field(default_factory=list)
+
+    # -- the symbolic form
+    def text(self) -> str:
+        s = self.schedule
+        lines = [f"blockmask {self.pattern.name} key {self.pattern.key[:16]}",
+                 f"  n = {self.n}, queries {self.q_start}..{self.q_start + self.q_len - 1}, "
+                 f"heads {self.heads}, {s.text()}",
+                 "  ranges are inclusive key positions for a query block [q0, q1]; a key block "
+                 "kb covers [kb * block_n, kb * block_n + block_n - 1]"]
+        for c in self.classes:
+            lines.append(f"  heads {_ranges_text(c.heads)}:")
+            if not c.exact_rules:
+                lines.append("    (no DNF within limits: every key is visited)")
+            for i, r in enumerate(c.rules):
+                lines.append(f"    rule {i}:")
+                lines += ["      " + x for x in r.text().splitlines()]
+        return "\n".join(lines)
+
+    # -- evaluation per query block
+    def _q_blocks(self):
+        BM = self.schedule.block_m
+        QB = -(-self.q_len // BM)
+        qb = np.arange(QB, dtype=np.int64)
+        q0 = self.q_start + qb * BM
+        q1 = np.minimum(q0 + BM - 1, self.q_start + self.q_len - 1)
+        complete = (q0 + BM - 1) <= (self.q_start + self.q_len - 1)
+        return qb, q0, q1, complete
+
+    def _class_blocks(self, c: HeadClass, h: int):
+        """(qb, kb, cls) of every visited block of one head of class c, deduplicated."""
+        BN = self.schedule.block_n
+        n = self.n
+        KB = -(-n // BN)
+        last_full_kb = n // BN - 1  # a padded last key block is never full
+        qb, q0, q1, complete = self._q_blocks()
+        env = {"q0": q0, "q1": q1, "n": np.int64(n)}
+        cand_q, cand_k = [], []
+        known_q, known_k, known_c = [], [], []
+        full_ranges = []  # per rule: (f_lo, f_hi, stride, guard_all_true)
+        for r in c.rules:
+            lo = np.broadcast_to(num_eval(r.visit_lo, env), qb.shape).astype(np.int64)
+            hi = np.broadcast_to(num_eval(r.visit_hi, env), qb.shape).astype(np.int64)
+            lo = np.maximum(lo, 0)
+            hi = np.minimum(hi, n - 1)
+            ok = lo <= hi
+            g_true = np.ones_like(ok)
+            for g in r.guards:
+                ab = absint.Evaluator(q0, q1, 0, 0, h, n).eval(g)
+                ok &= np.broadcast_to(ab.t, ok.shape)
+                g_true &= np.broadcast_to(~ab.f, ok.shape)
+            kb_lo = np.where(ok, lo // BN, 0)
+            kb_hi = np.where(ok, hi // BN, -1)
+            if r.stride is not None:
+                qs, ks = _strided(qb, kb_lo, kb_hi, r.stride, env)
+            elif r.impure:
+                # Atoms the rule cannot place (congruences, log-bands, ...): search the range
+                # by halving, so cost follows the visited blocks, not the range.
+                qs, ks, cl = self._descend(c.mask, qb, kb_lo, kb_hi, h)
+                known_q.append(qs)
+                known_k.append(ks)
+                known_c.append(cl)
+                continue
+            else:
+                qs, ks = _expand(qb, kb_lo, kb_hi)
+            cand_q.append(qs)
+            cand_k.append(ks)
+            if r.full_lo is not None:
+                flo = np.broadcast_to(num_eval(r.full_lo, env), qb.shape).astype(np.int64)
+                fhi = np.broadcast_to(num_eval(r.full_hi, env), qb.shape).astype(np.int64)
+                f_lo = -((-np.maximum(flo, 0)) // BN)  # ceil
+                f_hi = (np.minimum(fhi, n - 1) + 1) // BN - 1
+                f_hi = np.minimum(f_hi, last_full_kb)
+                valid = ok & g_true & complete
+                f_hi = np.where(valid, f_hi, -1)
+                full_ranges.append((f_lo, f_hi, r.stride, env))
+        z = np.zeros(0, dtype=np.int64)
+        qs = np.concatenate(cand_q + known_q + [z])
+        ks = np.concatenate(cand_k + known_k + [z])
+        pre = np.concatenate([np.full(x.size, -1, dtype=np.int8) for x in cand_q]
+                             + known_c + [np.zeros(0, dtype=np.int8)])
+        key, first = np.unique(qs * KB + ks, return_index=True)
+        # A block found by several rules: keep the most informative verdict (FULL > other).
+        best = np.full(key.size, -1, dtype=np.int8)
+        inv = np.searchsorted(key, qs * KB + ks)
+        np.maximum.at(best, inv, pre)
+        qs, ks = key // KB, key % KB
+        cls = np.where(best == FULL, FULL, np.where(best >= 0, best, -1)).astype(np.int8)
+        del first
+        for f_lo, f_hi, stride, env_ in full_ranges:
+            inside = (ks >= f_lo[qs]) & (ks <= f_hi[qs])
+            if stride is not None:
+                inside &= _stride_member(qs, ks, stride, env_)
+            cls = np.where(inside, FULL, cls)
+        todo = cls < 0
+        if np.any(todo):
+            cls[todo] = self._classify(c.mask, qs[todo], ks[todo], h)
+        keep = cls != EMPTY
+        return qs[keep], ks[keep], cls[keep]
+
+    def _descend(self, mask: Node, qb, kb_lo, kb_hi, h: int):
+        """Visited blocks of [kb_lo, kb_hi] per query block by dyadic search: a group of key
+        blocks proven EMPTY is dropped, FULL is kept whole, PARTIAL is halved."""
+        BM, BN = self.schedule.block_m, self.schedule.block_n
+        last_q = self.q_start + self.q_len - 1
+        qs, a, b = qb[kb_lo <= kb_hi], kb_lo[kb_lo <= kb_hi], kb_hi[kb_lo <= kb_hi]
+        out_q, out_k, out_c = [], [], []
+        while qs.size:
+            q0 = self.q_start + qs * BM
+            q1 = np.minimum(q0 + BM - 1, last_q)
+            k0 = a * BN
+            k1 = np.minimum(b * BN + BN - 1, self.n - 1)
+            cls = absint.classify(mask, q0, q1, k0, k1, h, self.n)
+            full = cls == FULL
+            if np.any(full):
+                fq, fk = _expand(qs[full], a[full], b[full])
+                out_q.append(fq)
+                out_k.append(fk)
+                out_c.append(self._demote(fq, fk))
+            single = (cls == PARTIAL) & (a == b)
+            if np.any(single):
+                out_q.append(qs[single])
+                out_k.append(a[single])
+                out_c.append(self._classify(mask, qs[single], a[single], h))
+            split = (cls == PARTIAL) & (a < b)
+            mid = (a + b) // 2
+            qs = np.concatenate([qs[split], qs[split]])
+            a, b = np.concatenate([a[split], mid[split] + 1]), np.concatenate([mid[split],
+                                                                                b[split]])
+        z = np.zeros(0, dtype=np.int64)
+        return (np.concatenate(out_q + [z]), np.concatenate(out_k + [z]),
+                np.concatenate(out_c + [np.zeros(0, dtype=np.int8)]))
+
+    def _demote(self, qs, ks) -> np.ndarray:
+        """FULL, except blocks holding padding (the last query or key block), which are
+        PARTIAL as in FlexAttention."""
+        *_, padded = self._boxes(qs, ks)
+        return np.where(padded, PARTIAL, FULL).astype(np.int8)
+
+    def _boxes(self, qs, ks):
+        BM, BN = self.schedule.block_m, self.schedule.block_n
+        last_q = self.q_start + self.q_len - 1
+        q0 = self.q_start + qs * BM
+        q1 = np.minimum(q0 + BM - 1, last_q)
+        k0 = ks * BN
+        k1 = np.minimum(k0 + BN - 1, self.n - 1)
+        padded = (q0 + BM - 1 > last_q) | (k0 + BN - 1 > self.n - 1)
+        return q0, q1, k0, k1, padded
+
+    def _classify(self, mask: Node, qs, ks, h: int) -> np.ndarray:
+        q0, q1, k0, k1, padded = self._boxes(qs, ks)
+        cls = refine(mask, q0, q1, k0, k1, h, self.n)
+        return np.where(padded & (cls == FULL), PARTIAL, cls).astype(np.int8)
+
+    # -- materialisation
+    def materialize(self) -> CSR:
+        """CSR arrays in FlexAttention's BlockMask layout for every head."""
+        qb, _, _, _ = self._q_blocks()
+        QB = qb.size
+        KB = -(-self.n // self.schedule.block_n)
+        rows = []
+        for c in self.classes:
+            # The class mask has h substituted: one evaluation serves all its heads.
+            blocks = self._class_blocks(c, c.heads[0])
+            rows += [(h, blocks) for h in c.heads]
+        rows.sort(key=lambda t: t[0])
+        H = len(rows)
+        counts_p = np.zeros((H, QB), dtype=np.int32)
+        counts_f = np.zeros((H, QB), dtype=np.int32)
+        per_head = []
+        for i, (_, (qs, ks, cls)) in enumerate(rows):
+            part = cls == PARTIAL
+            counts_p[i] = np.bincount(qs[part], minlength=QB)[:QB]
+            counts_f[i] = np.bincount(qs[~part], minlength=QB)[:QB]
+            per_head.append((qs, ks, part))
+        W = int(max(1, counts_p.max(initial=0)))
+        WF = int(max(1, counts_f.max(initial=0)))
+        kv_idx = np.zeros((H, QB, W), dtype=np.int32)
+        fkv_idx = np.zeros((H, QB, WF), dtype=np.int32)
+        for i, (qs, ks, part) in enumerate(per_head):
+            for sel, cnt, out in ((part, counts_p[i], kv_idx[i]), (~part, counts_f[i],
+                                                                    fkv_idx[i])):
+                q_sel, k_sel = qs[sel], ks[sel]  # sorted by (qb, kb) already
+                start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
+                pos = np.arange(q_sel.size) - start[q_sel]
+                out[q_sel, pos] = k_sel
+        _pad_rows(kv_idx, counts_p, KB)
+        _pad_rows(fkv_idx, counts_f, KB)
+        return CSR(counts_p, kv_idx, counts_f, fkv_idx, self.schedule.block_m,
+                   self.schedule.block_n, self.q_len, self.n, self.q_start)
+
+    def block_classes(self) -> np.ndarray:
+        """[H, QB, KB] EMPTY / PARTIAL / FULL (dense over blocks: for tests and pictures)."""
+        csr = self.materialize()
+        H, QB = csr.kv_num_blocks.shape
+        out = np.zeros((H, QB, csr.num_kv_blocks), dtype=np.int8)
+        for h in range(H):
+            for qb in range(QB):
+                out[h, qb, csr.kv_indices[h, qb, : csr.kv_num_blocks[h, qb]]] = PARTIAL
+                out[h, qb, csr.full_kv_indices[h, qb, : csr.full_kv_num_blocks[h, qb]]] = FULL
+        return out
+
+    def to_dense(self) -> np.ndarray:
+        """[H, q_len, n] bool: full blocks all kept, partial blocks by the element predicate."""
+        if self.pattern.dynamic:
+            raise ValueError("to_dense() of a dynamic pattern needs its run-time selection")
+        csr = self.materialize()
+        BM, BN = self.schedule.block_m, self.schedule.block_n
+        H = csr.kv_num_blocks.shape[0]
+        out = np.zeros((H, self.q_len, self.n), dtype=bool)
+        order = sorted((h, c) for c in self.classes for h in c.heads)
+        for i, (h, c) in enumerate(order):
+            for qb in range(csr.num_q_blocks):
+                r0 = qb * BM
+                r1 = min(r0 + BM, self.q_len)
+                q = np.arange(self.q_start + r0, self.q_start + r1).reshape(-1, 1)
+                for kb in csr.full_kv_indices[i, qb, : csr.full_kv_num_blocks[i, qb]]:
+                    out[i, r0:r1, kb * BN: min((kb + 1) * BN, self.n)] = True
+                for kb in csr.kv_indices[i, qb, : csr.kv_num_blocks[i, qb]]:
+                    k = np.arange(kb * BN, min((kb + 1) * BN, self.n)).reshape(1, -1)
+                    m = num_eval(c.mask, {"q": q, "k": k, "h": np.int64(h),
+                                          "n": np.int64(self.n)})
+                    out[i, r0:r1, kb * BN: min((kb + 1) * BN, self.n)] = np.broadcast_to(
+                        m, (r1 - r0, k.size))
+        return out
+
+    def stats(self, head_dim: int = 128) -> Stats:
+        """Kept pairs, visited / partial / full blocks over all heads, from the CSR and the
+        element predicate on partial blocks only."""
+        csr = self.materialize()
+        BM, BN = self.schedule.block_m, self.schedule.block_n
+        kept = 0
+        order = sorted((h, c) for c in self.classes for h in c.heads)
+        for i, (h, c) in enumerate(order):
+            for qb in range(csr.num_q_blocks):
+                r0 = qb * BM
+                r1 = min(r0 + BM, self.q_len)
+                for kb in csr.full_kv_indices[i, qb, : csr.full_kv_num_blocks[i, qb]]:
+                    kept += (r1 - r0) * (min((kb + 1) * BN, self.n) - kb * BN)
+            p_q = np.repeat(np.arange(csr.num_q_blocks), csr.kv_num_blocks[i])
+            p_k = np.concatenate([csr.kv_indices[i, qb, : csr.kv_num_blocks[i, qb]]
+                                  for qb in range(csr.num_q_blocks)]) if p_q.size else p_q
+            if p_q.size and not self.pattern.dynamic:
+                kept += _count_kept(c.mask, p_q, p_k, h, self)
+        partial = int(csr.kv_num_blocks.sum())
+        full = int(csr.full_kv_num_blocks.sum())
+        return Stats(kept, partial + full, partial, full, self.heads * self.q_len * self.n,
+                     head_dim)
+
+
+def _count_kept(mask: Node, qs, ks, h: int, bm: BlockMaskIR) -> int:
+    BM, BN = bm.schedule.block_m, bm.schedule.block_n
+    total = 0
+    chunk = max(1, (1 << 22) // (BM * BN))
+    for s in range(0, qs.size, chunk):
+        q_b, k_b = qs[s: s + chunk], ks[s: s + chunk]
+        q = bm.q_start + q_b.reshape(-1, 1, 1) * BM + np.arange(BM).reshape(1, -1, 1)
+        k = k_b.reshape(-1, 1, 1) * BN + np.arange(BN).reshape(1, 1, -1)
+        valid = (q < bm.q_start + bm.q_len) & (k < bm.n)
+        m = num_eval(mask, {"q": q, "k": k, "h": np.int64(h), "n": np.int64(bm.n)})
+        total += int((np.broadcast_to(m, valid.shape) & valid).sum())
+    return total
+
+
+def _pad_rows(idx: np.ndarray, counts: np.ndarray, KB: int) -> None:
+    """FlexAttention fills each row after its valid prefix with the remaining block indices in
+    ascending order; reproduce that for the row width we keep."""
+    H, QB, W = idx.shape
+    for h in range(H):
+        for qb in range(QB):
+            c = int(counts[h, qb])
+            if c >= W:
+                continue
+            used = set(idx[h, qb, :c].tolist())
+            rest = [j for j in range(min(KB, c + W + 1)) if j not in used][: W - c]
+            if len(rest) < W - c:
+                rest += [0] * (W - c - len(rest))
+            idx[h, qb, c:] = rest
+
+
+def _expand(qb, lo, hi):
+    """All (qb, kb) with lo[qb] <= kb <= hi[qb]."""
+    cnt = np.maximum(hi - lo + 1, 0)
+    qs = np.repeat(qb, cnt)
+    if qs.size == 0:
+        return qs, qs.copy()
+    start = np.repeat(lo, cnt)
+    offs = np.arange(qs.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    return qs, start + offs
+
+
+def _stride_member(qs, ks, stride, env):
+    off = np.broadcast_to(num_eval(stride.offset, env), env["q0"].shape).astype(np.int64)
+    return np.mod(ks // stride.width - off[qs], stride.step) == 0
+
+
+def _strided(qb, lo, hi, stride, env):
+    """(qb, kb) in [lo, hi] whose pattern block j = kb // width has j = offset (mod step)."""
+    off = np.broadcast_to(num_eval(stride.offset, env), qb.shape).astype(np.int64)
+    w, m = stride.width, stride.step
+    j_lo = lo // w
+    j_first = j_lo + np.mod(off - j_lo, m)
+    j_hi = hi // w
+    cnt_j = np.where(j_first <= j_hi, (j_hi - j_first) // m + 1, 0)
+    cnt_j = np.where(hi >= lo, cnt_j, 0)
+    qj, j0 = _expand(qb, np.zeros_like(cnt_j), cnt_j - 1)
+    j = j_first[qj] + j0 * m
+    # expand each pattern block into its `w` key blocks, clipped to [lo, hi]
+    qs = np.repeat(qj, w)
+    ks = np.repeat(j * w, w) + np.tile(np.arange(w), j.size)
+    inside = (ks >= lo[qs]) & (ks <= hi[qs])
+    return qs[inside], ks[inside]
+
+
+def refine(mask: Node, q0, q1, k0, k1, h: int, n: int, rounds: int = 2) -> np.ndarray:
+    """Classify boxes; a PARTIAL verdict is retried on sub-boxes (split at the pattern's own
+    block sizes, else halves), which removes most imprecision of the interval domain."""
+    cls = absint.classify(mask, q0, q1, k0, k1, h, n)
+    divs_q, divs_k = _divisors(mask)
+    idx = np.nonzero(cls == PARTIAL)[0]
+    for _ in range(rounds):
+        if idx.size == 0:
+            break
+        pieces_q = _split(q0[idx], q1[idx], divs_q)
+        pieces_k = _split(k0[idx], k1[idx], divs_k)
+        # all (q piece, k piece) combinations of each box
+        any_t = np.zeros(idx.size, dtype=bool)
+        any_f = np.zeros(idx.size, dtype=bool)
+        for (a0, a1, av) in pieces_q:
+            for (b0, b1, bv) in pieces_k:
+                ok = av & bv
+                if not np.any(ok):
+                    continue
+                c = absint.classify(mask, a0[ok], a1[ok], b0[ok], b1[ok], h, n)
+                sel = np.nonzero(ok)[0]
+                any_t[sel] |= c != EMPTY
+                any_f[sel] |= c != FULL
+        sub_cls = np.where(any_t & any_f, PARTIAL, np.where(any_t, FULL, EMPTY))
+        cls[idx] = sub_cls
+        idx = idx[sub_cls == PARTIAL]
+        # Later rounds split the boxes that are still partial in halves, from scratch.
+        divs_q, divs_k = [], []
+    return cls
+
+
+def _divisors(mask: Node) -> tuple[list[int], list[int]]:
+    dq, dk = set(), set()
+    for x in walk(mask):
+        if isinstance(x, Op) and x.op in ("fdiv", "mod") and isinstance(x.args[1], Const):
+            c = x.args[1].value
+            if isinstance(c, int) and not isinstance(c, bool) and c > 1:
+                fv = free_vars(x.args[0])
+                if "q" in fv:
+                    dq.add(c)
+                if "k" in fv:
+                    dk.add(c)
+    return sorted(dq), sorted(dk)
+
+
+def _split(lo: np.ndarray, hi: np.ndarray, divs: list[int], max_pieces: int = 8):
+    """Pieces (lo_i, hi_i, valid_i) of each interval: cut at multiples of the smallest useful
+    divisor (so k // d is constant on a piece), else in two halves."""
+    width = hi - lo + 1
+    d = None
+    for c in divs:
+        if np.all(width <= c * max_pieces) and np.any(width > 1):
+            d = c
+            break
+    if d is None:
+        mid = lo + (width - 1) // 2
+        return [(lo, mid, width >= 1), (mid + 1, hi, width >= 2)]
+    out = []
+    first = (lo // d) * d
+    for i in range(max_pieces + 1):
+        a = np.maximum(first + i * d, lo)
+        b = np.minimum(first + (i + 1) * d - 1, hi)
+        out.append((a, b, a <= b))
+    return out
+
+
+def _ranges_text(hs: list[int]) -> str:
+    out, i = [], 0
+    hs = sorted(hs)
+    while i < len(hs):
+        j = i
+        while j + 1 < len(hs) and hs[j + 1] == hs[j] + 1:
+            j += 1
+        out.append(str(hs[i]) if i == j else f"{hs[i]}..{hs[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def build(pattern: PatternIR, *, n: int, heads: int = 1, q_len: int | None = None,
+          schedule: Schedule | None = None) -> BlockMaskIR:
+    """The symbolic block-mask IR of a pattern for key length n (queries: the last q_len)."""
+    schedule = schedule or Schedule()
+    q_len = n if q_len is None else q_len
+    if n < 1 or not 1 <= q_len <= n:
+        raise ValueError(f"need n >= 1 and 1 <= q_len <= n (n = {n}, q_len = {q_len})")
+    bm = BlockMaskIR(pattern, n, heads, q_len, n - q_len, schedule)
+    mask = rewrite(pattern.mask)
+    uses_h = "h" in free_vars(mask)
+    groups: dict[str, HeadClass] = {}
+    for h in range(heads) if uses_h else [None]:
+        m = rewrite(substitute(mask, {"h": Const(h)})) if h is not None else mask
+        key = to_text(m)
+        if key in groups:
+            groups[key].heads.append(h)
+            continue
+        rules = derive(m, schedule.block_n)
+        exact = rules is not None
+        groups[key] = HeadClass([h] if h is not None else list(range(heads)), m,
+                                rules if exact else [fallback_rule()], exact)
+    bm.classes = list(groups.values())
+    return bm
+
+
+__all__ = ["CSR", "BlockMaskIR", "HeadClass", "Schedule", "Stats", "build", "Var"]
