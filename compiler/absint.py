@@ -73,6 +73,10 @@ def _make(lo, hi, g, r) -> AN:
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
     g, r = _norm(np.asarray(g, dtype=np.int64), np.asarray(r, dtype=np.int64))
+    # A one-point interval is an exact value (keeps congruences exact through sums).
+    point = (lo == hi) & _finite_int(lo) & (lo == np.floor(lo))
+    g = np.where(point, 0, g)
+    r = np.where(point, lo, r).astype(np.int64)
     # An exact value must agree with its interval; otherwise forget the congruence.
     exact = (g == 0)
     ok = ~exact | ((lo == hi) & _finite_int(lo))

@@ -96,19 +96,29 @@ class Stats:
 @dataclass
 class BlockMaskIR:
     pattern: PatternIR
-    n: int
+    n: int  # keys in the grid (n_perm under a layout transform)
     heads: int
     q_len: int
     q_start: int
     schedule: Schedule
     classes: list[HeadClass] = field(default_factory=list)
+    n_var: int = -1  # the value of the pattern's n (the sequence length); -1: same as n
+    layout: object = None  # a compiler.layout.Layout, when the grid is permuted
+
+    def __post_init__(self):
+        if self.n_var < 0:
+            self.n_var = self.n
 
     # -- the symbolic form
     def text(self) -> str:
         s = self.schedule
         lines = [f"blockmask {self.pattern.name} key {self.pattern.key[:16]}",
-                 f"  n = {self.n}, queries {self.q_start}..{self.q_start + self.q_len - 1}, "
-                 f"heads {self.heads}, {s.text()}",
+                 f"  n = {self.n_var}, grid keys 0..{self.n - 1} (kmax = {self.n - 1}), "
+                 f"queries {self.q_start}..{self.q_start + self.q_len - 1}, heads {self.heads}, "
+                 f"{s.text()}"]
+        if self.layout is not None:
+            lines.append(f"  {self.layout.text()}")
+        lines += [
                  "  ranges are inclusive key positions for a query block [q0, q1]; a key block "
                  "kb covers [kb * block_n, kb * block_n + block_n - 1]"]
         for c in self.classes:
@@ -137,7 +147,7 @@ class BlockMaskIR:
         KB = -(-n // BN)
         last_full_kb = n // BN - 1  # a padded last key block is never full
         qb, q0, q1, complete = self._q_blocks()
-        env = {"q0": q0, "q1": q1, "n": np.int64(n)}
+        env = {"q0": q0, "q1": q1, "n": np.int64(self.n_var), "kmax": np.int64(n - 1)}
         cand_q, cand_k = [], []
         known_q, known_k, known_c = [], [], []
         full_ranges = []  # per rule: (f_lo, f_hi, stride, guard_all_true)
@@ -149,13 +159,13 @@ class BlockMaskIR:
             ok = lo <= hi
             g_true = np.ones_like(ok)
             for g in r.guards:
-                ab = absint.Evaluator(q0, q1, 0, 0, h, n).eval(g)
+                ab = absint.Evaluator(q0, q1, 0, 0, h, self.n_var).eval(g)
                 ok &= np.broadcast_to(ab.t, ok.shape)
                 g_true &= np.broadcast_to(~ab.f, ok.shape)
             kb_lo = np.where(ok, lo // BN, 0)
             kb_hi = np.where(ok, hi // BN, -1)
             if r.stride is not None:
-                qs, ks = _strided(qb, kb_lo, kb_hi, r.stride, env)
+                qs, ks = _strided(qb, kb_lo, kb_hi, r.stride, env, BN)
             elif r.impure:
                 # Atoms the rule cannot place (congruences, log-bands, ...): search the range
                 # by halving, so cost follows the visited blocks, not the range.
@@ -193,7 +203,7 @@ class BlockMaskIR:
         for f_lo, f_hi, stride, env_ in full_ranges:
             inside = (ks >= f_lo[qs]) & (ks <= f_hi[qs])
             if stride is not None:
-                inside &= _stride_member(qs, ks, stride, env_)
+                inside &= _stride_member(qs, ks, stride, env_, BN)
             cls = np.where(inside, FULL, cls)
         todo = cls < 0
         if np.any(todo):
@@ -213,7 +223,7 @@ class BlockMaskIR:
             q1 = np.minimum(q0 + BM - 1, last_q)
             k0 = a * BN
             k1 = np.minimum(b * BN + BN - 1, self.n - 1)
-            cls = absint.classify(mask, q0, q1, k0, k1, h, self.n)
+            cls = absint.classify(mask, q0, q1, k0, k1, h, self.n_var)
             full = cls == FULL
             if np.any(full):
                 fq, fk = _expand(qs[full], a[full], b[full])
@@ -252,7 +262,7 @@ class BlockMaskIR:
 
     def _classify(self, mask: Node, qs, ks, h: int) -> np.ndarray:
         q0, q1, k0, k1, padded = self._boxes(qs, ks)
-        cls = refine(mask, q0, q1, k0, k1, h, self.n)
+        cls = refine(mask, q0, q1, k0, k1, h, self.n_var)
         return np.where(padded & (cls == FULL), PARTIAL, cls).astype(np.int8)
 
     # -- materialisation
@@ -322,7 +332,7 @@ class BlockMaskIR:
                 for kb in csr.kv_indices[i, qb, : csr.kv_num_blocks[i, qb]]:
                     k = np.arange(kb * BN, min((kb + 1) * BN, self.n)).reshape(1, -1)
                     m = num_eval(c.mask, {"q": q, "k": k, "h": np.int64(h),
-                                          "n": np.int64(self.n)})
+                                          "n": np.int64(self.n_var)})
                     out[i, r0:r1, kb * BN: min((kb + 1) * BN, self.n)] = np.broadcast_to(
                         m, (r1 - r0, k.size))
         return out
@@ -347,8 +357,11 @@ class BlockMaskIR:
                 kept += _count_kept(c.mask, p_q, p_k, h, self)
         partial = int(csr.kv_num_blocks.sum())
         full = int(csr.full_kv_num_blocks.sum())
-        return Stats(kept, partial + full, partial, full, self.heads * self.q_len * self.n,
-                     head_dim)
+        if self.layout is not None and self.layout.moves_queries():
+            total = self.heads * self.n_var * self.n_var
+        else:
+            total = self.heads * self.q_len * self.n_var
+        return Stats(kept, partial + full, partial, full, total, head_dim)
 
 
 def _count_kept(mask: Node, qs, ks, h: int, bm: BlockMaskIR) -> int:
@@ -360,7 +373,7 @@ def _count_kept(mask: Node, qs, ks, h: int, bm: BlockMaskIR) -> int:
         q = bm.q_start + q_b.reshape(-1, 1, 1) * BM + np.arange(BM).reshape(1, -1, 1)
         k = k_b.reshape(-1, 1, 1) * BN + np.arange(BN).reshape(1, 1, -1)
         valid = (q < bm.q_start + bm.q_len) & (k < bm.n)
-        m = num_eval(mask, {"q": q, "k": k, "h": np.int64(h), "n": np.int64(bm.n)})
+        m = num_eval(mask, {"q": q, "k": k, "h": np.int64(h), "n": np.int64(bm.n_var)})
         total += int((np.broadcast_to(m, valid.shape) & valid).sum())
     return total
 
@@ -392,25 +405,29 @@ def _expand(qb, lo, hi):
     return qs, start + offs
 
 
-def _stride_member(qs, ks, stride, env):
+def _stride_member(qs, ks, stride, env, block_n: int):
+    """Whether key block kb lies inside one selected pattern block (only possible when the
+    pattern block is a multiple of the key block)."""
+    if stride.block % block_n:
+        return np.zeros(qs.shape, dtype=bool)
     off = np.broadcast_to(num_eval(stride.offset, env), env["q0"].shape).astype(np.int64)
-    return np.mod(ks // stride.width - off[qs], stride.step) == 0
+    j = ks * block_n // stride.block
+    return np.mod(j - off[qs], stride.step) == 0
 
 
-def _strided(qb, lo, hi, stride, env):
-    """(qb, kb) in [lo, hi] whose pattern block j = kb // width has j = offset (mod step)."""
+def _strided(qb, lo, hi, stride, env, block_n: int):
+    """(qb, kb) of key blocks in [lo, hi] that meet a selected pattern block."""
     off = np.broadcast_to(num_eval(stride.offset, env), qb.shape).astype(np.int64)
-    w, m = stride.width, stride.step
-    j_lo = lo // w
+    B, m = stride.block, stride.step
+    j_lo = (lo * block_n) // B
+    j_hi = (hi * block_n + block_n - 1) // B
     j_first = j_lo + np.mod(off - j_lo, m)
-    j_hi = hi // w
-    cnt_j = np.where(j_first <= j_hi, (j_hi - j_first) // m + 1, 0)
-    cnt_j = np.where(hi >= lo, cnt_j, 0)
-    qj, j0 = _expand(qb, np.zeros_like(cnt_j), cnt_j - 1)
-    j = j_first[qj] + j0 * m
-    # expand each pattern block into its `w` key blocks, clipped to [lo, hi]
-    qs = np.repeat(qj, w)
-    ks = np.repeat(j * w, w) + np.tile(np.arange(w), j.size)
+    cnt_j = np.where((j_first <= j_hi) & (hi >= lo), (j_hi - j_first) // m + 1, 0)
+    qj, i = _expand(qb, np.zeros_like(cnt_j), cnt_j - 1)
+    j = j_first[qj] + i * m
+    kb_a = (j * B) // block_n
+    kb_b = (j * B + B - 1) // block_n
+    qs, ks = _expand(qj, kb_a, kb_b)
     inside = (ks >= lo[qs]) & (ks <= hi[qs])
     return qs[inside], ks[inside]
 
@@ -494,13 +511,30 @@ def _ranges_text(hs: list[int]) -> str:
 
 
 def build(pattern: PatternIR, *, n: int, heads: int = 1, q_len: int | None = None,
-          schedule: Schedule | None = None) -> BlockMaskIR:
-    """The symbolic block-mask IR of a pattern for key length n (queries: the last q_len)."""
+          schedule: Schedule | None = None, layout=None) -> BlockMaskIR:
+    """The symbolic block-mask IR of a pattern for key length n (queries: the last q_len).
+
+    With a layout (compiler.layout), the pattern is transformed and the grid is permuted."""
     schedule = schedule or Schedule()
     q_len = n if q_len is None else q_len
     if n < 1 or not 1 <= q_len <= n:
         raise ValueError(f"need n >= 1 and 1 <= q_len <= n (n = {n}, q_len = {q_len})")
-    bm = BlockMaskIR(pattern, n, heads, q_len, n - q_len, schedule)
+    if layout is not None:
+        from .layout import transform
+
+        if layout.n != n:
+            raise ValueError(f"layout is for n = {layout.n}, not {n}")
+        pattern = transform(pattern, layout)
+        if layout.moves_queries():
+            if q_len != n:
+                raise ValueError("a diagonal layout needs all n queries (q_len == n)")
+            bm = BlockMaskIR(pattern, layout.n_perm, heads, layout.n_perm, 0, schedule,
+                             n_var=n, layout=layout)
+        else:
+            bm = BlockMaskIR(pattern, layout.n_perm, heads, q_len, n - q_len, schedule,
+                             n_var=n, layout=layout)
+    else:
+        bm = BlockMaskIR(pattern, n, heads, q_len, n - q_len, schedule)
     mask = rewrite(pattern.mask)
     uses_h = "h" in free_vars(mask)
     groups: dict[str, HeadClass] = {}

@@ -153,6 +153,48 @@ def sub_neg(e: Op) -> Node | None:
     return None
 
 
+def neg_sub(e: Op) -> Node | None:
+    # -(a - b) = b - a;  0 - x = -x
+    if e.op == "neg" and isinstance(e.args[0], Op) and e.args[0].op == "sub":
+        a, b = e.args[0].args
+        return Op("sub", (b, a))
+    if e.op == "sub" and _is(e.args[0], 0):
+        return Op("neg", (e.args[1],))
+    return None
+
+
+def _terms(e: Node, sign: int, out: list) -> None:
+    if isinstance(e, Op) and e.op in ("add", "sub"):
+        _terms(e.args[0], sign, out)
+        _terms(e.args[1], sign if e.op == "add" else -sign, out)
+    else:
+        out.append((sign, e))
+
+
+def const_assoc(e: Op) -> Node | None:
+    # (x + c1) + c2 = x + (c1 + c2), (x - c1) + c2 = x - (c1 - c2), ... : one constant per sum
+    if e.op not in ("add", "sub") or _has_float(e):
+        return None
+    terms: list = []
+    _terms(e, 1, terms)
+    consts = [(s, t) for s, t in terms if _num(t)]
+    if len(consts) < 2 and not (consts and consts[0] != terms[-1]):
+        return None
+    total = sum(s * t.value for s, t in consts)
+    rest = [(s, t) for s, t in terms if not _num(t)]
+    if not rest:
+        return Const(total)
+    s0, t0 = rest[0]
+    acc: Node = t0 if s0 == 1 else Op("neg", (t0,))
+    for s, t in rest[1:]:
+        acc = Op("add" if s == 1 else "sub", (acc, t))
+    if total > 0:
+        acc = Op("add", (acc, Const(total)))
+    elif total < 0:
+        acc = Op("sub", (acc, Const(-total)))
+    return acc if acc != e else None
+
+
 def not_not(e: Op) -> Node | None:
     # !!x = x
     if e.op == "not" and isinstance(e.args[0], Op) and e.args[0].op == "not":
@@ -251,6 +293,8 @@ RULES: tuple[Rule, ...] = (
     Rule("div_one", "x // 1 = x, x % 1 = 0", div_one),
     Rule("neg_neg", "-(-x) = x", neg_neg),
     Rule("sub_neg", "a - (-b) = a + b, a + (-b) = a - b", sub_neg),
+    Rule("neg_sub", "-(a - b) = b - a, 0 - x = -x", neg_sub),
+    Rule("const_assoc", "(x + c1) + c2 = x + (c1 + c2): one constant per sum", const_assoc),
     Rule("not_not", "!!x = x", not_not),
     Rule("not_cmp", "!(a < b) = b <= a, !(a <= b) = b < a, !(a == b) = a != b", not_cmp),
     Rule("flatten", "a & (b & c) = a & b & c (associativity)", flatten),

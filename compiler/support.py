@@ -17,7 +17,7 @@ from .ir import FALSE, TRUE, Const, Node, Op, Sel, Var, free_vars, op, to_text
 
 MAX_CONJUNCTS = 64
 
-Q0, Q1, N = Var("q0"), Var("q1"), Var("n")
+Q0, Q1, KMAX = Var("q0"), Var("q1"), Var("kmax")  # kmax: the last key of the grid
 
 
 # ---------------------------------------------------------------- DNF
@@ -215,11 +215,11 @@ def _at(e: Node, q: Node) -> Node:
 
 @dataclass
 class Stride:
-    """Key blocks kb with (kb // width - offset) % step == 0: a block-uniform congruence."""
+    """Keys k whose pattern block j = k // block has (j - offset) % step == 0."""
 
-    width: int  # key blocks per pattern block (B / BLOCK_N)
+    block: int  # B, in keys
     step: int  # modulus m
-    offset: Node  # the residue of kb // width, an expression of n (and q0 when it depends on q)
+    offset: Node  # residue of j, an expression of n
 
 
 @dataclass
@@ -240,8 +240,7 @@ class Rule:
             lines.append(f"full  k in [{to_text(self.full_lo)}, {to_text(self.full_hi)}]")
         if self.stride is not None:
             s = self.stride
-            lines.append(f"only  key blocks kb with (kb // {s.width} - {to_text(s.offset)}) "
-                         f"% {s.step} == 0")
+            lines.append(f"only  k with (k // {s.block} - {to_text(s.offset)}) % {s.step} == 0")
         for g in self.guards:
             lines.append(f"when  {to_text(g)} (for q in [q0, q1])")
         for a in self.impure:
@@ -313,19 +312,17 @@ def _stride(atom: Node, block_n: int) -> Stride | None:
     if key == "k" or c not in (1, -1):
         return None
     B = key[1]
-    if B % block_n:
-        return None
     if "q" in free_vars(lf.rest) or "q" in free_vars(b):
         return None
     # c * j + rest = b (mod m)  =>  j = c * (b - rest) (mod m)
     offset = op("mul", op("sub", b, lf.rest), Const(c))
-    return Stride(B // block_n, m.value, op("mod", offset, Const(m.value)))
+    return Stride(B, m.value, _fold(op("mod", offset, Const(m.value))))
 
 
 def conjunct_rule(atoms: list[Node], block_n: int) -> Rule | None:
     """The rule of one conjunct, or None when the conjunct is unsatisfiable by construction."""
     lows: list[Node] = [Const(0)]
-    highs: list[Node] = [op("sub", N, Const(1))]
+    highs: list[Node] = [KMAX]
     guards: list[Node] = []
     impure: list[Node] = []
     stride: Stride | None = None
@@ -435,4 +432,4 @@ def derive(mask: Node, block_n: int) -> list[Rule] | None:
 
 def fallback_rule() -> Rule:
     """Visit every key; prove nothing full (used when no DNF is available)."""
-    return Rule(Const(0), op("sub", N, Const(1)), None, None, impure=[TRUE])
+    return Rule(Const(0), KMAX, None, None, impure=[TRUE])
