@@ -125,16 +125,8 @@ def cmd_show(args) -> int:
     kwargs = _parse_args(args.arg or [])
     if isinstance(target, PlanInfo) and kwargs:
         raise _Usage("--arg applies to --pattern; a plan's arguments are in the plan")
-    if kwargs:
-        # Type-check the arguments the way a call in a file would be checked.
-        from attnc.dsl.check import loads
-        from attnc.dsl.format import format_expr
-
-        call = ", ".join(f"{k} = {format_expr(v)}" for k, v in kwargs.items())
-        src = f"pattern __show__ {{ mask {target.name}({call}) }}"
-        if target.module.file != "<library>":
-            src = f"import {_quoted(Path(target.module.file).resolve())}\n" + src
-        loads(src, "--arg")
+    if not isinstance(target, PlanInfo):
+        _check_args_call(target, kwargs)
     pic = show.picture(
         target, n=args.n, head=args.head, layer=args.layer, q_len=args.q_len, args=kwargs,
         rows=args.rows or (256 if args.output else 32),
@@ -146,6 +138,98 @@ def cmd_show(args) -> int:
         print(show.ascii_art(pic))
     print(show.summary(pic))
     return 0
+
+
+def _check_args_call(target, kwargs: dict) -> None:
+    """Type-check --arg values the way a call in a file would be checked."""
+    if not kwargs:
+        return
+    from attnc.dsl.check import loads
+    from attnc.dsl.format import format_expr
+
+    call = ", ".join(f"{k} = {format_expr(v)}" for k, v in kwargs.items())
+    src = f"pattern __cli__ {{ mask {target.name}({call}) }}"
+    if target.module.file != "<library>":
+        src = f"import {_quoted(Path(target.module.file).resolve())}\n" + src
+    loads(src, "--arg")
+
+
+def cmd_compile(args) -> int:
+    from attnc.compiler.blockmask import Schedule
+    from attnc.compiler.stages import accounting, compile_pattern, dump
+    from attnc.dsl.check import PlanInfo
+
+    target = _target(args)
+    if isinstance(target, PlanInfo):
+        raise _Usage("compile --plan comes with the kernels (issue 4); use --pattern NAME")
+    kwargs = _parse_args(args.arg or [])
+    _check_args_call(target, kwargs)
+    if args.n < 1:
+        raise _Usage(f"--n must be at least 1, not {args.n}")
+    if args.heads < 1:
+        raise _Usage(f"--heads must be at least 1, not {args.heads}")
+    q_len = args.q_len if args.q_len is not None else args.n
+    if not 1 <= q_len <= args.n:
+        raise _Usage(f"--q-len must be between 1 and n = {args.n}")
+    try:
+        sched = Schedule(args.block_m, args.block_n)
+    except ValueError as e:
+        raise _Usage(str(e)) from None
+    _check_elastic(target, kwargs, args.n, args.heads, q_len)
+    c = compile_pattern(target, kwargs, n=args.n, heads=args.heads, q_len=q_len,
+                        schedule=sched, layout=args.layout)
+    if args.dump_ir:
+        for p in dump(c, args.dump_ir):
+            print(f"wrote {p}", file=sys.stderr)
+    emit = args.emit
+    if emit == "ir":
+        print(c.texts["simplify"].split("\n# rule table:")[0])
+    elif emit == "blockmask":
+        print(c.texts["layout"])
+        print(c.texts["blockmask"])
+    elif emit == "csr":
+        csr = c.blockmask.materialize()
+        _print_csr(csr, args.rows_shown)
+    elif emit == "stats":
+        print(accounting(c, args.head_dim))
+    return 0
+
+
+def _check_elastic(target, kwargs, n: int, heads: int, q_len: int) -> None:
+    """Evaluate elastic arguments once (range checks, requirements) on a tiny query slice."""
+    from attnc import reference
+
+    if target.dynamic:
+        return
+    reference.evaluate(target, n=n, heads=min(heads, 64), q_len=1, args=kwargs)
+
+
+def _print_csr(csr, rows: int) -> None:
+    H, QB = csr.kv_num_blocks.shape
+    print(f"# FlexAttention BlockMask layout: {H} heads x {QB} query blocks, "
+          f"BLOCK_SIZE = ({csr.block_m}, {csr.block_n}), kv blocks {csr.num_kv_blocks}")
+    print(f"# partial blocks {int(csr.kv_num_blocks.sum())}, full blocks "
+          f"{int(csr.full_kv_num_blocks.sum())}")
+    for h in range(H):
+        for qb in range(min(QB, rows)):
+            part = csr.kv_indices[h, qb, : csr.kv_num_blocks[h, qb]].tolist()
+            full = csr.full_kv_indices[h, qb, : csr.full_kv_num_blocks[h, qb]].tolist()
+            print(f"h{h} qb{qb}: partial {_compact(part)} full {_compact(full)}")
+        if QB > rows:
+            print(f"h{h} ... ({QB - rows} more query blocks; --rows-shown to see more)")
+
+
+def _compact(xs: list[int]) -> str:
+    if not xs:
+        return "[]"
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}..{xs[j]}")
+        i = j + 1
+    return "[" + ", ".join(out) + "]"
 
 
 def cmd_list(args) -> int:
@@ -215,6 +299,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the synthetic scores used to show dynamic patterns")
     p.add_argument("-o", "--output", help="write a PNG picture here instead of ASCII art")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("compile", help="compile a pattern: IR, block mask, CSR, accounting")
+    p.add_argument("file", nargs="?", metavar="FILE",
+                   help=".attn file (default: the shipped library)")
+    p.add_argument("--pattern", help="pattern to compile")
+    p.add_argument("--plan", help=argparse.SUPPRESS)
+    p.add_argument("--arg", action="append", metavar="NAME=VALUE",
+                   help="pattern argument; VALUE is an expression that may use n and h")
+    p.add_argument("--emit", choices=["ir", "blockmask", "csr", "stats"], default="blockmask",
+                   help="what to print (default blockmask)")
+    p.add_argument("--n", type=int, default=4096, help="key length n (default 4096)")
+    p.add_argument("--q-len", type=int, default=None, help="queries (default n)")
+    p.add_argument("--heads", type=int, default=1, help="query heads (default 1)")
+    p.add_argument("--block-m", type=int, default=128, help="query block (default 128)")
+    p.add_argument("--block-n", type=int, default=128, help="key block (default 128)")
+    p.add_argument("--layout", choices=["auto", "none"], default="auto",
+                   help="permute tokens when that saves blocks (default auto)")
+    p.add_argument("--head-dim", type=int, default=128, help="for FLOP counts (default 128)")
+    p.add_argument("--rows-shown", type=int, default=8, help="query blocks shown by --emit csr")
+    p.add_argument("--dump-ir", metavar="DIR", help="also write every stage to DIR")
+    p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("list", help="list the patterns of a file (default: the library)")
     p.add_argument("file", nargs="?", metavar="FILE")

@@ -86,11 +86,11 @@ class Stats:
 
     def useful_flops(self, head_dim: int | None = None) -> int:
         d = head_dim or self.head_dim
-        return 4 * d * self.kept_pairs  # QK^T and PV, 2 flops per multiply-add each
+        return 4 * d * int(self.kept_pairs)  # QK^T and PV, 2 flops per multiply-add each
 
     def executed_flops(self, block_m: int, block_n: int, head_dim: int | None = None) -> int:
         d = head_dim or self.head_dim
-        return 4 * d * block_m * block_n * self.visited_blocks
+        return 4 * d * block_m * block_n * int(self.visited_blocks)
 
 
 @dataclass
@@ -302,6 +302,12 @@ class BlockMaskIR:
         return CSR(counts_p, kv_idx, counts_f, fkv_idx, self.schedule.block_m,
                    self.schedule.block_n, self.q_len, self.n, self.q_start)
 
+    def to_flex_block_mask(self, device="cpu"):
+        """A torch.nn.attention.flex_attention.BlockMask of this block mask (see codegen.flex)."""
+        from attnc.codegen.flex import to_flex_block_mask
+
+        return to_flex_block_mask(self, device=device)
+
     def block_classes(self) -> np.ndarray:
         """[H, QB, KB] EMPTY / PARTIAL / FULL (dense over blocks: for tests and pictures)."""
         csr = self.materialize()
@@ -349,6 +355,7 @@ class BlockMaskIR:
                 r0 = qb * BM
                 r1 = min(r0 + BM, self.q_len)
                 for kb in csr.full_kv_indices[i, qb, : csr.full_kv_num_blocks[i, qb]]:
+                    kb = int(kb)
                     kept += (r1 - r0) * (min((kb + 1) * BN, self.n) - kb * BN)
             p_q = np.repeat(np.arange(csr.num_q_blocks), csr.kv_num_blocks[i])
             p_k = np.concatenate([csr.kv_indices[i, qb, : csr.kv_num_blocks[i, qb]]

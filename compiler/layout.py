@@ -147,6 +147,16 @@ def candidates(mask: Node, n: int, block_m: int, block_n: int) -> list[Layout]:
     return out
 
 
+def for_length(lay: Layout, n: int, block_m: int, block_n: int) -> Layout:
+    """The same permutation family for another length (segments re-padded)."""
+    if lay.kind == "diagonal":
+        align = block_m * block_n // math.gcd(block_m, block_n)
+        return Layout("diagonal", lay.d, _segment(-(-n // lay.d), align), n)
+    pattern_blocks = -(-n // lay.block)
+    per_class = -(-pattern_blocks // lay.d) * lay.block
+    return Layout("key_classes", lay.d, _segment(per_class, block_n), n, lay.block)
+
+
 def transform(pattern: PatternIR, layout: Layout) -> PatternIR:
     """The pattern over permuted positions: same kept pairs, padding slots never kept.
 
