@@ -127,15 +127,30 @@ def cmd_show(args) -> int:
         raise _Usage("--arg applies to --pattern; a plan's arguments are in the plan")
     if not isinstance(target, PlanInfo):
         _check_args_call(target, kwargs)
+    rows = args.rows or (256 if args.output else 32)
+    cols = args.width or (256 if args.output else 64)
     pic = show.picture(
         target, n=args.n, head=args.head, layer=args.layer, q_len=args.q_len, args=kwargs,
-        rows=args.rows or (256 if args.output else 32),
-        cols=args.width or (256 if args.output else 64), seed=args.seed,
+        rows=rows, cols=cols, seed=args.seed,
     )
+    blocks = None
+    if not args.no_blocks:
+        if args.block_m < 1 or args.block_n < 1:
+            raise _Usage("--block-m and --block-n must be positive")
+        blocks = show.block_picture(target, n=args.n, head=args.head, layer=args.layer,
+                                    q_len=args.q_len, args=kwargs, rows=rows, cols=cols,
+                                    block_m=args.block_m, block_n=args.block_n)
     if args.output:
-        show.save_png(pic, args.output)
+        show.save_png(pic, args.output, blocks)
+    elif blocks is not None:
+        print(show.side_by_side(show.block_ascii(blocks), show.ascii_art(pic).splitlines()))
     else:
         print(show.ascii_art(pic))
+    if blocks is not None:
+        print(show.block_summary(blocks))
+    elif not args.no_blocks:
+        print("blocks: chosen at run time from the scores (dynamic pattern); shown: the element "
+              "mask for synthetic scores")
     print(show.summary(pic))
     return 0
 
@@ -298,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the synthetic scores used to show dynamic patterns")
     p.add_argument("-o", "--output", help="write a PNG picture here instead of ASCII art")
+    p.add_argument("--block-m", type=int, default=128, help="query block of the block mask")
+    p.add_argument("--block-n", type=int, default=128, help="key block of the block mask")
+    p.add_argument("--no-blocks", action="store_true", help="only the element mask")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("compile", help="compile a pattern: IR, block mask, CSR, accounting")

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from attnc import atomic, reference
@@ -127,6 +128,102 @@ def picture(
     return Picture(title, fractions, kept, total, causal_total, n, q_len)
 
 
+@dataclass
+class BlockPicture:
+    """The block mask of the shown head: EMPTY / PARTIAL / FULL per (query block, key block)."""
+
+    cells: np.ndarray  # [rows, cols]: 0 empty, 1 some partial, 2 all full, 3 full and empty
+    visited: int
+    partial: int
+    full: int
+    total: int
+    block_m: int
+    block_n: int
+    layout: str
+
+
+def block_picture(target: PatternInfo | PlanInfo, *, n: int, head: int = 0, layer: int = 0,
+                  q_len: int | None = None, args: Mapping[str, object] | None = None,
+                  rows: int = 32, cols: int = 64, block_m: int = 128,
+                  block_n: int = 128) -> BlockPicture | None:
+    """Classify the blocks of one head (natural token order); None for dynamic patterns,
+    whose blocks are chosen at run time."""
+    from attnc.compiler.blockmask import Schedule, build
+    from attnc.compiler.lower import lower_pattern
+
+    q_len = n if q_len is None else q_len
+    if isinstance(target, PlanInfo):
+        a = target.cell(layer, head)
+        if a.pattern.dynamic:
+            return None
+        ir = lower_pattern(a.pattern, call=a.call, scope=target.module.scope)
+    else:
+        if target.dynamic:
+            return None
+        ir = lower_pattern(target, dict(args or {}))
+    bm = build(ir, n=n, heads=head + 1, q_len=q_len, schedule=Schedule(block_m, block_n))
+    csr = bm.materialize()
+    QB, KB = csr.num_q_blocks, csr.num_kv_blocks
+    cls = np.zeros((QB, KB), dtype=np.int8)
+    for qb in range(QB):
+        cls[qb, csr.kv_indices[head, qb, : csr.kv_num_blocks[head, qb]]] = 1
+        cls[qb, csr.full_kv_indices[head, qb, : csr.full_kv_num_blocks[head, qb]]] = 2
+    rows = max(1, min(rows, q_len))
+    cols = max(1, min(cols, n))
+    # Prefix sums per class give each cell's block counts in O(1).
+    sums = {}
+    for code in (0, 1, 2):
+        p = np.zeros((QB + 1, KB + 1), dtype=np.int64)
+        p[1:, 1:] = np.cumsum(np.cumsum(cls == code, axis=0), axis=1)
+        sums[code] = p
+    r0 = np.arange(rows) * q_len // rows // block_m
+    r1 = ((np.arange(rows) + 1) * q_len // rows - 1) // block_m
+    c0 = np.arange(cols) * n // cols // block_n
+    c1 = ((np.arange(cols) + 1) * n // cols - 1) // block_n
+    r1 = np.maximum(r1, r0)
+    c1 = np.maximum(c1, c0)
+
+    def count(code):
+        p = sums[code]
+        a, b = r0[:, None], r1[:, None] + 1
+        c, d = c0[None, :], c1[None, :] + 1
+        return p[b, d] - p[a, d] - p[b, c] + p[a, c]
+
+    e, pa, f = count(0), count(1), count(2)
+    cells = np.where(pa > 0, 1, np.where((f > 0) & (e > 0), 3, np.where(f > 0, 2, 0)))
+    part = int(csr.kv_num_blocks[head].sum())
+    full = int(csr.full_kv_num_blocks[head].sum())
+    return BlockPicture(cells.astype(np.int8), part + full, part, full, QB * KB, block_m,
+                        block_n, "natural order")
+
+
+BLOCK_CHARS = {0: " ", 1: "+", 2: "#", 3: ":"}
+
+
+def block_ascii(bp: BlockPicture) -> list[str]:
+    top = "+" + "-" * bp.cells.shape[1] + "+"
+    lines = [top]
+    for row in bp.cells.tolist():
+        lines.append("|" + "".join(BLOCK_CHARS[c] for c in row) + "|")
+    lines.append(top)
+    return lines
+
+
+def block_summary(bp: BlockPicture) -> str:
+    return (f"blocks {bp.block_m}x{bp.block_n}: visited {bp.visited} of {bp.total} "
+            f"({bp.full} full '#', {bp.partial} partial '+'; ':' = full and empty blocks in "
+            "one cell)")
+
+
+def side_by_side(left: list[str], right: list[str], gap: str = "   ") -> str:
+    width = max((len(x) for x in left), default=0)
+    rows = max(len(left), len(right))
+    left = left + [""] * (rows - len(left))
+    right = right + [""] * (rows - len(right))
+    return "\n".join(f"{a.ljust(width)}{gap}{b}".rstrip() for a, b in zip(left, right,
+                                                                            strict=True))
+
+
 def ascii_art(pic: Picture) -> str:
     """The picture as text: one character per cell, darker for more kept pairs, with a frame."""
     top = "+" + "-" * pic.fractions.shape[1] + "+"
@@ -153,17 +250,31 @@ def summary(pic: Picture) -> str:
     )
 
 
-def save_png(pic: Picture, path: str | os.PathLike) -> None:
-    """Write the picture as a PNG, atomically (temp file then rename)."""
+def save_png(pic: Picture, path: str | os.PathLike, blocks: BlockPicture | None = None) -> None:
+    """Write the picture (and the block mask beside it) as a PNG, atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(6, 6 * pic.fractions.shape[0] / pic.fractions.shape[1] + 0.8))
+    aspect = pic.fractions.shape[0] / pic.fractions.shape[1]
+    ncols = 2 if blocks is not None else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 6 * aspect + 0.9), squeeze=False)
+    extent = (0, pic.n, pic.n, pic.n - pic.q_len)
+    if blocks is not None:
+        ax = axes[0][0]
+        cmap = ListedColormap(["#ffffff", "#f4a340", "#1f5fa8", "#9fb8d8"])
+        ax.imshow(blocks.cells, cmap=cmap, vmin=0, vmax=3, interpolation="nearest",
+                  aspect="auto", extent=extent)
+        ax.set_title(f"blocks {blocks.block_m}x{blocks.block_n}: {blocks.full} full (blue), "
+                     f"{blocks.partial} partial (orange)", fontsize=9)
+        ax.set_xlabel("key position k")
+        ax.set_ylabel("query position q")
+    ax = axes[0][ncols - 1]
     ax.imshow(pic.fractions.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest",
-              aspect="auto", extent=(0, pic.n, pic.n, pic.n - pic.q_len))
+              aspect="auto", extent=extent)
     ax.set_xlabel("key position k")
     ax.set_ylabel("query position q")
     ax.set_title(f"{pic.title}\ndensity {pic.density:.2%}", fontsize=10)
