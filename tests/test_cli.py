@@ -133,7 +133,7 @@ def test_fmt_stdin_and_syntax_error(tmp_path):
 
 def test_show_ascii_and_density():
     r = run("show", "--pattern", "streaming", "--n", "256", "--arg", "sink=4",
-            "--arg", "window=32", "--rows", "8", "--width", "16")
+            "--arg", "window=32", "--rows", "8", "--width", "16", "--no-blocks")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "+" + "-" * 16 + "+" and len(lines) == 8 + 3
@@ -141,6 +141,19 @@ def test_show_ascii_and_density():
     kept = sum(min(q + 1, 32) + max(0, min(4, q + 1 - 32)) for q in range(256))
     assert f"kept {kept} of {256 * 256} pairs" in lines[-1]
     assert "density" in lines[-1]
+
+
+def test_show_block_mask_beside_element_mask():
+    # n = 256, blocks 64: window 64 + sink 4 -> per query block, diagonal and previous block
+    # partial, nothing full except none; check the panel and the counts line.
+    r = run("show", "--pattern", "window", "--n", "256", "--arg", "size=128", "--rows", "4",
+            "--width", "4", "--block-m", "64", "--block-n", "64")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "+----+   +----+"
+    # query block i: block i partial (diagonal), i - 1 full, i - 2 partial (window edge)
+    assert [x[:6] for x in lines[1:5]] == ["|+   |", "|#+  |", "|+#+ |", "| +#+|"]
+    assert "blocks 64x64: visited 9 of 16 (3 full '#', 6 partial '+'" in r.stdout
 
 
 def test_show_elastic_arg_and_file(tmp_path):
