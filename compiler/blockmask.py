@@ -148,9 +148,11 @@ class BlockMaskIR:
         last_full_kb = n // BN - 1  # a padded last key block is never full
         qb, q0, q1, complete = self._q_blocks()
         env = {"q0": q0, "q1": q1, "n": np.int64(self.n_var), "kmax": np.int64(n - 1)}
-        cand_q, cand_k = [], []
-        known_q, known_k, known_c = [], [], []
-        full_ranges = []  # per rule: (f_lo, f_hi, stride, guard_all_true)
+        # Sources of candidate blocks: (qs, ks, verdict, final). A verdict of -1 is unknown;
+        # FULL from a rule's full range is proven; "final" verdicts come from the whole mask.
+        sources: list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        hull_lo = np.full(qb.shape, KB, dtype=np.int64)
+        hull_hi = np.full(qb.shape, -1, dtype=np.int64)
         for r in c.rules:
             lo = np.broadcast_to(num_eval(r.visit_lo, env), qb.shape).astype(np.int64)
             hi = np.broadcast_to(num_eval(r.visit_hi, env), qb.shape).astype(np.int64)
@@ -164,47 +166,39 @@ class BlockMaskIR:
                 g_true &= np.broadcast_to(~ab.f, ok.shape)
             kb_lo = np.where(ok, lo // BN, 0)
             kb_hi = np.where(ok, hi // BN, -1)
-            if r.stride is not None:
-                qs, ks = _strided(qb, kb_lo, kb_hi, r.stride, env, BN)
-            elif r.impure:
-                # Atoms the rule cannot place (congruences, log-bands, ...): search the range
-                # by halving, so cost follows the visited blocks, not the range.
-                qs, ks, cl = self._descend(c.mask, qb, kb_lo, kb_hi, h)
-                known_q.append(qs)
-                known_k.append(ks)
-                known_c.append(cl)
+            if r.stride is None and r.impure:
+                # Atoms the rule cannot place (congruences, log-bands, ...): searched below.
+                hull_lo = np.minimum(hull_lo, np.where(ok, kb_lo, hull_lo))
+                hull_hi = np.maximum(hull_hi, np.where(ok, kb_hi, hull_hi))
                 continue
+            if r.stride is not None:
+                qs, ks = _strided(qb, kb_lo, kb_hi, r.stride, env, BN, KB)
             else:
                 qs, ks = _expand(qb, kb_lo, kb_hi)
-            cand_q.append(qs)
-            cand_k.append(ks)
+            verdict = np.full(qs.size, -1, dtype=np.int8)
             if r.full_lo is not None:
                 flo = np.broadcast_to(num_eval(r.full_lo, env), qb.shape).astype(np.int64)
                 fhi = np.broadcast_to(num_eval(r.full_hi, env), qb.shape).astype(np.int64)
                 f_lo = -((-np.maximum(flo, 0)) // BN)  # ceil
                 f_hi = (np.minimum(fhi, n - 1) + 1) // BN - 1
                 f_hi = np.minimum(f_hi, last_full_kb)
-                valid = ok & g_true & complete
-                f_hi = np.where(valid, f_hi, -1)
-                full_ranges.append((f_lo, f_hi, r.stride, env))
-        z = np.zeros(0, dtype=np.int64)
-        qs = np.concatenate(cand_q + known_q + [z])
-        ks = np.concatenate(cand_k + known_k + [z])
-        pre = np.concatenate([np.full(x.size, -1, dtype=np.int8) for x in cand_q]
-                             + known_c + [np.zeros(0, dtype=np.int8)])
-        key, first = np.unique(qs * KB + ks, return_index=True)
-        # A block found by several rules: keep the most informative verdict (FULL > other).
-        best = np.full(key.size, -1, dtype=np.int8)
-        inv = np.searchsorted(key, qs * KB + ks)
-        np.maximum.at(best, inv, pre)
-        qs, ks = key // KB, key % KB
-        cls = np.where(best == FULL, FULL, np.where(best >= 0, best, -1)).astype(np.int8)
-        del first
-        for f_lo, f_hi, stride, env_ in full_ranges:
-            inside = (ks >= f_lo[qs]) & (ks <= f_hi[qs])
-            if stride is not None:
-                inside &= _stride_member(qs, ks, stride, env_, BN)
-            cls = np.where(inside, FULL, cls)
+                f_hi = np.where(ok & g_true & complete, f_hi, -1)
+                inside = (ks >= f_lo[qs]) & (ks <= f_hi[qs])
+                if r.stride is not None:
+                    # Inside the bounds the mask is the congruence alone: full when every
+                    # pattern block of the key block is selected, else partial.
+                    allsel = _stride_all(qs, ks, r.stride, env, BN)
+                    verdict = np.where(inside, np.where(allsel, FULL, PARTIAL), -1)
+                else:
+                    verdict = np.where(inside, FULL, -1)
+                verdict = verdict.astype(np.int8)
+            sources.append((qs, ks, verdict, False))
+        if np.any(hull_lo <= hull_hi):
+            # One search over the hull of those rules' ranges, by halving with the whole
+            # mask, so cost follows the visited blocks, not the ranges.
+            qs, ks, cl = self._descend(c.mask, qb, hull_lo, hull_hi, h)
+            sources.append((qs, ks, cl, True))
+        qs, ks, cls = _merge(sources, KB)
         todo = cls < 0
         if np.any(todo):
             cls[todo] = self._classify(c.mask, qs[todo], ks[todo], h)
@@ -386,19 +380,19 @@ def _count_kept(mask: Node, qs, ks, h: int, bm: BlockMaskIR) -> int:
 
 
 def _pad_rows(idx: np.ndarray, counts: np.ndarray, KB: int) -> None:
-    """FlexAttention fills each row after its valid prefix with the remaining block indices in
-    ascending order; reproduce that for the row width we keep."""
+    """Fill each row after its valid prefix with its last valid index (0 for an empty row).
+
+    Kernels (FlexAttention's and ours) read only the prefix; repeating a valid index keeps rows
+    non-decreasing and any prefetch in bounds, at O(rows x width) cost. (create_block_mask pads
+    with the unused indices instead, which needs a sort per row.)"""
     H, QB, W = idx.shape
-    for h in range(H):
-        for qb in range(QB):
-            c = int(counts[h, qb])
-            if c >= W:
-                continue
-            used = set(idx[h, qb, :c].tolist())
-            rest = [j for j in range(min(KB, c + W + 1)) if j not in used][: W - c]
-            if len(rest) < W - c:
-                rest += [0] * (W - c - len(rest))
-            idx[h, qb, c:] = rest
+    if W == 0:
+        return
+    c = counts.astype(np.int64)
+    last = np.take_along_axis(idx, np.clip(c - 1, 0, W - 1)[..., None], axis=2)
+    last = np.where(c[..., None] > 0, last, 0)
+    pad = np.arange(W)[None, None, :] >= c[..., None]
+    idx[...] = np.where(pad, last, idx)
 
 
 def _expand(qb, lo, hi):
@@ -412,18 +406,50 @@ def _expand(qb, lo, hi):
     return qs, start + offs
 
 
-def _stride_member(qs, ks, stride, env, block_n: int):
-    """Whether key block kb lies inside one selected pattern block (only possible when the
-    pattern block is a multiple of the key block)."""
-    if stride.block % block_n:
-        return np.zeros(qs.shape, dtype=bool)
+def _merge(sources, KB: int):
+    """Deduplicate candidate blocks of several rules (sorted by query block, then key block).
+
+    A block proven FULL by any rule is FULL; otherwise a final verdict (from the whole mask)
+    stands; a block of one rule keeps that rule's verdict; a block that several rules reach
+    without a proof is left to the classifier (-1), since their union may cover it."""
+    z = np.zeros(0, dtype=np.int64)
+    if not sources:
+        return z, z.copy(), np.zeros(0, dtype=np.int8)
+    if len(sources) == 1 and not sources[0][3]:
+        qs, ks, v, _ = sources[0]
+        return qs, ks, v.copy()
+    keys = np.concatenate([q * KB + k for q, k, _, _ in sources])
+    pre = np.concatenate([v for _, _, v, _ in sources]).astype(np.int8)
+    fin = np.concatenate([np.full(v.size, f, dtype=bool) for _, _, v, f in sources])
+    order = np.argsort(keys, kind="stable")
+    keys, pre, fin = keys[order], pre[order], fin[order]
+    if keys.size == 0:
+        return z, z.copy(), np.zeros(0, dtype=np.int8)
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    best = np.maximum.reduceat(pre, starts)
+    final = np.maximum.reduceat(np.where(fin, pre, -1).astype(np.int8), starts)
+    any_final = np.maximum.reduceat(fin.astype(np.int8), starts).astype(bool)
+    count = np.diff(np.concatenate([starts, [keys.size]]))
+    cls = np.where(best == FULL, FULL,
+                   np.where(any_final, final, np.where(count == 1, best, -1))).astype(np.int8)
+    k = keys[starts]
+    return k // KB, k % KB, cls
+
+
+def _stride_all(qs, ks, stride, env, block_n: int):
+    """Whether every pattern block that key block kb touches is selected."""
     off = np.broadcast_to(num_eval(stride.offset, env), env["q0"].shape).astype(np.int64)
-    j = ks * block_n // stride.block
-    return np.mod(j - off[qs], stride.step) == 0
+    B, m = stride.block, stride.step
+    j0 = (ks * block_n) // B
+    j1 = (ks * block_n + block_n - 1) // B
+    if m == 1:
+        return np.ones(qs.shape, dtype=bool)
+    # More than one pattern block in the key block and m > 1: some is unselected.
+    return (j0 == j1) & (np.mod(j0 - off[qs], m) == 0)
 
 
-def _strided(qb, lo, hi, stride, env, block_n: int):
-    """(qb, kb) of key blocks in [lo, hi] that meet a selected pattern block."""
+def _strided(qb, lo, hi, stride, env, block_n: int, KB: int):
+    """(qb, kb) of key blocks in [lo, hi] that meet a selected pattern block, ascending."""
     off = np.broadcast_to(num_eval(stride.offset, env), qb.shape).astype(np.int64)
     B, m = stride.block, stride.step
     j_lo = (lo * block_n) // B
@@ -436,7 +462,12 @@ def _strided(qb, lo, hi, stride, env, block_n: int):
     kb_b = (j * B + B - 1) // block_n
     qs, ks = _expand(qj, kb_a, kb_b)
     inside = (ks >= lo[qs]) & (ks <= hi[qs])
-    return qs[inside], ks[inside]
+    qs, ks = qs[inside], ks[inside]
+    if m * B < 2 * block_n and qs.size:
+        # Consecutive selected pattern blocks can share a key block.
+        key = np.unique(qs * KB + ks)
+        qs, ks = key // KB, key % KB
+    return qs, ks
 
 
 def refine(mask: Node, q0, q1, k0, k1, h: int, n: int, rounds: int = 2) -> np.ndarray:

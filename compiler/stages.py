@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from attnc.dsl.check import PatternInfo
 from attnc.dsl.format import format_module
 from attnc.dsl.nodes import Module
