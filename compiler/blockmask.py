@@ -472,20 +472,20 @@ def _strided(qb, lo, hi, stride, env, block_n: int, KB: int):
 
 def refine(mask: Node, q0, q1, k0, k1, h: int, n: int, rounds: int = 2) -> np.ndarray:
     """Classify boxes; a PARTIAL verdict is retried on sub-boxes (split at the pattern's own
-    block sizes, else halves), which removes most imprecision of the interval domain."""
+    block sizes, else in halves), which removes most imprecision of the interval domain. Each
+    box is split on its own terms, so a verdict never depends on the other boxes."""
+    q0, q1, k0, k1 = (np.asarray(x, dtype=np.int64) for x in (q0, q1, k0, k1))
+    q0, q1, k0, k1 = np.broadcast_arrays(q0, q1, k0, k1)
     cls = absint.classify(mask, q0, q1, k0, k1, h, n)
     divs_q, divs_k = _divisors(mask)
     idx = np.nonzero(cls == PARTIAL)[0]
     for _ in range(rounds):
         if idx.size == 0:
             break
-        pieces_q = _split(q0[idx], q1[idx], divs_q)
-        pieces_k = _split(k0[idx], k1[idx], divs_k)
-        # all (q piece, k piece) combinations of each box
         any_t = np.zeros(idx.size, dtype=bool)
         any_f = np.zeros(idx.size, dtype=bool)
-        for (a0, a1, av) in pieces_q:
-            for (b0, b1, bv) in pieces_k:
+        for (a0, a1, av) in _split(q0[idx], q1[idx], divs_q):
+            for (b0, b1, bv) in _split(k0[idx], k1[idx], divs_k):
                 ok = av & bv
                 if not np.any(ok):
                     continue
@@ -516,23 +516,32 @@ def _divisors(mask: Node) -> tuple[list[int], list[int]]:
 
 
 def _split(lo: np.ndarray, hi: np.ndarray, divs: list[int], max_pieces: int = 8):
-    """Pieces (lo_i, hi_i, valid_i) of each interval: cut at multiples of the smallest useful
-    divisor (so k // d is constant on a piece), else in two halves."""
+    """Pieces (lo_i, hi_i, valid_i) of each interval: cut at multiples of the smallest divisor
+    d with width <= d * max_pieces (so x // d is constant on a piece), else in two halves;
+    chosen per interval."""
     width = hi - lo + 1
-    d = None
-    for c in divs:
-        if np.all(width <= c * max_pieces) and np.any(width > 1):
-            d = c
-            break
-    if d is None:
-        mid = lo + (width - 1) // 2
-        return [(lo, mid, width >= 1), (mid + 1, hi, width >= 2)]
-    out = []
+    choice = np.zeros(width.shape, dtype=np.int64)  # 0: halves
+    for c in sorted(divs, reverse=True):
+        choice = np.where((width <= c * max_pieces) & (width > 1), c, choice)
+    d = np.where(choice > 0, choice, 1)
     first = (lo // d) * d
+    out = []
+    by_div = choice > 0
+    mid = lo + (width - 1) // 2
     for i in range(max_pieces + 1):
         a = np.maximum(first + i * d, lo)
         b = np.minimum(first + (i + 1) * d - 1, hi)
-        out.append((a, b, a <= b))
+        if i == 0:
+            a = np.where(by_div, a, lo)
+            b = np.where(by_div, b, mid)
+            valid = np.where(by_div, a <= b, width >= 1)
+        elif i == 1:
+            a = np.where(by_div, a, mid + 1)
+            b = np.where(by_div, b, hi)
+            valid = np.where(by_div, a <= b, width >= 2)
+        else:
+            valid = by_div & (a <= b)
+        out.append((a, b, valid))
     return out
 
 

@@ -178,10 +178,23 @@ def const_assoc(e: Op) -> Node | None:
     terms: list = []
     _terms(e, 1, terms)
     consts = [(s, t) for s, t in terms if _num(t)]
-    if len(consts) < 2 and not (consts and consts[0] != terms[-1]):
+    others = [t for _, t in terms if not _num(t)]
+    cancel = len(set(map(to_text, others))) < len(others)
+    if len(consts) < 2 and not (consts and consts[0] != terms[-1]) and not cancel:
         return None
     total = sum(s * t.value for s, t in consts)
     rest = [(s, t) for s, t in terms if not _num(t)]
+    # x - x = 0 inside a sum: cancel equal terms of opposite signs.
+    kept: list = []
+    for s_, t in rest:
+        match = next((i for i, (s2, t2) in enumerate(kept) if t2 == t and s2 == -s_), None)
+        if match is None:
+            kept.append((s_, t))
+        else:
+            kept.pop(match)
+    if len(kept) < len(rest):
+        consts = consts or [(1, Const(0))]
+    rest = kept
     if not rest:
         return Const(total)
     s0, t0 = rest[0]

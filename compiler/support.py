@@ -347,6 +347,13 @@ def conjunct_rule(atoms: list[Node], block_n: int) -> Rule | None:
             stride = s
             continue
         impure.append(a)
+    # Contradictory bounds (k <= q & k > q): a lower bound above an upper bound by a constant
+    # for every q makes the conjunct empty.
+    for lo_b in lows:
+        for hi_b in highs:
+            diff = _fold(op("sub", lo_b, hi_b))
+            if isinstance(diff, Const) and not isinstance(diff.value, bool) and diff.value > 0:
+                return None
     # Extremes over the query block, by monotonicity of each bound in q.
     vis_lo, vis_hi, full_lo, full_hi = [], [], [], []
     exact = True
