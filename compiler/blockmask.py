@@ -17,7 +17,7 @@ from .absint import EMPTY, FULL, PARTIAL
 from .ir import Const, Node, Op, PatternIR, Var, free_vars, substitute, to_text, walk
 from .numeric import evaluate as num_eval
 from .rules import rewrite
-from .support import Rule, derive, fallback_rule
+from .support import Rule, derive_with_mask, fallback_rule
 
 
 @dataclass(frozen=True)
@@ -515,7 +515,7 @@ def _divisors(mask: Node) -> tuple[list[int], list[int]]:
     return sorted(dq), sorted(dk)
 
 
-def _split(lo: np.ndarray, hi: np.ndarray, divs: list[int], max_pieces: int = 8):
+def _split(lo: np.ndarray, hi: np.ndarray, divs: list[int], max_pieces: int = 16):
     """Pieces (lo_i, hi_i, valid_i) of each interval: cut at multiples of the smallest divisor
     d with width <= d * max_pieces (so x // d is constant on a piece), else in two halves;
     chosen per interval."""
@@ -591,10 +591,11 @@ def build(pattern: PatternIR, *, n: int, heads: int = 1, q_len: int | None = Non
         if key in groups:
             groups[key].heads.append(h)
             continue
-        rules = derive(m, schedule.block_n)
-        exact = rules is not None
-        groups[key] = HeadClass([h] if h is not None else list(range(heads)), m,
-                                rules if exact else [fallback_rule()], exact)
+        derived = derive_with_mask(m, schedule.block_n)
+        exact = derived is not None
+        rules, m_clean = derived if exact else ([fallback_rule()], m)
+        groups[key] = HeadClass([h] if h is not None else list(range(heads)), m_clean, rules,
+                                exact)
     bm.classes = list(groups.values())
     return bm
 

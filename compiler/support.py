@@ -425,16 +425,31 @@ def _is_abs(x: Node) -> bool:
 
 
 def derive(mask: Node, block_n: int) -> list[Rule] | None:
-    """Rules whose union covers the mask (None: no usable DNF; visit everything causal-free)."""
+    """Rules whose union covers the mask (None: no usable DNF; visit everything)."""
+    out = derive_with_mask(mask, block_n)
+    return None if out is None else out[0]
+
+
+def derive_with_mask(mask: Node, block_n: int) -> tuple[list[Rule], Node] | None:
+    """Rules, and the mask rebuilt from the satisfiable conjuncts only (equal to the mask on
+    every pair, but free of contradictions such as k <= q & q - k < 0, which the interval
+    classifier cannot refute on its own)."""
     conj = dnf(_unfold_abs(mask))
     if conj is None:
         return None
     rules = []
+    kept = []
     for c in conj:
         r = conjunct_rule(c, block_n)
         if r is not None:
             rules.append(r)
-    return rules
+            kept.append(c)
+    if len(kept) == len(conj):
+        return rules, mask
+    if not kept:
+        return rules, FALSE
+    terms = [c[0] if len(c) == 1 else Op("and", tuple(c)) if c else TRUE for c in kept]
+    return rules, _fold(terms[0] if len(terms) == 1 else Op("or", tuple(terms)))
 
 
 def fallback_rule() -> Rule:
