@@ -502,17 +502,31 @@ def refine(mask: Node, q0, q1, k0, k1, h: int, n: int, rounds: int = 2) -> np.nd
 
 
 def _divisors(mask: Node) -> tuple[list[int], list[int]]:
+    """Constants c of q // c and k // c (and % c) applied to q or k itself: cutting a box at
+    multiples of c makes those terms constant on each piece."""
     dq, dk = set(), set()
     for x in walk(mask):
         if isinstance(x, Op) and x.op in ("fdiv", "mod") and isinstance(x.args[1], Const):
             c = x.args[1].value
             if isinstance(c, int) and not isinstance(c, bool) and c > 1:
-                fv = free_vars(x.args[0])
-                if "q" in fv:
+                v = _base_var(x.args[0], c)
+                if v == "q":
                     dq.add(c)
-                if "k" in fv:
+                elif v == "k":
                     dk.add(c)
     return sorted(dq), sorted(dk)
+
+
+def _base_var(e: Node, c: int) -> str | None:
+    """'q' or 'k' when e is that variable, or that variable % s with c | s (a permuted layout's
+    position within its class); cutting at multiples of c then keeps e // c constant."""
+    if isinstance(e, Var) and e.name in ("q", "k"):
+        return e.name
+    if (isinstance(e, Op) and e.op == "mod" and isinstance(e.args[0], Var)
+            and e.args[0].name in ("q", "k") and isinstance(e.args[1], Const)
+            and isinstance(e.args[1].value, int) and e.args[1].value % c == 0):
+        return e.args[0].name
+    return None
 
 
 def _split(lo: np.ndarray, hi: np.ndarray, divs: list[int], max_pieces: int = 16):

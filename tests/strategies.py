@@ -27,6 +27,9 @@ from attnc.dsl.builtins import BUILTINS, KEYWORDS, VARIABLES
 from attnc.dsl.format import format_module
 from hypothesis import strategies as st
 
+# The largest integer literal (ints are 64-bit).
+INT_MAX = 2**63 - 1
+
 # Words a NAME token may not be (the grammar's keywords).
 RESERVED = frozenset(KEYWORDS) | {"true", "false"}
 
@@ -46,7 +49,8 @@ _NAME_POOL = (
     "causal", "dense", "window", "band", "sink", "streaming", "alibi", "a_shape", "dilated",
     "power", "radial", "shards", "prefix_lm", "fixed_documents", "document",
     "inx", "in_", "letter", "masks", "biased", "required", "patterns", "planet", "imports",
-    "layer", "head", "kv_head", "kv", "defaults", "trueish", "falsey", "True", "False", "None",
+    "layers", "heads", "kv_heads", "layer", "head", "kv_head", "kv", "defaults", "trueish",
+    "falsey", "True", "False", "None",
     "and", "or", "not", "_", "__", "_0", "e", "E", "e5", "inf", "nan",
 )
 
@@ -58,12 +62,11 @@ def names() -> st.SearchStrategy[str]:
 
 
 def int_values() -> st.SearchStrategy[int]:
-    """Non-negative integer literal values (negatives are Unary('-', IntLit))."""
+    """Integer literal values, 0..INT_MAX (negatives are Unary('-', IntLit))."""
     return st.one_of(
         st.integers(0, 16),
-        st.sampled_from([32, 64, 100, 128, 1000, 1024, 4096, 2**31 - 1, 2**62, 2**63]),
-        st.integers(0, 2**64),
-        st.integers(0, 10**60),
+        st.sampled_from([32, 64, 100, 128, 1000, 1024, 4096, 2**31 - 1, 2**62, INT_MAX]),
+        st.integers(0, INT_MAX),
     )
 
 
@@ -187,7 +190,7 @@ def plan_defs() -> st.SearchStrategy[N.PlanDef]:
         N.PlanDef,
         names(),
         st.lists(st.builds(N.PlanArg, arg_names.filter(lambda s: s not in RESERVED),
-                           st.integers(0, 2**40)), max_size=4).map(tuple),
+                           st.integers(0, INT_MAX)), max_size=4).map(tuple),
         st.lists(_plan_entries(), max_size=5).map(tuple),
     )
 
@@ -284,7 +287,7 @@ class _Scope:
 
 _PARAM_NAMES = ("size", "width", "block", "stride", "local", "gap", "step", "span", "radius",
                 "sink", "window", "dil", "offset", "period", "scale", "slope", "flag", "wide",
-                "causal", "keep", "blk", "lag", "hop")
+                "causal", "keep", "blk", "lag", "hop", "heads", "layers")
 _LET_NAMES = ("d", "dist", "qb", "kb", "near", "far", "off", "lane", "t", "u", "v", "w", "r",
               "band_", "col", "diag", "phase", "g")
 _HELPER_NAMES = ("local_mix", "blocky", "stripes", "helper", "lanes", "ring", "checker",
@@ -375,7 +378,9 @@ class _Gen:
         return _bin("+", e, _lit(c)) if c else e
 
     def divisor(self, sc: _Scope) -> N.Expr:
-        form = self.weighted([(6, "lit"), (2, "name"), (1, "size"), (1, "any")])
+        form = self.weighted([(6, "lit"), (2, "name"), (1, "size"), (1, "any"), (1, "neg")])
+        if form == "neg":
+            return N.Unary("-", N.IntLit(self.size_lit(1)))
         if form == "name":
             ns = sc.names("int", min_lo=1)
             if ns:
@@ -402,10 +407,11 @@ class _Gen:
         if form == "mul":
             a, b = self.int_expr(sc, d), self.small_leaf(sc)
             return _bin("*", a, b) if self.coin(0.5) else _bin("*", b, a)
-        if form == "div":
-            return _bin("//", self.int_expr(sc, d), self.divisor(sc))
-        if form == "mod":
-            return _bin("%", self.int_expr(sc, d), self.divisor(sc))
+        if form in ("div", "mod"):
+            # Numerators of either sign: floor division and modulo differ from truncation
+            # only on negative operands.
+            num = self.int_expr(sc, d) if self.coin(0.5) else self.diag(sc)
+            return _bin("//" if form == "div" else "%", num, self.divisor(sc))
         if form == "minmax":
             args = [self.int_expr(sc, d) for _ in range(self.draw(st.integers(2, 3)))]
             return _call_b(self.pick(["min", "max"]), *args)
@@ -423,7 +429,8 @@ class _Gen:
         return _call_b(self.pick(["floor", "ceil"]), self.float_expr(sc.exact(), d))
 
     def int_pow(self, sc: _Scope, d: int) -> N.Expr:
-        form = self.pick(["2^lit", "2^log2", "2^mod", "mod^lit", "leaf^2", "-1^e", "neg_exp"])
+        form = self.pick(["2^lit", "2^log2", "2^mod", "mod^lit", "leaf^2", "-1^e", "neg_exp",
+                          "neg_exp"])
         if form == "2^lit":
             return _bin("**", N.IntLit(2), N.IntLit(self.draw(st.integers(0, 6))))
         if form == "2^log2":
@@ -523,7 +530,8 @@ class _Gen:
             options += [
                 (4, "window"), (3, "causal"), (2, "band"), (2, "absband"), (2, "sink"),
                 (1, "prefix"), (3, "block_diag"), (1, "block_causal"), (2, "block_local"),
-                (2, "dilation"), (2, "column"), (1, "shard"), (1, "power"), (5, "call"),
+                (2, "dilation"), (2, "congruence"), (2, "column"), (1, "shard"), (1, "power"),
+                (5, "call"),
                 (1, "mask_attr"),
             ]
         form = self.weighted(options)
@@ -553,6 +561,13 @@ class _Gen:
             return _cmp(_bin("-", _bin("//", Q, b), _bin("//", K, b)), "<", self.size(sc))
         if form == "dilation":
             return _cmp(_bin("%", self.diag(sc), self.size(sc)), "==", N.IntLit(0))
+        if form == "congruence":
+            # Either sign of q - k: floor modulo and division differ from truncation there.
+            s = self.size_lit(2)
+            r = self.draw(st.integers(-s, s))
+            op = self.pick(["%", "//"])
+            return _cmp(_bin(op, self.diag(sc), _lit(s) if self.coin(0.8) else _lit(-s)),
+                        self.pick(["==", "<", ">=", "!="]), _lit(r))
         if form == "column":
             s = self.size_lit(1)
             r = self.draw(st.integers(0, s)) if self.coin(0.8) else self.draw(st.integers(-2, 9))
@@ -591,6 +606,8 @@ class _Gen:
         return _cmp(self.int_expr(sc, 2), self.pick(COMPARE_OPS), self.int_expr(sc, 2))
 
     def diag(self, sc: _Scope) -> N.Expr:
+        if not sc.positional:
+            return self.int_expr(sc, 1)
         ns = [x for x in sc.names("int") if sc.vars[x].positional]
         if ns and self.coin(0.3):
             return N.Name(self.pick(ns))
@@ -616,6 +633,10 @@ class _Gen:
         if not sc.positional or not sc.patterns:
             return None
         sigs = list(sc.patterns.values())
+        lib = {s.name for s in library_signatures()}
+        local = [s for s in sigs if s.name not in lib]
+        if local and self.coin(0.5):
+            sigs = local  # the file's own helpers: more interesting than the library
         if prefer_bias:
             sigs = [s for s in sigs if s.has_bias] * 3 + sigs
         sig = self.pick(sigs)
@@ -640,7 +661,9 @@ class _Gen:
             return self.float_in_range(sc, p.lo, p.hi)
         if self.runtime_errors and self.coin(0.1):
             # Not clamped: may fall out of range at some n, h, q, k; both evaluators must agree.
-            return _bin("-", self.int_expr(sc, 1), N.IntLit(self.size_lit(0)))
+            # (It reads a variable: a constant out of range would be a check error.)
+            var = self.pick([NN, H] + ([Q, K] if sc.positional else []))
+            return _bin("-", var, N.IntLit(self.size_lit(0)))
         lo = None if p.lo is None else math.ceil(p.lo)
         hi = None if p.hi is None else math.floor(p.hi)
         return self.size(sc, lo, hi)
@@ -696,7 +719,6 @@ class _Gen:
 
     def requirement(self, sc: _Scope) -> N.Require:
         u = sc.uniform()
-        ints = u.names("int")
         form = self.pick(["ge0", "abs", "max", "mod", "lit", "bool", "risky"])
         if form == "risky" and not self.runtime_errors:
             form = "ge0"
@@ -716,7 +738,8 @@ class _Gen:
             b = N.Name(self.pick(bs)) if bs else N.BoolLit(True)
             cond = _bin("|", b, N.Unary("!", b))
         elif form == "risky":
-            cond = _cmp(self.pick([N.Name(x) for x in ints]), self.pick([">=", "<", "!="]),
+            # n and h only: a failing requirement on constant arguments is a check error.
+            cond = _cmp(self.pick([NN, H]), self.pick([">=", "<", "!="]),
                         N.IntLit(self.size_lit(0)))
         else:
             cond = N.BoolLit(True)
@@ -765,7 +788,19 @@ class _Gen:
         has_bias = not has_mask or self.coin(0.3)
         tail: list[N.Stmt] = []
         if has_mask:
-            m = self.bool_expr(sc, self.draw(st.integers(1, 3)))
+            # Use what was defined (helpers, bool lets) so that it is evaluated and matters.
+            parts = [self.bool_expr(sc, self.draw(st.integers(0, 2)))]
+            lib = {s.name for s in library_signatures()}
+            helpers = [s for s in sigs.values() if s.name not in lib]
+            if helpers and self.coin(0.7):
+                parts.append(self.pattern_ref(_Scope(sc.vars, {h.name: h for h in helpers})))
+            bool_lets = [x for x in sc.names("bool") if x not in {p.name for p, _ in plist}]
+            if bool_lets and self.coin(0.6):
+                parts.append(N.Name(self.pick(bool_lets)))
+            parts = self.draw(st.permutations(parts)) if len(parts) > 1 else parts
+            m = parts[0]
+            for part in parts[1:]:
+                m = _bin(self.pick("&|"), m, part)
             if main and self.coin(0.4):
                 causal = N.Name("causal") if "causal" not in sc.vars else _cmp(K, "<=", Q)
                 m = _bin("&", self.pick([causal, _cmp(K, "<=", Q)]), m)
@@ -830,6 +865,37 @@ def static_patterns(*, runtime_errors: bool = False, max_helpers: int = 2
     return _static_pattern(runtime_errors, max_helpers)
 
 
+@st.composite
+def _arithmetic_pattern(draw) -> PatternSource:
+    g = _Gen(draw, runtime_errors=False)
+    plist = g.param_defs(set(VARIABLES) | set(BUILTINS), need_defaults=True)
+    sc = _Scope({v: _Var("int", 0, v in ("q", "k")) for v in VARIABLES},
+                {s.name: s for s in library_signatures()})
+    for prm, ps in plist:
+        sc.vars[prm.name] = _Var(ps.type, ps.lo if ps.type == "int" else None)
+    body: list[N.Stmt] = []
+    for i in range(g.draw(st.integers(0, 2))):
+        name = f"t{i}"
+        body.append(N.Let(name, g.int_expr(sc, 3)))
+        sc.vars[name] = _Var("int", None, True)
+    if g.coin(0.8):
+        cond = _cmp(g.int_expr(sc, 3), g.pick(COMPARE_OPS), g.int_expr(sc, 3))
+    else:
+        cond = _cmp(g.float_expr(sc, 3), g.pick(COMPARE_OPS), g.float_expr(sc, 3))
+    body.append(N.Mask(cond))
+    if g.coin(0.3):
+        body.append(N.Bias(g.float_expr(sc.with_bias(), 3)))
+    node = N.PatternDef("arith", tuple(p for p, _ in plist), tuple(body))
+    return PatternSource(format_module(N.Module((node,))), "arith")
+
+
+def arithmetic_patterns() -> st.SearchStrategy[PatternSource]:
+    """Static patterns whose mask is one comparison of deep int (or exact float) expressions:
+    every operator's edge cases (negative operands, zero divisors, negative powers, log2 of
+    values <= 1, promotions) reach the mask directly, unhidden by & and |."""
+    return _arithmetic_pattern()
+
+
 def eval_shapes(max_n: int = 40, max_heads: int = 3) -> st.SearchStrategy[dict]:
     """Keyword arguments for attnc.reference.evaluate: n, heads (a count or head indices),
     q_len <= n and sometimes q_start (queries q_start .. q_start + q_len - 1 < n)."""
@@ -853,7 +919,8 @@ def eval_shapes(max_n: int = 40, max_heads: int = 3) -> st.SearchStrategy[dict]:
 
 
 __all__ = [
-    "PatternSource", "RESERVED", "eval_shapes", "expressions", "float_values", "imports",
+    "PatternSource", "RESERVED", "arithmetic_patterns", "eval_shapes", "expressions",
+    "float_values", "imports",
     "int_values", "library_signatures", "modules", "names", "params", "pattern_defs",
     "plan_defs", "statements", "static_patterns", "strings",
 ]
