@@ -118,10 +118,13 @@ def int_pow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int_log2(x: torch.Tensor) -> torch.Tensor:
     x = x.clamp(min=1)
-    r = torch.floor(torch.log2(x.to(F64))).to(I64)
-    # float log2 can be off by one near powers of two for large x; correct it exactly.
-    r = torch.where(torch.bitwise_left_shift(torch.ones_like(r), r + 1) <= x, r + 1, r)
-    r = torch.where(torch.bitwise_left_shift(torch.ones_like(r), r) > x, r - 1, r)
+    r = torch.floor(torch.log2(x.to(F64))).to(I64).clamp(0, 62)
+    # float log2 can be off by one near powers of two; correct it with exact shifts, which
+    # stay within int64 (r <= 62).
+    one = torch.ones_like(r)
+    up = (r < 62) & (torch.bitwise_left_shift(one, (r + 1).clamp(max=62)) <= x)
+    r = torch.where(up, r + 1, r)
+    r = torch.where(torch.bitwise_left_shift(one, r) > x, r - 1, r)
     return r
 
 

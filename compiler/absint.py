@@ -10,6 +10,7 @@ atom's expression is monotone in q and k separately, which covers the shipped pa
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -316,9 +317,13 @@ class Evaluator:
             vals = [self.eval(a) for a in e.args]
             ts = [v.t for v in vals]
             fs = [v.f for v in vals]
+            # Pairwise, so operands of different shapes (a scalar guard next to a per-block
+            # atom) broadcast.
+            land = functools.partial(functools.reduce, np.logical_and)
+            lor = functools.partial(functools.reduce, np.logical_or)
             if o == "and":
-                return AB(np.logical_and.reduce(ts), np.logical_or.reduce(fs))
-            return AB(np.logical_or.reduce(ts), np.logical_and.reduce(fs))
+                return AB(land(ts), lor(fs))
+            return AB(lor(ts), land(fs))
         if o == "not":
             v = self.eval(e.args[0])
             return AB(v.f, v.t)

@@ -27,14 +27,19 @@ class Node:
 
 @dataclass(frozen=True)
 class Const(Node):
-    value: int | float | bool
-    # Part of equality and hashing: True == 1 == 1.0 in Python, but not in the IR.
-    ty: str = field(init=False, repr=False)
+    value: int | float | bool = field(compare=False)
+    # Equality and hashing go by type and exact spelling: True == 1 == 1.0 and 0.0 == -0.0 in
+    # Python, but they are different constants in the IR (1.0 / -0.0 is -inf).
+    ident: str = field(init=False, repr=False)
 
     def __post_init__(self):
         v = self.value
         ty = BOOL if isinstance(v, bool) else INT if isinstance(v, int) else FLOAT
-        object.__setattr__(self, "ty", ty)
+        object.__setattr__(self, "ident", f"{ty}:{v!r}")
+
+    @property
+    def ty(self) -> str:
+        return self.ident.split(":", 1)[0]
 
 
 @dataclass(frozen=True)

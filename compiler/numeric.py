@@ -43,9 +43,11 @@ def int_pow(a, b):
 
 def int_log2(x):
     x = np.maximum(np.asarray(x, dtype=np.int64), 1)
-    r = np.floor(np.log2(x.astype(np.float64))).astype(np.int64)
+    # float log2 can be off by one near powers of two; correct it with exact shifts, which
+    # stay within int64 (r <= 62).
+    r = np.clip(np.floor(np.log2(x.astype(np.float64))).astype(np.int64), 0, 62)
     one = np.ones_like(r)
-    r = np.where(np.left_shift(one, r + 1) <= x, r + 1, r)
+    r = np.where((r < 62) & (np.left_shift(one, np.minimum(r + 1, 62)) <= x), r + 1, r)
     r = np.where(np.left_shift(one, r) > x, r - 1, r)
     return r
 

@@ -74,7 +74,15 @@ def fold(e: Op) -> Node | None:
             r = int_log2(vals[0])
         else:
             r = apply_builtin(e.op, vals)
-    except (NotConstant, ArithmeticError, ValueError, TypeError):
+    except (NotConstant, ArithmeticError, ValueError, TypeError, AttributeError, IndexError):
+        return None
+    # The folded constant has the node's IR type (min(-1, 0.0) is the float -1.0).
+    from .ir import FLOAT, INT, type_of
+
+    ty = type_of(e)
+    if ty == FLOAT and not isinstance(r, bool):
+        r = float(r)
+    elif ty == INT and isinstance(r, float):
         return None
     if isinstance(r, float) and not math.isfinite(r):
         return None
@@ -87,8 +95,8 @@ def fold(e: Op) -> Node | None:
 
 
 def add_zero(e: Op) -> Node | None:
-    # x + 0 = x, 0 + x = x (ints; 0.0 + x keeps x's float type only if x is float)
-    if e.op == "add":
+    # x + 0 = x, 0 + x = x (ints only: -0.0 + 0 is 0.0, not -0.0)
+    if e.op == "add" and not _has_float(e):
         a, b = e.args
         if _is(b, 0):
             return a
@@ -99,7 +107,7 @@ def add_zero(e: Op) -> Node | None:
 
 def sub_zero(e: Op) -> Node | None:
     # x - 0 = x
-    if e.op == "sub" and _is(e.args[1], 0):
+    if e.op == "sub" and _is(e.args[1], 0) and not _has_float(e):
         return e.args[0]
     return None
 
@@ -148,13 +156,16 @@ def neg_neg(e: Op) -> Node | None:
 
 def sub_neg(e: Op) -> Node | None:
     # a - (-b) = a + b;  a + (-b) = a - b
-    if e.op in ("sub", "add") and isinstance(e.args[1], Op) and e.args[1].op == "neg":
+    if (e.op in ("sub", "add") and isinstance(e.args[1], Op) and e.args[1].op == "neg"
+            and not _has_float(e)):
         return Op("add" if e.op == "sub" else "sub", (e.args[0], e.args[1].args[0]))
     return None
 
 
 def neg_sub(e: Op) -> Node | None:
     # -(a - b) = b - a;  0 - x = -x
+    if _has_float(e):
+        return None  # -(a - b) and b - a differ in the sign of a zero result
     if e.op == "neg" and isinstance(e.args[0], Op) and e.args[0].op == "sub":
         a, b = e.args[0].args
         return Op("sub", (b, a))
@@ -167,6 +178,8 @@ def _terms(e: Node, sign: int, out: list) -> None:
     if isinstance(e, Op) and e.op in ("add", "sub"):
         _terms(e.args[0], sign, out)
         _terms(e.args[1], sign if e.op == "add" else -sign, out)
+    elif isinstance(e, Op) and e.op == "neg":
+        _terms(e.args[0], -sign, out)
     else:
         out.append((sign, e))
 

@@ -31,7 +31,7 @@ from .parser import parse
 # run-time data (scores, a learned gate, segment ids).
 POSITIONAL = frozenset({"q", "k"})
 # A plan's cells are enumerated when it is checked; real models have a few thousand.
-MAX_PLAN_CELLS = 1 << 20
+MAX_PLAN_CELLS = 1 << 17
 # Type of a name whose declaration was already reported; uses of it report nothing more.
 ERROR = "error"
 
@@ -189,7 +189,7 @@ def int_pow(a: int, b: int) -> int:
         if a == 0:
             return 0
         return -1 if (a < 0 and b % 2) else 0
-    if b > 62 and abs(a) > 1:
+    if abs(a) > 1 and b * (abs(a).bit_length() - 1) > 63:
         raise NotConstant("integer overflow")
     return a**b
 
@@ -233,7 +233,9 @@ def try_const(e: N.Expr, env: dict[str, object]):
         v = const_eval(e, env)
     except NotConstant:
         raise
-    except (ArithmeticError, TypeError, ValueError, RecursionError) as exc:
+    except (ArithmeticError, TypeError, ValueError, RecursionError, AttributeError,
+            IndexError) as exc:
+        # Ill-typed operands (reported by the type checker) or values outside int64.
         raise NotConstant(str(exc)) from exc
     if isinstance(v, bool):
         return v
@@ -246,7 +248,23 @@ def try_const(e: N.Expr, env: dict[str, object]):
     raise NotConstant(type(v).__name__)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int64(v):
+    """Constant folding stays within the 64-bit ints the kernels compute with."""
+    if isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX:
+        raise NotConstant("integer overflow")
+    return v
+
+
 def apply_binary(op: str, a, b):
+    _int64(a)
+    _int64(b)
+    return _int64(_apply_binary(op, a, b))
+
+
+def _apply_binary(op: str, a, b):
     if op == "&":
         return bool(a and b)
     if op == "|":
@@ -384,6 +402,10 @@ class _Checker:
 
     def __init__(self, base_dir: Path | None = None):
         self.base_dir = base_dir or Path.cwd()
+        # What the pattern being checked needs; reset per body (also used by defaults/plans).
+        self._cur_uniform: set[str] = set()
+        self._cur_selectors: set[str] = set()
+        self._instantiated: set = set()
         self.errors: list[Diagnostic] = []
         self.modules: list[ModuleInfo] = []
         self._loading: list[Path] = []  # import stack, for cycle detection
@@ -466,7 +488,13 @@ class _Checker:
         return info
 
     def _import(self, imp: N.Import, base: Path, library_scope) -> ModuleInfo | None:
-        path = (base / imp.path).resolve()
+        try:
+            path = (base / imp.path).resolve()
+            exists = path.is_file()
+        except (OSError, ValueError) as e:
+            self.err(f"cannot import '{imp.path}': {getattr(e, 'strerror', None) or e}",
+                     imp.span)
+            return None
         if not imp.path.endswith(".attn"):
             self.err(f"cannot import '{imp.path}': imported files must end in .attn", imp.span)
             return None
@@ -476,9 +504,11 @@ class _Checker:
             return None
         if path in self._loaded:
             return self._loaded[path]
-        if not path.is_file():
-            self.err(f"cannot import '{imp.path}': no such file (looked for "
-                     f"{os.path.relpath(path)})", imp.span)
+        if not exists:
+            rel = os.path.relpath(path)
+            shown_path = str(path) if rel.startswith("..") else rel
+            self.err(f"cannot import '{imp.path}': no such file (looked for {shown_path})",
+                     imp.span)
             return None
         try:
             text = path.read_text()
@@ -951,6 +981,14 @@ class _Checker:
         the callee's own calls, against the ranges and requirements further down."""
         if p in stack or len(stack) > 32:
             return
+        try:
+            memo = (id(p), tuple(sorted(consts.items())), tuple(sorted(given)), id(site))
+        except TypeError:
+            memo = None
+        if memo is not None:
+            if memo in self._instantiated:
+                return
+            self._instantiated.add(memo)
         env: dict[str, object] = {}
         for prm in p.params:
             if prm.name in consts:
@@ -1207,6 +1245,7 @@ class _Checker:
         if sel is None:
             return list(range(count))
         out: list[int] = []
+        seen: set[int] = set()
         for r in sel:
             if r.lo > r.hi:
                 self.err(f"empty range {r.lo}..{r.hi}", r.span)
@@ -1216,9 +1255,10 @@ class _Checker:
                          f"(0..{count - 1})", r.span)
                 return None
             for i in range(r.lo, r.hi + 1):
-                if i in out:
+                if i in seen:
                     self.err(f"{what} {i} is selected twice in this entry", r.span)
                     return None
+                seen.add(i)
                 out.append(i)
         return out
 

@@ -40,7 +40,8 @@ def _quote(span: Span, source: str | None) -> str:
     source = span.text or source or _SOURCES.get(span.file)
     if not source:
         return ""
-    lines = source.splitlines()
+    # Lines as the lexer counts them: by "\n" only (splitlines also breaks at \f, \r, ...).
+    lines = source.split("\n")
     if not 1 <= span.line <= len(lines):
         # An error at the end of a file that ends with a newline points past the last line.
         return ""

@@ -210,9 +210,11 @@ class _Writer:
     def block(self, header: list[str], span: N.Span, children, indent: str) -> None:
         """A `{ ... }` item: header, children (lines, span) at one more indent, `}`."""
         self.out.extend(header)
-        if span.line > 0:
+        if span.line > 0 and len(header) == 1:
             first_start = children[0][1].start if children else span.end
-            # A comment on the header line stays there.
+            # A comment on a one-line header stays there; in a wrapped header (or anywhere else
+            # before the first statement) it becomes the first line of the body, so a second
+            # formatting pass puts it in the same place.
             if self.ci < len(self.comments):
                 c = self.comments[self.ci]
                 if c.span.line == span.line and c.span.start < first_start:

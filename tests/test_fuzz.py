@@ -77,15 +77,8 @@ def check_diagnostics(err: AttncError, text: str) -> None:
 
 # Crashes already reported (each has a strict xfail test below). The random tests tolerate
 # exactly these, so that one known bug does not hide the others; remove an entry with its fix.
-KNOWN_CRASHES = [
-    # test_known_bug_pattern_in_parameter_default
-    (AttributeError, r"'_Checker' object has no attribute '_cur_selectors'"),
-    # test_known_bug_bad_import_path
-    (ValueError, r"embedded null byte"),
-    (OSError, r"File name too long"),
-    # test_known_bug_constant_folding_of_ill_typed_call
-    (AttributeError, r"'float' object has no attribute 'bit_length'"),
-    (IndexError, r"list index out of range"),
+KNOWN_CRASHES: list[tuple[type, str]] = [
+    # All crashes reported so far are fixed; their reproductions stay as regression tests.
 ]
 known_crashes_seen: list[str] = []
 
@@ -362,32 +355,20 @@ def _instantiate_chain(depth: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="checker's _instantiate revisits every call path: time doubles per "
-                   "level of a pattern chain that calls the previous pattern twice")
 def test_known_bug_call_chain_is_exponential():
     run(_instantiate_chain(24))
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="checker's plan _selection tests `i in out` on a list: quadratic in "
-                   "the size of a selection")
 def test_known_bug_plan_selection_is_quadratic():
     run("plan p(layers = 1000000, heads = 1) { layers 0..999999: dense }")
 
 
-@pytest.mark.xfail(strict=True, raises=(pytest.fail.Exception, AssertionError),
-                   reason="constant folding computes huge integer powers before checking "
-                   "that they fit in 64 bits")
 def test_known_bug_constant_power_is_slow():
     bound = "(((10 ** 62) ** 62) ** 62) ** 8"
     params = ", ".join(f"a{i}: int in 0..{bound}" for i in range(12))
     run(f"pattern p({params}) {{ mask true }}")
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="a parameter default that refers to a pattern crashes the checker "
-                   "(_cur_selectors is set only by _check_body, which runs after signatures)")
 @pytest.mark.parametrize("text", [
     "pattern p(x: bool = causal) { mask x }",
     "pattern p(x: float = alibi().bias) { mask true }",
@@ -397,9 +378,6 @@ def test_known_bug_pattern_in_parameter_default(text):
         attnc.loads(text, FILE)
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, IndexError),
-                   reason="constant folding (try_const) runs on ill-typed builtin calls and "
-                   "lets their Python errors escape")
 @pytest.mark.parametrize("text", [
     "pattern p { mask window(log2(1.5)) }",
     "pattern p(x: int = log2(1.5)) { mask true }",
@@ -410,9 +388,6 @@ def test_known_bug_constant_folding_of_ill_typed_call(text):
         attnc.loads(text, FILE)
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OSError),
-                   reason="import paths reach the file system unchecked: a NUL byte raises "
-                   "ValueError, an over-long name OSError (ENAMETOOLONG) from Path.is_file()")
 @pytest.mark.parametrize("path", ["\x00", "a\x00.attn", "a" * 300 + ".attn"],
                          ids=["nul", "nul-attn", "long-name"])
 def test_known_bug_bad_import_path(path, tmp_path):
@@ -420,10 +395,6 @@ def test_known_bug_bad_import_path(path, tmp_path):
         attnc.loads(f'import "{path}"', FILE, base_dir=tmp_path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="diagnostics quote str.splitlines()[line - 1], but lines are counted "
-                   "by '\\n' only: \\r, \\f, \\v, \\x1c-\\x1e, \\x85, \\u2028, \\u2029 shift "
-                   "the quoted line")
 @pytest.mark.parametrize("text", [
     "pattern a {\x0c\nmask ) }",
     "pattern a {\rmask ) }",
