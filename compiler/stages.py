@@ -148,15 +148,23 @@ def accounting(c: Compilation, head_dim: int = 128) -> str:
     assert bm is not None
     st = bm.stats(head_dim)
     s = c.schedule
-    lines = [
-        f"kept pairs        {st.kept_pairs}",
-        f"density           {st.density:.4%}",
+    if c.simplified.dynamic:
+        from .ir import Sel, to_text, walk
+
+        sels = sorted({to_text(x) for x in walk(c.simplified.mask) if isinstance(x, Sel)})
+        head = ["kept pairs        chosen at run time by " + "; ".join(sels)]
+    else:
+        head = [f"kept pairs        {st.kept_pairs}", f"density           {st.density:.4%}"]
+    bound = " at most: the static part's blocks" if c.simplified.dynamic else ""
+    lines = head + [
         f"visited blocks    {st.visited_blocks} ({st.full_blocks} full, {st.partial_blocks} "
-        "partial)",
-        f"useful FLOPs      {st.useful_flops():.4g} (4 * head_dim * kept pairs, head_dim "
-        f"{head_dim})",
-        f"executed FLOPs    {st.executed_flops(s.block_m, s.block_n):.4g}",
+        f"partial){bound}",
     ]
+    if not c.simplified.dynamic:
+        lines.append(f"useful FLOPs      {st.useful_flops():.4g} (4 * head_dim * kept pairs, "
+                     f"head_dim {head_dim})")
+    lines.append(f"executed FLOPs    {st.executed_flops(s.block_m, s.block_n):.4g}"
+                 + (" (at most)" if c.simplified.dynamic else ""))
     if not c.simplified.dynamic:
         kv = kv_entries(c)
         lines.append("decode KV entries " + ", ".join(f"h{h}: {v}" for h, v in kv.items()))
