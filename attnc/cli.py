@@ -235,16 +235,9 @@ def _print_csr(csr, rows: int) -> None:
 
 
 def _compact(xs: list[int]) -> str:
-    if not xs:
-        return "[]"
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}..{xs[j]}")
-        i = j + 1
-    return "[" + ", ".join(out) + "]"
+    from attnc.compiler.blockmask import ranges_text
+
+    return "[" + ranges_text(xs) + "]"
 
 
 def cmd_list(args) -> int:

@@ -14,7 +14,7 @@ import torch
 
 from attnc.dsl import nodes as N
 from attnc.dsl.builtins import BUILTINS
-from attnc.dsl.check import PatternInfo, PlanInfo, Program, load, loads
+from attnc.dsl.check import PatternInfo, PlanInfo, Program, call_with_args, load, loads
 from attnc.dsl.errors import AttncError, Diagnostic
 from attnc.dsl.format import format_expr
 
@@ -515,30 +515,6 @@ def _resolve(target, name: str | None) -> PatternInfo:
     raise TypeError(f"cannot evaluate {type(target).__name__}")
 
 
-def _arg_call(p: PatternInfo, args: Mapping[str, object] | None) -> N.Call:
-    kws = []
-    for key, v in (args or {}).items():
-        if p.param(key) is None:
-            names = [prm.name for prm in p.params]
-            raise AttncError(f"pattern '{p.name}' has no parameter '{key}' (it has "
-                             f"{', '.join(names) or 'none'})")
-        if isinstance(v, N.Expr):
-            expr = v
-        elif isinstance(v, bool):
-            expr = N.BoolLit(v)
-        elif isinstance(v, int):
-            expr = N.IntLit(v) if v >= 0 else N.Unary("-", N.IntLit(-v))
-        elif isinstance(v, float):
-            expr = N.FloatLit(v) if v >= 0 else N.Unary("-", N.FloatLit(-v))
-        else:
-            raise AttncError(f"argument '{key}' must be an int, float, bool or expression")
-        prm = p.param(key)
-        if prm.type == "int" and isinstance(v, float):
-            raise AttncError(f"argument '{key}' of '{p.name}' must be an int, not {v!r}")
-        kws.append(N.Keyword(key, expr))
-    return N.Call(p.name, (), tuple(kws))
-
-
 def evaluate(
     target: Program | PatternInfo | str,
     name: str | None = None,
@@ -562,7 +538,7 @@ def evaluate(
     head_idx = torch.arange(heads) if isinstance(heads, int) else torch.as_tensor(heads)
     qpos = _positions(n, q_len, q_start)
     ev = _Evaluator(n, qpos, head_idx, Inputs(scores, gates, segments))
-    call = _arg_call(p, args)
+    call = call_with_args(p, args)
     ev._plan_scope = p.module.scope
     mask, bias = ev.pattern(p, call, {"n": _t(n), "h": ev.h}, None)
     shape = ev.shape

@@ -122,7 +122,7 @@ class BlockMaskIR:
                  "  ranges are inclusive key positions for a query block [q0, q1]; a key block "
                  "kb covers [kb * block_n, kb * block_n + block_n - 1]"]
         for c in self.classes:
-            lines.append(f"  heads {_ranges_text(c.heads)}:")
+            lines.append(f"  heads {ranges_text(c.heads)}:")
             if not c.exact_rules:
                 lines.append("    (no DNF within limits: every key is visited)")
             for i, r in enumerate(c.rules):
@@ -559,7 +559,8 @@ def _split(lo: np.ndarray, hi: np.ndarray, divs: list[int], max_pieces: int = 16
     return out
 
 
-def _ranges_text(hs: list[int]) -> str:
+def ranges_text(hs: list[int]) -> str:
+    """Sorted ints as a compact list of runs: 0..3, 7, 9..11."""
     out, i = [], 0
     hs = sorted(hs)
     while i < len(hs):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from attnc.dsl import nodes as N
 from attnc.dsl.builtins import BUILTINS
-from attnc.dsl.check import PatternInfo, PlanInfo, Program
+from attnc.dsl.check import PatternInfo, PlanInfo, Program, call_with_args
 from attnc.dsl.errors import AttncError, Diagnostic
 
 from .ir import FALSE, TRUE, Const, Node, Op, PatternIR, Sel, Var, op
@@ -122,30 +122,11 @@ def _is_int_const(v: Node) -> bool:
     return isinstance(v, Const) and isinstance(v.value, int) and not isinstance(v.value, bool)
 
 
-def _arg_call(p: PatternInfo, args: dict | None) -> N.Call:
-    kws = []
-    for key, v in (args or {}).items():
-        if p.param(key) is None:
-            raise AttncError(f"pattern '{p.name}' has no parameter '{key}'")
-        if isinstance(v, N.Expr):
-            expr = v
-        elif isinstance(v, bool):
-            expr = N.BoolLit(v)
-        elif isinstance(v, int):
-            expr = N.IntLit(v) if v >= 0 else N.Unary("-", N.IntLit(-v))
-        elif isinstance(v, float):
-            expr = N.FloatLit(v) if v >= 0 else N.Unary("-", N.FloatLit(-v))
-        else:
-            raise AttncError(f"argument '{key}' must be an int, float, bool or expression")
-        kws.append(N.Keyword(key, expr))
-    return N.Call(p.name, (), tuple(kws))
-
-
 def lower_pattern(p: PatternInfo, args: dict | None = None, call: N.Call | None = None,
                   scope: dict[str, PatternInfo] | None = None) -> PatternIR:
     """Inline a pattern with its arguments (Python values or AST expressions of n and h)."""
     scope = scope if scope is not None else p.module.scope
-    call = call if call is not None else _arg_call(p, args)
+    call = call if call is not None else call_with_args(p, args)
     low = _Lowerer(scope)
     env = {"n": Var("n"), "h": Var("h")}
     try:

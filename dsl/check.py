@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -326,6 +327,33 @@ def apply_builtin(name: str, args: list):
     if name == "where":
         return args[1] if args[0] else args[2]
     raise NotConstant(name)
+
+
+def call_with_args(p: PatternInfo, args: Mapping[str, object] | None) -> N.Call:
+    """A call of p with keyword arguments given as Python values or AST expressions (the
+    API's and the CLI's way to pass arguments)."""
+    kws = []
+    for key, v in (args or {}).items():
+        if p.param(key) is None:
+            names = [prm.name for prm in p.params]
+            raise AttncError(f"pattern '{p.name}' has no parameter '{key}' (it has "
+                             f"{', '.join(names) or 'none'})")
+        if isinstance(v, N.Expr):
+            expr = v
+        elif isinstance(v, bool):
+            expr = N.BoolLit(v)
+        elif isinstance(v, int):
+            expr = N.IntLit(v) if v >= 0 else N.Unary("-", N.IntLit(-v))
+        elif isinstance(v, float):
+            expr = N.FloatLit(v) if v >= 0 else N.Unary("-", N.FloatLit(-v))
+        else:
+            raise AttncError(f"argument '{key}' must be an int, float, bool or expression")
+        prm = p.param(key)
+        if prm.type == "int" and isinstance(v, float):
+            raise AttncError(f"argument '{key}' of '{p.name}' must be an int, not {v!r}")
+        kws.append(N.Keyword(key, expr))
+    return N.Call(p.name, (), tuple(kws))
+
 
 
 # ---------------------------------------------------------------- loading
