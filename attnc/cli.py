@@ -206,7 +206,7 @@ def cmd_compile(args) -> int:
         csr = c.blockmask.materialize()
         _print_csr(csr, args.rows_shown)
     elif emit == "stats":
-        print(accounting(c, args.head_dim))
+        print(accounting(c, args.head_dim, verify=args.verify))
     return 0
 
 
@@ -330,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=128, help="for FLOP counts (default 128)")
     p.add_argument("--rows-shown", type=int, default=8, help="query blocks shown by --emit csr")
     p.add_argument("--dump-ir", metavar="DIR", help="also write every stage to DIR")
+    p.add_argument("--verify", action="store_true",
+                   help="with --emit stats: count partial blocks that are really full or empty")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("list", help="list the patterns of a file (default: the library)")

@@ -49,8 +49,10 @@ class HeadClass:
 
 @dataclass
 class CSR:
-    """FlexAttention BlockMask layout (numpy; batch dimension 1): partial and full key blocks of
-    every query block, indices ascending, rows padded with the unused block indices."""
+    """FlexAttention's BlockMask layout and meaning (numpy, batch dimension dropped): partial and
+    full key blocks of every query block, indices ascending. Rows are as wide as the longest row
+    and padded with their last index; to_flex_block_mask() widens them to every key block, in
+    create_block_mask's order, so all its tensors equal FlexAttention's."""
 
     kv_num_blocks: np.ndarray  # [H, QB] int32
     kv_indices: np.ndarray  # [H, QB, W] int32
@@ -312,6 +314,34 @@ class BlockMaskIR:
                 out[h, qb, csr.kv_indices[h, qb, : csr.kv_num_blocks[h, qb]]] = PARTIAL
                 out[h, qb, csr.full_kv_indices[h, qb, : csr.full_kv_num_blocks[h, qb]]] = FULL
         return out
+
+    def inexact_blocks(self) -> tuple[int, int]:
+        """(blocks called PARTIAL that are really FULL or EMPTY, blocks checked), against the
+        element mask: the classifier's imprecision, for reports (costs O(visited x block))."""
+        if self.pattern.dynamic:
+            return 0, 0
+        csr = self.materialize()
+        BM, BN = self.schedule.block_m, self.schedule.block_n
+        bad = checked = 0
+        order = sorted((h, c) for c in self.classes for h in c.heads)
+        for i, (h, c) in enumerate(order):
+            qs = np.repeat(np.arange(csr.num_q_blocks), csr.kv_num_blocks[i])
+            if qs.size == 0:
+                continue
+            ks = np.concatenate([csr.kv_indices[i, qb, : csr.kv_num_blocks[i, qb]]
+                                 for qb in range(csr.num_q_blocks)]).astype(np.int64)
+            q = self.q_start + qs.reshape(-1, 1, 1) * BM + np.arange(BM).reshape(1, -1, 1)
+            k = ks.reshape(-1, 1, 1) * BN + np.arange(BN).reshape(1, 1, -1)
+            valid = (q < self.q_start + self.q_len) & (k < self.n)
+            m = np.broadcast_to(num_eval(c.mask, {"q": q, "k": k, "h": np.int64(h),
+                                                  "n": np.int64(self.n_var)}), valid.shape)
+            kept = (m & valid).sum(axis=(1, 2))
+            padded = (self.q_start + qs * BM + BM > self.q_start + self.q_len) | (
+                ks * BN + BN > self.n)
+            full = (kept == BM * BN) & ~padded
+            bad += int(((kept == 0) | full).sum())
+            checked += qs.size
+        return bad, checked
 
     def to_dense(self) -> np.ndarray:
         """[H, q_len, n] bool: full blocks all kept, partial blocks by the element predicate."""

@@ -142,7 +142,7 @@ def compile_pattern(pattern: PatternInfo, args: dict | None = None, *, n: int, h
     return c
 
 
-def accounting(c: Compilation, head_dim: int = 128) -> str:
+def accounting(c: Compilation, head_dim: int = 128, verify: bool = False) -> str:
     """Kept pairs, blocks, FLOPs, density and decode-time KV entries, per the block-mask IR."""
     bm = c.blockmask
     assert bm is not None
@@ -165,6 +165,10 @@ def accounting(c: Compilation, head_dim: int = 128) -> str:
                      f"head_dim {head_dim})")
     lines.append(f"executed FLOPs    {st.executed_flops(s.block_m, s.block_n):.4g}"
                  + (" (at most)" if c.simplified.dynamic else ""))
+    if verify and not c.simplified.dynamic:
+        bad, checked = bm.inexact_blocks()
+        lines.append(f"exactness         {bad} of {checked} partial blocks are really full or "
+                     "empty (checked pair by pair)")
     if not c.simplified.dynamic:
         kv = kv_entries(c)
         lines.append("decode KV entries " + ", ".join(f"h{h}: {v}" for h, v in kv.items()))

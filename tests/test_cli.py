@@ -228,3 +228,43 @@ def test_usage_errors_exit_2():
     assert r.returncode == 2
     r = run("frobnicate")
     assert r.returncode == 2
+
+
+def test_compile_emits_every_stage(tmp_path):
+    r = run("compile", "--pattern", "streaming", "--arg", "sink=64", "--arg", "window=1024",
+            "--n", "8192", "--emit", "blockmask")
+    assert r.returncode == 0, r.stderr
+    assert "visit k in [(max (sub q0 1023) 0), (min kmax q1)]" in r.stdout
+    r = run("compile", "--pattern", "streaming", "--n", "8192", "--emit", "ir")
+    assert r.returncode == 0 and "# key " in r.stdout
+    r = run("compile", "--pattern", "window", "--arg", "size=n // 8", "--n", "4096",
+            "--emit", "csr", "--rows-shown", "3")
+    assert r.returncode == 0, r.stderr
+    assert "h0 qb2: partial [2] full [0..1]" in r.stdout
+    r = run("compile", "--pattern", "dilated", "--arg", "window=512", "--arg", "dilation=4",
+            "--n", "8192", "--emit", "stats", "--verify", "--dump-ir", str(tmp_path / "ir"))
+    assert r.returncode == 0, r.stderr
+    assert "exactness         0 of" in r.stdout
+    assert "decode KV entries h0: 512" in r.stdout
+    names = sorted(p.name for p in (tmp_path / "ir").iterdir())
+    assert names == ["01-source.attn", "02-lower.txt", "03-simplify.txt", "04-layout.txt",
+                     "05-blockmask.txt", "06-heads.txt"]
+    assert "(layout diagonal :d 4" in (tmp_path / "ir" / "04-layout.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--pattern", "streaming", "--n", "0"], "--n must be at least 1"),
+        (["--pattern", "streaming", "--block-m", "0"], "block_m must be a positive int"),
+        (["--pattern", "streaming", "--n", "64", "--arg", "window=n // 128"],
+         "is 0 at n = 64, out of range 1.."),
+        (["--pattern", "streaming", "--q-len", "9999", "--n", "64"], "--q-len must be between"),
+        (["--pattern", "nope"], "no pattern named 'nope'"),
+    ],
+)
+def test_compile_bad_input(args, needle):
+    r = run("compile", *args)
+    assert r.returncode in (1, 2)
+    assert needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
