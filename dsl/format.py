@@ -83,21 +83,41 @@ def _args(c: N.Call) -> str:
 
 
 def _broken(prefix: str, e: N.Expr, indent: str) -> list[str]:
-    """`prefix + e` on one line, or broken before each operator of e's top-level chain."""
-    one = indent + prefix + format_expr(e)
+    """`prefix + e` on one line, or broken before the operators of its chains: the top-level
+    chain first, then (inside their parentheses, one level deeper) nested chains that are still
+    too long. The result depends on the AST only, so formatting stays idempotent."""
+    return _wrap(e, OR, indent + prefix, indent + INDENT)
+
+
+def _chain(e: N.Binary) -> list[N.Expr]:
+    out: list[N.Expr] = []
+    node: N.Expr = e
+    while isinstance(node, N.Binary) and node.op == e.op:
+        out.append(node.right)
+        node = node.left
+    out.append(node)
+    out.reverse()
+    return out
+
+
+def _wrap(e: N.Expr, need: int, first: str, cont: str) -> list[str]:
+    """Lines for e (parenthesised if its level is below `need`): the first starts with `first`,
+    the others with `cont` (deeper for operands of a parenthesised chain)."""
+    one = first + format_expr(e, need)
     if len(one) <= LINE_LENGTH or not isinstance(e, N.Binary) or e.op == "**":
         return [one]
-    op = e.op
-    lv = _BINARY_LEVEL[op]
-    chain: list[N.Expr] = []
-    node: N.Expr = e
-    while isinstance(node, N.Binary) and node.op == op:
-        chain.append(node.right)
-        node = node.left
-    chain.append(node)
-    chain.reverse()
-    lines = [indent + prefix + format_expr(chain[0], lv)]
-    lines += [indent + INDENT + f"{op} {format_expr(x, lv + 1)}" for x in chain[1:]]
+    lv = _BINARY_LEVEL[e.op]
+    parens = _level(e) < need
+    if parens:
+        first, inner = first + "(", cont + INDENT
+    else:
+        inner = cont
+    chain = _chain(e)
+    lines = _wrap(chain[0], lv, first, inner)
+    for x in chain[1:]:
+        lines += _wrap(x, lv + 1, f"{cont if not parens else inner}{e.op} ", inner + INDENT)
+    if parens:
+        lines[-1] += ")"
     return lines
 
 

@@ -261,8 +261,6 @@ def test_long_parameter_list_wraps():
     )
 
 
-@pytest.mark.xfail(strict=True, reason="formatter breaks only the top-level chain: a long "
-                   "operand of it (here an & chain inside |) stays over 99 columns")
 def test_nested_long_chain_wraps():
     text = ("pattern a { mask causal & (q - k < 100000 & k % 7 == 3 & q // 64 == k // 64 & "
             "abs(q - k) <= 500000 & k < 100 & q > 3 & k > 1 | k == 0 | q == 0) }")
