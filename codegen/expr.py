@@ -1,0 +1,124 @@
+"""Print static Pattern IR as Triton expressions (the predicate and bias hooks of the kernel)."""
+
+from __future__ import annotations
+
+from attnc.compiler.ir import BOOL, FLOAT, Const, Node, Op, Sel, Var, type_of
+
+
+class Unsupported(Exception):
+    """IR the kernel printer cannot express (reported at compile time, never at run time)."""
+
+
+# Helpers the generated source defines once (integer semantics of the language: floor division
+# and Python-style modulo, total at zero; floor log2 exact in int64).
+PRELUDE = '''
+@triton.jit
+def _floordiv(a, b):
+    safe = tl.where(b == 0, 1, b)
+    q = a // safe
+    q = tl.where(((a % safe) != 0) & ((a < 0) != (safe < 0)), q - 1, q)
+    return tl.where(b == 0, 0, q)
+
+
+@triton.jit
+def _mod(a, b):
+    safe = tl.where(b == 0, 1, b)
+    r = a % safe
+    r = tl.where((r != 0) & ((r < 0) != (safe < 0)), r + safe, r)
+    return tl.where(b == 0, a, r)
+
+
+@triton.jit
+def _log2i(x):
+    x = tl.maximum(x, 1)
+    r = tl.floor(tl.log2(x.to(tl.float64))).to(tl.int64)
+    r = tl.minimum(tl.maximum(r, 0), 62)
+    one = tl.full(r.shape, 1, tl.int64)
+    r = tl.where((r < 62) & ((one << tl.minimum(r + 1, 62)) <= x), r + 1, r)
+    r = tl.where((one << r) > x, r - 1, r)
+    return r
+'''
+
+
+def print_expr(e: Node, names: dict[str, str]) -> str:
+    """Triton source of e; `names` maps q, k, h, n to kernel variables (int64)."""
+    memo: dict[Node, str] = {}
+
+    def go(x: Node) -> str:
+        if x in memo:
+            return memo[x]
+        r = _go(x)
+        memo[x] = r
+        return r
+
+    def _go(x: Node) -> str:
+        if isinstance(x, Const):
+            v = x.value
+            if isinstance(v, bool):
+                return "True" if v else "False"
+            if isinstance(v, float):
+                if v != v or v in (float("inf"), float("-inf")):
+                    return f"float('{v}')"
+                return repr(v)
+            return str(v)
+        if isinstance(x, Var):
+            return names[x.name]
+        if isinstance(x, Sel):
+            raise Unsupported(f"dynamic selector {x.kind} (index builders come with issue 6)")
+        assert isinstance(x, Op)
+        a = [go(y) for y in x.args]
+        o = x.op
+        binops = {"add": "+", "sub": "-", "mul": "*", "lt": "<", "le": "<=", "eq": "==",
+                  "ne": "!="}
+        if o in binops:
+            return f"({a[0]} {binops[o]} {a[1]})"
+        if o == "and":
+            return "(" + " & ".join(a) + ")"
+        if o == "or":
+            return "(" + " | ".join(a) + ")"
+        if o == "not":
+            return f"({a[0]} == False)"  # noqa: E712 - generated Triton source
+        if o == "neg":
+            return f"(-{a[0]})"
+        if o == "div":
+            return f"(({a[0]}) * 1.0 / ({a[1]}))"
+        if o == "fdiv":
+            if type_of(x.args[0]) == FLOAT or type_of(x.args[1]) == FLOAT:
+                return f"tl.floor({a[0]} / {a[1]})"
+            return f"_floordiv({a[0]}, {a[1]})"
+        if o == "mod":
+            return f"_mod({a[0]}, {a[1]})"
+        if o == "pow":
+            base, ex = x.args
+            if type_of(x) == FLOAT:
+                return f"tl.exp2(({a[1]}) * tl.log2(({a[0]}) * 1.0))"
+            if isinstance(base, Const) and base.value == 2:
+                return f"tl.where({a[1]} < 0, 0, 1 << tl.maximum({a[1]}, 0))"
+            if isinstance(ex, Const) and isinstance(ex.value, int) and 0 <= ex.value <= 8:
+                return "(" + " * ".join([f"({a[0]})"] * ex.value or ["1"]) + ")"
+            raise Unsupported("integer ** with a non-constant exponent and a base other than 2")
+        if o in ("min", "max"):
+            out = a[0]
+            for y in a[1:]:
+                out = f"tl.{'minimum' if o == 'min' else 'maximum'}({out}, {y})"
+            return out
+        if o == "abs":
+            return f"tl.abs({a[0]})"
+        if o == "log2":
+            return f"_log2i({a[0]})"
+        if o == "floor":
+            return f"tl.floor({a[0]}).to(tl.int64)"
+        if o == "ceil":
+            return f"tl.ceil({a[0]}).to(tl.int64)"
+        if o == "float":
+            return f"(({a[0]}) * 1.0)"
+        if o in ("exp", "log", "sqrt"):
+            return f"tl.{o}(({a[0]}) * 1.0)"
+        if o == "where":
+            return f"tl.where({a[0]}, {a[1]}, {a[2]})"
+        raise Unsupported(o)
+
+    out = go(e)
+    if type_of(e) == BOOL and isinstance(e, Const):
+        return out
+    return out

@@ -1,0 +1,198 @@
+"""Forward attention kernels generated from the block-mask IR: one skeleton, two hooks.
+
+The skeleton is FlexAttention's: per query block, a loop over FULL key blocks (no mask) and a
+loop over PARTIAL key blocks (the pattern's predicate inlined as Triton code), online softmax in
+base 2, output 0 and LSE -inf for rows that keep nothing. This first version reads the key blocks
+from the CSR index lists; computing static ranges arithmetically in the kernel is the next step
+(issue 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import triton  # noqa: F401 - the generated module imports it
+import triton.language as tl  # noqa: F401
+
+from attnc.compiler.blockmask import BlockMaskIR
+from attnc.compiler.ir import to_text
+from attnc.compiler.rules import rewrite
+
+from .expr import PRELUDE, print_expr
+
+TEMPLATE = '''"""attnc generated kernel. pattern: {name}; key {key}"""
+import triton
+import triton.language as tl
+{prelude}
+
+@triton.jit
+def attnc_fwd(
+    Q, K, V, O, LSE,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sl_b, sl_h,
+    s_num_h, s_idx_h, s_idx_m, s_fnum_h, s_fidx_h, s_fidx_m,
+    sm_scale, Q_LEN, N_CTX, N_VAR, Q_START, H, GROUP,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Q_LEN
+    q_pos = (Q_START + offs_m).to(tl.int64)[:, None]
+    n_var = N_VAR.to(tl.int64)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_m + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
+    for part in range(2):
+        if part == 0:
+            count = tl.load(FULL_NUM + h * s_fnum_h + pid_m)
+            base = FULL_IDX + h * s_fidx_h + pid_m * s_fidx_m
+        else:
+            count = tl.load(KV_NUM + h * s_num_h + pid_m)
+            base = KV_IDX + h * s_idx_h + pid_m * s_idx_m
+        for i in range(0, count):
+            kb = tl.load(base + i).to(tl.int64)
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = offs_n < N_CTX
+            k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
+                        mask=col_ok[:, None], other=0.0)
+            v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
+                        mask=col_ok[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            k_pos = offs_n[None, :]
+{bias}
+            keep = col_ok[None, :] & row_ok[:, None]
+            if part == 1:
+                keep = keep & ({mask})
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = tl.where(empty[:, None], 0.0, out)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_m + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b * sl_b + h * sl_h + offs_m, lse, mask=row_ok)
+'''
+
+_NAMES = {"q": "q_pos", "k": "k_pos", "h": "h", "n": "n_var"}
+
+
+def kernel_source(bm: BlockMaskIR) -> str:
+    """Deterministic Triton source for a block mask's pattern (one class of heads or many:
+    the predicate keeps h)."""
+    mask = rewrite(bm.pattern.mask)
+    mask_src = print_expr(mask, _NAMES)
+    if bm.pattern.bias is not None:
+        bias = rewrite(bm.pattern.bias)
+        bias_src = (f"            s = s + ({print_expr(bias, _NAMES)}) * LOG2E")
+    else:
+        bias_src = "            pass"
+    return TEMPLATE.format(name=bm.pattern.name, key=bm.pattern.key, prelude=PRELUDE,
+                           mask=mask_src, bias=bias_src)
+
+
+_LOADED: dict[str, object] = {}
+
+
+def load_kernel(source: str):
+    """Import generated source (Triton's JIT needs a real file); one module per source text."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    if digest in _LOADED:
+        return _LOADED[digest]
+    folder = os.path.join(tempfile.gettempdir(), "attnc-kernels")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"k_{digest}.py")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".py")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"attnc_k_{digest}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    _LOADED[digest] = mod.attnc_fwd
+    return mod.attnc_fwd
+
+
+@dataclass
+class Output:
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR,
+              sm_scale: float | None = None, poison: bool = False) -> Output:
+    """Sparse attention of q [B, H, Lq, D] over k, v [B, Hkv, n, D] with a block mask.
+
+    Returns the output and the natural-log LSE ([B, H, Lq], -inf for rows that keep nothing).
+    poison=True fills the outputs with NaN first (tests: every element must be written)."""
+    if bm.layout is not None:
+        raise NotImplementedError("permuted layouts run in the next version of the kernels")
+    B, H, Lq, D = q.shape
+    Bk, Hkv, n, Dk = k.shape
+    if (Lq, n) != (bm.q_len, bm.n) or H % Hkv or Dk != D or v.shape != k.shape:
+        raise ValueError(f"shapes q {list(q.shape)} k {list(k.shape)} v {list(v.shape)} do not "
+                         f"fit the block mask (q_len {bm.q_len}, n {bm.n})")
+    if bm.heads not in (1, H):
+        raise ValueError(f"the block mask has {bm.heads} heads, q has {H}")
+    csr = bm.materialize()
+    dev = q.device
+    t = {name: torch.as_tensor(getattr(csr, name), device=dev).contiguous()
+         for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")}
+    if bm.heads == 1 and H > 1:
+        t = {name: x.expand(H, *x.shape[1:]).contiguous() for name, x in t.items()}
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, Lq), device=dev, dtype=torch.float32)
+    if poison:
+        o.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    fn = load_kernel(kernel_source(bm))
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    BM, BN = bm.schedule.block_m, bm.schedule.block_n
+    upcast = bool(os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32)
+    grid = (csr.num_q_blocks, B * H)
+    fn[grid](
+        q, k, v, o, lse,
+        t["kv_num_blocks"], t["kv_indices"], t["full_kv_num_blocks"], t["full_kv_indices"],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        lse.stride(0), lse.stride(1),
+        t["kv_num_blocks"].stride(0), t["kv_indices"].stride(0), t["kv_indices"].stride(1),
+        t["full_kv_num_blocks"].stride(0), t["full_kv_indices"].stride(0),
+        t["full_kv_indices"].stride(1),
+        sm_scale, Lq, n, bm.n_var, bm.q_start, H, H // Hkv,
+        BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
+    )
+    return Output(o, lse)
+
+
+__all__ = ["Output", "attention", "kernel_source", "load_kernel", "to_text"]
