@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import triton  # noqa: F401 - the generated module imports it
 import triton.language as tl  # noqa: F401
-
 from attnc.compiler.blockmask import BlockMaskIR
 from attnc.compiler.ir import to_text
 from attnc.compiler.rules import rewrite
@@ -39,7 +38,7 @@ def attnc_fwd(
     s_num_h, s_idx_h, s_idx_m, s_fnum_h, s_fidx_h, s_fidx_m,
     sm_scale, Q_LEN, N_CTX, N_VAR, Q_START, H, GROUP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -78,7 +77,11 @@ def attnc_fwd(
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            # float32 inputs get float32 products (not TF32): the error bound is PyTorch's.
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale
             k_pos = offs_n[None, :]
 {bias}
             keep = col_ok[None, :] & row_ok[:, None]
@@ -90,7 +93,10 @@ def attnc_fwd(
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -161,6 +167,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     if (Lq, n) != (bm.q_len, bm.n) or H % Hkv or Dk != D or v.shape != k.shape:
         raise ValueError(f"shapes q {list(q.shape)} k {list(k.shape)} v {list(v.shape)} do not "
                          f"fit the block mask (q_len {bm.q_len}, n {bm.n})")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not interpret and q.device.type != "cuda":
+        raise ValueError("the kernels run on a CUDA device (or on the CPU under "
+                         "TRITON_INTERPRET=1); got tensors on " + str(q.device))
     if bm.heads not in (1, H):
         raise ValueError(f"the block mask has {bm.heads} heads, q has {H}")
     csr = bm.materialize()
@@ -191,6 +201,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
         t["full_kv_indices"].stride(1),
         sm_scale, Lq, n, bm.n_var, bm.q_start, H, H // Hkv,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
+        IEEE=bool(q.dtype == torch.float32 or upcast),
     )
     return Output(o, lse)
 

@@ -12,11 +12,11 @@ import os
 
 import pytest
 import torch
+from attnc.compiler.blockmask import Schedule, build
+from attnc.compiler.lower import lower
 
 import attnc
 from attnc import reference
-from attnc.compiler.blockmask import Schedule, build
-from attnc.compiler.lower import lower
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 kernel = pytest.importorskip("attnc.codegen.kernel")
@@ -91,7 +91,7 @@ def test_forward_matches_reference(case, dtype):
 def test_rows_with_nothing_kept_give_zero_and_minus_inf():
     n, H, D = 40, 2, 16
     bm = build(lower(LIB, "sink", {"size": 0}), n=n, heads=H, schedule=Schedule(16, 16))
-    q, k, v = (torch.randn(1, H, n, D) for _ in range(3))
+    q, k, v = (torch.randn(1, H, n, D, device=DEVICE) for _ in range(3))
     res = kernel.attention(q, k, v, bm, poison=True)
     assert (res.out == 0).all()
     assert torch.isinf(res.lse).all() and (res.lse < 0).all()
