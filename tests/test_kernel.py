@@ -1,14 +1,15 @@
 """Generated forward kernels against a float64 dense masked reference (TRITON_INTERPRET=1 on the
 CPU; the same tests run on a GPU where one is present).
 
-Error bound: no more than 2x the error of the same computation in the input precision through
-PyTorch (plus a small floor for float32), never NaN; rows that keep nothing give output 0 and
+Error bound: relative (Frobenius) error no more than 2x that of the same computation in the
+input precision through PyTorch (plus a small floor for float32), never NaN; rows that keep nothing give output 0 and
 LSE -inf; outputs are poisoned with NaN before each run.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def _ref(q, k, v, mask, bias, scale, dtype):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_forward_matches_reference(case, dtype):
     name, args, n, q_len, H, Hkv, D, BM, BN = case
-    g = torch.Generator().manual_seed(hash((name, str(dtype))) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}-{dtype}".encode()))
     q = torch.randn(2, H, q_len, D, generator=g).to(dtype).to(DEVICE)
     k = torch.randn(2, Hkv, n, D, generator=g).to(dtype).to(DEVICE)
     v = torch.randn(2, Hkv, n, D, generator=g).to(dtype).to(DEVICE)
@@ -76,9 +77,11 @@ def test_forward_matches_reference(case, dtype):
     (o64, lse64), (o_dt, _) = _ref(q.cpu(), k.cpu(), v.cpu(), ev.mask, ev.bias, D**-0.5, dtype)
     out = res.out.cpu().double()
     assert not torch.isnan(out).any() and not torch.isnan(res.lse).any()
-    ours = (out - o64).abs().max().item()
-    torch_err = (o_dt - o64).abs().max().item()
-    floor = 1e-5 if dtype == torch.float32 else 0.0
+    # Relative Frobenius error (a max over a few elements is dominated by one rounding).
+    scale = o64.norm().item() or 1.0
+    ours = (out - o64).norm().item() / scale
+    torch_err = (o_dt - o64).norm().item() / scale
+    floor = 1e-6 if dtype == torch.float32 else 0.0
     assert ours <= 2 * torch_err + floor, f"error {ours:.3e} vs PyTorch {torch_err:.3e}"
     empty = ~ev.mask.any(-1)  # [H, q_len]
     lse = res.lse.cpu().double()
