@@ -2,8 +2,8 @@
 CPU; the same tests run on a GPU where one is present).
 
 Error bound: relative (Frobenius) error no more than 2x that of the same computation in the
-input precision through PyTorch (plus a small floor for float32), never NaN; rows that keep nothing give output 0 and
-LSE -inf; outputs are poisoned with NaN before each run.
+input precision through PyTorch (plus a small floor for float32), never NaN; rows that keep
+nothing give output 0 and LSE -inf; outputs are poisoned with NaN before each run.
 """
 
 from __future__ import annotations
