@@ -25,10 +25,49 @@ from attnc.compiler.rules import rewrite
 
 from .expr import PRELUDE, print_expr
 
-TEMPLATE = '''"""attnc generated kernel. pattern: {name}; key {key}"""
+TEMPLATE = '''"""attnc generated kernel. pattern: {name}; key {key}; schedule: {mode}"""
 import triton
 import triton.language as tl
 {prelude}
+
+@triton.jit
+def attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var, qk_scale,
+                K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX,
+                APPLY_MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = offs_n < N_CTX
+    k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    # float32 inputs get float32 products (not TF32): the error bound is PyTorch's.
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+    k_pos = offs_n[None, :]
+{bias}
+    keep = col_ok[None, :] & row_ok[:, None]
+    if APPLY_MASK:
+        keep = keep & ({mask})
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
 
 @triton.jit
 def attnc_fwd(
@@ -59,45 +98,7 @@ def attnc_fwd(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     LOG2E: tl.constexpr = 1.4426950408889634
     qk_scale = sm_scale * LOG2E
-    for part in range(2):
-        if part == 0:
-            count = tl.load(FULL_NUM + h * s_fnum_h + pid_m)
-            base = FULL_IDX + h * s_fidx_h + pid_m * s_fidx_m
-        else:
-            count = tl.load(KV_NUM + h * s_num_h + pid_m)
-            base = KV_IDX + h * s_idx_h + pid_m * s_idx_m
-        for i in range(0, count):
-            kb = tl.load(base + i).to(tl.int64)
-            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < N_CTX
-            k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-                        mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
-                        mask=col_ok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            # float32 inputs get float32 products (not TF32): the error bound is PyTorch's.
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-            k_pos = offs_n[None, :]
-{bias}
-            keep = col_ok[None, :] & row_ok[:, None]
-            if part == 1:
-                keep = keep & ({mask})
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+{schedule}
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out = tl.where(empty[:, None], 0.0, out)
@@ -107,21 +108,102 @@ def attnc_fwd(
     tl.store(LSE + b * sl_b + h * sl_h + offs_m, lse, mask=row_ok)
 '''
 
+
+CSR_SCHEDULE = """    # Key blocks from the CSR index lists: full (no mask), then partial.
+    n_full = tl.load(FULL_NUM + h * s_fnum_h + pid_m)
+    for i in range(0, n_full):
+        kb = tl.load(FULL_IDX + h * s_fidx_h + pid_m * s_fidx_m + i).to(tl.int64)
+        acc, l_i, m_i = attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var,
+                                    qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX,
+                                    False, BLOCK_N, HEAD_DIM, UPCAST, IEEE)
+    n_part = tl.load(KV_NUM + h * s_num_h + pid_m)
+    for i in range(0, n_part):
+        kb = tl.load(KV_IDX + h * s_idx_h + pid_m * s_idx_m + i).to(tl.int64)
+        acc, l_i, m_i = attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var,
+                                    qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX,
+                                    True, BLOCK_N, HEAD_DIM, UPCAST, IEEE)"""
+
 _NAMES = {"q": "q_pos", "k": "k_pos", "h": "h", "n": "n_var"}
 
 
-def kernel_source(bm: BlockMaskIR) -> str:
-    """Deterministic Triton source for a block mask's pattern (one class of heads or many:
-    the predicate keeps h)."""
+_RANGE_NAMES = {"q0": "q0", "q1": "q1", "n": "n_var", "kmax": "kmax", "h": "h"}
+
+
+def arithmetic_rules(bm: BlockMaskIR):
+    """The rules of a single head class when every one is pure bounds (no guards, strides or
+    tested atoms): then the kernel computes its key-block ranges itself, with no index loads."""
+    if len(bm.classes) != 1 or bm.layout is not None or bm.pattern.dynamic:
+        return None
+    rules = bm.classes[0].rules
+    if not bm.classes[0].exact_rules or not rules or len(rules) > 4:
+        return None
+    for r in rules:
+        if r.guards or r.stride is not None or r.impure or r.full_lo is None:
+            return None
+    return rules
+
+
+def _arith_schedule(rules) -> str:
+    """Per rule: visit range [v_lo, v_hi] and full range [f_lo, f_hi] in key blocks from the
+    rule's closed forms; blocks already visited by an earlier rule are skipped, so each block is
+    processed once; the predicate is applied unless the block is proven full."""
+    P = lambda e: print_expr(e, _RANGE_NAMES)  # noqa: E731
+    lines = [
+        "    # Key-block ranges computed from the block-mask IR's closed forms (no index loads).",
+        "    q0 = (Q_START + pid_m * BLOCK_M).to(tl.int64)",
+        "    q1 = tl.minimum(q0 + BLOCK_M - 1, Q_START + Q_LEN - 1).to(tl.int64)",
+        "    kmax = (N_CTX - 1).to(tl.int64)",
+        "    complete = (q0 + BLOCK_M - 1) <= (Q_START + Q_LEN - 1)",
+        "    last_full = N_CTX // BLOCK_N - 1",
+    ]
+    for i, r in enumerate(rules):
+        lines += [
+            f"    v_lo{i} = tl.maximum({P(r.visit_lo)}, 0) // BLOCK_N",
+            f"    v_hi{i} = tl.minimum({P(r.visit_hi)}, kmax)",
+            f"    v_hi{i} = tl.where(v_hi{i} >= tl.maximum({P(r.visit_lo)}, 0), "
+            f"v_hi{i} // BLOCK_N, v_lo{i} - 1)",
+            f"    f_lo{i} = (tl.maximum({P(r.full_lo)}, 0) + BLOCK_N - 1) // BLOCK_N",
+            f"    f_hi{i} = (tl.minimum({P(r.full_hi)}, kmax) + 1) // BLOCK_N - 1",
+            f"    f_hi{i} = tl.where(complete, tl.minimum(f_hi{i}, last_full), f_lo{i} - 1)",
+        ]
+    for i in range(len(rules)):
+        # Blocks of earlier rules were already processed: keep only those outside all of them.
+        outside = [f"((kb < v_lo{j}) | (kb > v_hi{j}))" for j in range(i)]
+        lines += [
+            f"    for kb in range(v_lo{i}, v_hi{i} + 1):",
+        ]
+        body_indent = "        "
+        if outside:
+            lines.append(f"        if {' & '.join(outside)}:")
+            body_indent = "            "
+        call = ("attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var, qk_scale, "
+                "K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, {m}, BLOCK_N, HEAD_DIM, "
+                "UPCAST, IEEE)")
+        lines += [
+            f"{body_indent}if (kb >= f_lo{i}) & (kb <= f_hi{i}):",
+            f"{body_indent}    acc, l_i, m_i = " + call.format(m="False"),
+            f"{body_indent}else:",
+            f"{body_indent}    acc, l_i, m_i = " + call.format(m="True"),
+        ]
+    return "\n".join(lines)
+
+
+def kernel_source(bm: BlockMaskIR, arithmetic: bool | None = None) -> str:
+    """Deterministic Triton source for a block mask's pattern. With arithmetic ranges (the
+    default when the rules allow it) the kernel needs no index lists."""
     mask = rewrite(bm.pattern.mask)
     mask_src = print_expr(mask, _NAMES)
     if bm.pattern.bias is not None:
         bias = rewrite(bm.pattern.bias)
-        bias_src = (f"            s = s + ({print_expr(bias, _NAMES)}) * LOG2E")
+        bias_src = f"    s = s + ({print_expr(bias, _NAMES)}) * LOG2E"
     else:
-        bias_src = "            pass"
+        bias_src = "    pass"
+    rules = arithmetic_rules(bm)
+    use_arith = rules is not None if arithmetic is None else (arithmetic and rules is not None)
+    schedule = _arith_schedule(rules) if use_arith else CSR_SCHEDULE
     return TEMPLATE.format(name=bm.pattern.name, key=bm.pattern.key, prelude=PRELUDE,
-                           mask=mask_src, bias=bias_src)
+                           mask=mask_src, bias=bias_src, schedule=schedule,
+                           mode="arithmetic ranges" if use_arith else "index lists")
 
 
 _LOADED: dict[str, object] = {}
@@ -155,7 +237,8 @@ class Output:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR,
-              sm_scale: float | None = None, poison: bool = False) -> Output:
+              sm_scale: float | None = None, poison: bool = False,
+              arithmetic: bool | None = None) -> Output:
     """Sparse attention of q [B, H, Lq, D] over k, v [B, Hkv, n, D] with a block mask.
 
     Returns the output and the natural-log LSE ([B, H, Lq], -inf for rows that keep nothing).
@@ -185,7 +268,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     if poison:
         o.fill_(float("nan"))
         lse.fill_(float("nan"))
-    fn = load_kernel(kernel_source(bm))
+    fn = load_kernel(kernel_source(bm, arithmetic))
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     BM, BN = bm.schedule.block_m, bm.schedule.block_n
     upcast = bool(os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32)

@@ -110,3 +110,25 @@ def test_generated_source_is_deterministic_and_parses():
     assert a == b
     ast.parse(a)
     assert a.startswith('"""attnc generated kernel. pattern: streaming; key ')
+
+
+@pytest.mark.parametrize("arithmetic", [True, False], ids=["ranges", "index-lists"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
+    "causal", "streaming", "a_shape", "window", "band", "sink", "fixed_documents", "prefix_lm",
+    "dense", "alibi")], ids=lambda c: c[0])
+def test_arithmetic_ranges_and_index_lists_agree(case, arithmetic):
+    """Both schedules of the same kernel give the reference result (float32)."""
+    name, args, n, q_len, H, Hkv, D, BM, BN = case
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}-{arithmetic}".encode()))
+    q = torch.randn(1, H, q_len, D, generator=g).to(DEVICE)
+    k = torch.randn(1, Hkv, n, D, generator=g).to(DEVICE)
+    v = torch.randn(1, Hkv, n, D, generator=g).to(DEVICE)
+    bm = build(lower(LIB, name, args), n=n, heads=H, q_len=q_len, schedule=Schedule(BM, BN))
+    src = kernel.kernel_source(bm, arithmetic)
+    assert ("schedule: arithmetic ranges" in src) == arithmetic
+    assert ("KV_IDX + " in src) != arithmetic  # no index loads with arithmetic ranges
+    res = kernel.attention(q, k, v, bm, poison=True, arithmetic=arithmetic)
+    ev = reference.evaluate(LIB, name, n=n, heads=H, q_len=q_len, args=args)
+    (o64, _), _ = _ref(q.cpu(), k.cpu(), v.cpu(), ev.mask, ev.bias, D**-0.5, torch.float32)
+    err = (res.out.cpu().double() - o64).norm().item() / (o64.norm().item() or 1.0)
+    assert err < 1e-5, err
