@@ -14,7 +14,15 @@ import torch
 
 from attnc.dsl import nodes as N
 from attnc.dsl.builtins import BUILTINS
-from attnc.dsl.check import PatternInfo, PlanInfo, Program, call_with_args, load, loads
+from attnc.dsl.check import (
+    PatternInfo,
+    PlanInfo,
+    Program,
+    call_arguments,
+    call_with_args,
+    load,
+    loads,
+)
 from attnc.dsl.errors import AttncError, Diagnostic
 from attnc.dsl.format import format_expr
 
@@ -148,12 +156,7 @@ class _Evaluator:
     def pattern(self, p: PatternInfo, call: N.Call | None, caller_env: dict | None,
                 caller: PatternInfo | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         env: dict[str, object] = {"q": self.q, "k": self.k, "h": self.h, "n": _t(self.n)}
-        given: dict[str, N.Expr] = {}
-        if call is not None:
-            for prm, a in zip(p.params, call.args, strict=False):
-                given[prm.name] = a
-            for kw in call.kwargs:
-                given[kw.name] = kw.value
+        given = call_arguments(p, call)
         for prm in p.params:
             if prm.name in given:
                 v = self.expr(given[prm.name], caller_env, caller)

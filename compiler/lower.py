@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from attnc.dsl import nodes as N
 from attnc.dsl.builtins import BUILTINS
-from attnc.dsl.check import PatternInfo, PlanInfo, Program, call_with_args
+from attnc.dsl.check import PatternInfo, PlanInfo, Program, call_arguments, call_with_args
 from attnc.dsl.errors import AttncError, Diagnostic
 
 from .ir import FALSE, TRUE, Const, Node, Op, PatternIR, Sel, Var, op
@@ -22,12 +22,7 @@ class _Lowerer:
     def pattern(self, p: PatternInfo, call: N.Call | None, caller_env: dict[str, Node],
                 caller_scope: dict[str, PatternInfo]) -> tuple[Node, Node | None]:
         env: dict[str, Node] = {v: Var(v) for v in ("q", "k", "h", "n")}
-        given: dict[str, N.Expr] = {}
-        if call is not None:
-            for prm, a in zip(p.params, call.args, strict=False):
-                given[prm.name] = a
-            for kw in call.kwargs:
-                given[kw.name] = kw.value
+        given = call_arguments(p, call)
         for prm in p.params:
             if prm.name in given:
                 v = self.expr(given[prm.name], caller_env, caller_scope)

@@ -329,6 +329,17 @@ def apply_builtin(name: str, args: list):
     raise NotConstant(name)
 
 
+def call_arguments(p: PatternInfo, call: N.Call | None) -> dict[str, N.Expr]:
+    """The argument expression of each parameter a (checked) call passes, by name."""
+    given: dict[str, N.Expr] = {}
+    if call is not None:
+        for prm, a in zip(p.params, call.args, strict=False):
+            given[prm.name] = a
+        for kw in call.kwargs:
+            given[kw.name] = kw.value
+    return given
+
+
 def call_with_args(p: PatternInfo, args: Mapping[str, object] | None) -> N.Call:
     """A call of p with keyword arguments given as Python values or AST expressions (the
     API's and the CLI's way to pass arguments)."""
