@@ -268,6 +268,24 @@ def cmd_list(args) -> int:
 # ---------------------------------------------------------------- entry point
 
 
+def _target_args(p: argparse.ArgumentParser, verb: str, plan_help: str) -> None:
+    """What to work on: a file (or the library), a pattern or plan, its arguments, the size."""
+    p.add_argument("file", nargs="?", metavar="FILE",
+                   help=".attn file (default: the shipped library)")
+    p.add_argument("--pattern", help=f"pattern to {verb}")
+    p.add_argument("--plan", help=plan_help)
+    p.add_argument("--arg", action="append", metavar="NAME=VALUE",
+                   help="pattern argument; VALUE is an expression that may use n and h")
+    p.add_argument("--n", type=int, default=4096, help="key length n (default 4096)")
+    p.add_argument("--q-len", type=int, default=None,
+                   help="number of queries, the last of the n positions (default n)")
+
+
+def _block_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--block-m", type=int, default=128, help="query block (default 128)")
+    p.add_argument("--block-n", type=int, default=128, help="key block (default 128)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="attnc",
@@ -288,17 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fmt)
 
     p = sub.add_parser("show", help="draw a pattern's mask and print its density")
-    p.add_argument("file", nargs="?", metavar="FILE",
-                   help=".attn file (default: the shipped library)")
-    p.add_argument("--pattern", help="pattern to show")
-    p.add_argument("--plan", help="plan to show (with --layer and --head)")
-    p.add_argument("--n", type=int, default=4096, help="key length n (default 4096)")
-    p.add_argument("--q-len", type=int, default=None,
-                   help="number of queries, the last of the n positions (default n)")
+    _target_args(p, "show", "plan to show (with --layer and --head)")
     p.add_argument("--head", type=int, default=0, help="query head (default 0)")
     p.add_argument("--layer", type=int, default=0, help="layer of a plan (default 0)")
-    p.add_argument("--arg", action="append", metavar="NAME=VALUE",
-                   help="pattern argument; VALUE is an expression that may use n and h")
     p.add_argument("--width", type=int, default=None,
                    help="columns of the picture (default 64, or 256 for a PNG)")
     p.add_argument("--rows", type=int, default=None,
@@ -306,25 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the synthetic scores used to show dynamic patterns")
     p.add_argument("-o", "--output", help="write a PNG picture here instead of ASCII art")
-    p.add_argument("--block-m", type=int, default=128, help="query block of the block mask")
-    p.add_argument("--block-n", type=int, default=128, help="key block of the block mask")
+    _block_args(p)
     p.add_argument("--no-blocks", action="store_true", help="only the element mask")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("compile", help="compile a pattern: IR, block mask, CSR, accounting")
-    p.add_argument("file", nargs="?", metavar="FILE",
-                   help=".attn file (default: the shipped library)")
-    p.add_argument("--pattern", help="pattern to compile")
-    p.add_argument("--plan", help=argparse.SUPPRESS)
-    p.add_argument("--arg", action="append", metavar="NAME=VALUE",
-                   help="pattern argument; VALUE is an expression that may use n and h")
+    _target_args(p, "compile", argparse.SUPPRESS)
     p.add_argument("--emit", choices=["ir", "blockmask", "csr", "stats"], default="blockmask",
                    help="what to print (default blockmask)")
-    p.add_argument("--n", type=int, default=4096, help="key length n (default 4096)")
-    p.add_argument("--q-len", type=int, default=None, help="queries (default n)")
     p.add_argument("--heads", type=int, default=1, help="query heads (default 1)")
-    p.add_argument("--block-m", type=int, default=128, help="query block (default 128)")
-    p.add_argument("--block-n", type=int, default=128, help="key block (default 128)")
+    _block_args(p)
     p.add_argument("--layout", choices=["auto", "none"], default="auto",
                    help="permute tokens when that saves blocks (default auto)")
     p.add_argument("--head-dim", type=int, default=128, help="for FLOP counts (default 128)")

@@ -17,10 +17,7 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
-import triton  # noqa: F401 - the generated module imports it
-import triton.language as tl  # noqa: F401
 from attnc.compiler.blockmask import BlockMaskIR
-from attnc.compiler.ir import to_text
 from attnc.compiler.rules import rewrite
 
 from .expr import PRELUDE, print_expr
@@ -289,4 +286,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     return Output(o, lse)
 
 
-__all__ = ["Output", "attention", "kernel_source", "load_kernel", "to_text"]
+__all__ = ["Output", "attention", "kernel_source", "load_kernel"]

@@ -106,6 +106,7 @@ class BlockMaskIR:
     classes: list[HeadClass] = field(default_factory=list)
     n_var: int = -1  # the value of the pattern's n (the sequence length); -1: same as n
     layout: object = None  # a compiler.layout.Layout, when the grid is permuted
+    _csr: CSR | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.n_var < 0:
@@ -263,7 +264,13 @@ class BlockMaskIR:
 
     # -- materialisation
     def materialize(self) -> CSR:
-        """CSR arrays in FlexAttention's BlockMask layout for every head."""
+        """CSR arrays in FlexAttention's BlockMask layout for every head (computed once: stats,
+        pictures, tests and kernels all read the same arrays)."""
+        if self._csr is None:
+            self._csr = self._materialize()
+        return self._csr
+
+    def _materialize(self) -> CSR:
         qb, _, _, _ = self._q_blocks()
         QB = qb.size
         KB = -(-self.n // self.schedule.block_n)
@@ -645,4 +652,4 @@ def build(pattern: PatternIR, *, n: int, heads: int = 1, q_len: int | None = Non
     return bm
 
 
-__all__ = ["CSR", "BlockMaskIR", "HeadClass", "Schedule", "Stats", "build", "Var"]
+__all__ = ["CSR", "BlockMaskIR", "HeadClass", "Schedule", "Stats", "build"]

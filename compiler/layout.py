@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ir import Const, Node, Op, PatternIR, Sel, Var, free_vars, op, substitute, to_text, walk
+from .ir import Const, Node, Op, PatternIR, Sel, Var, free_vars, op, substitute, walk
 from .rules import rewrite
 from .support import dnf, linear
 
@@ -176,4 +176,4 @@ def transform(pattern: PatternIR, layout: Layout) -> PatternIR:
     return PatternIR(f"{pattern.name}@{layout.kind}{layout.d}", mask, bias)
 
 
-__all__ = ["Layout", "candidates", "to_text", "transform"]
+__all__ = ["Layout", "candidates", "for_length", "transform"]

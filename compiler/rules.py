@@ -16,7 +16,7 @@ from attnc.dsl.check import (
     int_pow,
 )
 
-from .ir import COMMUTATIVE, FALSE, TRUE, Const, Node, Op, Sel, to_text
+from .ir import FALSE, TRUE, Const, Node, Op, Sel, to_text
 
 Rewrite = Callable[[Op], Node | None]
 
@@ -373,4 +373,4 @@ def rules_table() -> str:
     return "\n".join(f"{r.name:18s} {r.law}" for r in RULES)
 
 
-__all__ = ["COMMUTATIVE", "RULES", "Rule", "rewrite", "rules_table"]
+__all__ = ["RULES", "Rule", "rewrite", "rules_table"]

@@ -402,8 +402,6 @@ def _fold(e: Node) -> Node:
 def _unfold_abs(e: Node) -> Node:
     """|x| < c  =  -c < x < c;  c < |x|  =  x < -c | c < x  (and <= alike), c free of k: turns
     distance bands into bounds the rules can use."""
-    from .ir import substitute  # noqa: F401 - keeps the import list of this module short
-
     def go(x: Node) -> Node:
         if isinstance(x, Op):
             x = Op(x.op, tuple(go(a) for a in x.args))

@@ -22,3 +22,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The reference evaluates many small tensors: one intra-op thread is several times
+    faster (much more on a busy 2-core machine). Use with pytestmark = usefixtures(...)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def block_truth(ref, rows: int, cols: int, bm: int, bn: int):
+    """Per block of a [H, rows, cols] boolean mask: (some pair kept, some valid pair masked,
+    block holds padding), each [H, QB, KB] (padding: [1, QB, KB])."""
+    import numpy as np
+
+    H = ref.shape[0]
+    QB, KB = -(-rows // bm), -(-cols // bn)
+    pad = np.zeros((H, QB * bm, KB * bn), dtype=bool)
+    pad[:, :rows, :cols] = ref
+    valid = np.zeros((QB * bm, KB * bn), dtype=bool)
+    valid[:rows, :cols] = True
+    r = pad.reshape(H, QB, bm, KB, bn)
+    v = valid.reshape(QB, bm, KB, bn)
+    kept = r.any(axis=(2, 4))
+    masked = (~r & v).any(axis=(2, 4))
+    padded = (~v).any(axis=(1, 3))[None]
+    return kept, masked, padded

@@ -48,6 +48,7 @@ from attnc.compiler.ir import (
 from attnc.compiler.lower import lower
 from attnc.compiler.numeric import evaluate as num_eval
 from attnc.compiler.rules import RULES, Rule, fold, rewrite
+from conftest import block_truth
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import static_patterns
@@ -60,35 +61,10 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 BLOCKS = (8, 16, 32, 64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The reference evaluates many small tensors: one thread is several times faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- block analysis
-
-
-def block_truth(ref: np.ndarray, q_len: int, n: int, bm: int, bn: int):
-    """Per block of the [H, q_len, n] reference: (some pair kept, some valid pair masked,
-    block holds padding), each [H, QB, KB] (padding: [1, QB, KB])."""
-    H = ref.shape[0]
-    QB, KB = -(-q_len // bm), -(-n // bn)
-    pad = np.zeros((H, QB * bm, KB * bn), dtype=bool)
-    pad[:, :q_len, :n] = ref
-    valid = np.zeros((QB * bm, KB * bn), dtype=bool)
-    valid[:q_len, :n] = True
-    r = pad.reshape(H, QB, bm, KB, bn)
-    v = valid.reshape(QB, bm, KB, bn)
-    kept = r.any(axis=(2, 4))
-    masked = (~r & v).any(axis=(2, 4))
-    padded = (~v).any(axis=(1, 3))[None]
-    return kept, masked, padded
 
 
 def unsound_blocks(cls, kept, masked, padded) -> np.ndarray:

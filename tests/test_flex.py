@@ -84,13 +84,7 @@ _CONTRADICTION = ("compiler bug: the DNF term k <= q & q - k < 0 (shards with lo
 KNOWN_BUGS: dict[tuple[str, int, tuple], str] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: intra-op threads only cost (a lot on a busy machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _args(d: dict) -> dict:

@@ -18,6 +18,7 @@ from attnc.compiler.ir import PatternIR, Var
 from attnc.compiler.lower import lower
 from attnc.compiler.numeric import evaluate as num_eval
 from attnc.compiler.rules import rewrite
+from conftest import block_truth
 
 import attnc
 from attnc.reference import evaluate
@@ -26,15 +27,7 @@ LIB = attnc.loads("")
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The reference evaluates many small tensors: one thread is several times faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _simplified(name, args) -> PatternIR:
@@ -69,16 +62,7 @@ def _block_truth_unsound(ref_perm, cls, bm, bn):
     """Unsound blocks of a permuted grid (every grid slot is a real slot; padding slots are
     masked pairs, and the grid's own padding is beyond n_perm)."""
     H, rows, cols = ref_perm.shape
-    QB, KB = -(-rows // bm), -(-cols // bn)
-    pad = np.zeros((H, QB * bm, KB * bn), dtype=bool)
-    pad[:, :rows, :cols] = ref_perm
-    valid = np.zeros((QB * bm, KB * bn), dtype=bool)
-    valid[:rows, :cols] = True
-    r = pad.reshape(H, QB, bm, KB, bn)
-    v = valid.reshape(QB, bm, KB, bn)
-    kept = r.any(axis=(2, 4))
-    masked = (~r & v).any(axis=(2, 4))
-    padded = (~v).any(axis=(1, 3))[None]
+    kept, masked, padded = block_truth(ref_perm, rows, cols, bm, bn)
     return ((cls == EMPTY) & kept) | ((cls == FULL) & (masked | padded))
 
 
