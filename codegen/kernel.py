@@ -235,11 +235,16 @@ class Output:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR,
               sm_scale: float | None = None, poison: bool = False,
-              arithmetic: bool | None = None) -> Output:
+              arithmetic: bool | None = None,
+              block_mask: dict[str, torch.Tensor] | None = None) -> Output:
     """Sparse attention of q [B, H, Lq, D] over k, v [B, Hkv, n, D] with a block mask.
 
     Returns the output and the natural-log LSE ([B, H, Lq], -inf for rows that keep nothing).
-    poison=True fills the outputs with NaN first (tests: every element must be written)."""
+    poison=True fills the outputs with NaN first (tests: every element must be written).
+    block_mask: index lists computed elsewhere (dynamic patterns' builders), FlexAttention's
+    layout without the batch dimension: kv_num_blocks [H|1, QB], kv_indices [H|1, QB, W],
+    full_kv_num_blocks, full_kv_indices; they replace the block mask's own (index-list
+    schedule), and the pattern's predicate is still applied in partial blocks."""
     if bm.layout is not None:
         raise NotImplementedError("permuted layouts run in the next version of the kernels")
     B, H, Lq, D = q.shape
@@ -253,11 +258,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
                          "TRITON_INTERPRET=1); got tensors on " + str(q.device))
     if bm.heads not in (1, H):
         raise ValueError(f"the block mask has {bm.heads} heads, q has {H}")
-    csr = bm.materialize()
     dev = q.device
-    t = {name: torch.as_tensor(getattr(csr, name), device=dev).contiguous()
-         for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")}
-    if bm.heads == 1 and H > 1:
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    if block_mask is None:
+        csr = bm.materialize()
+        t = {name: torch.as_tensor(getattr(csr, name), device=dev).contiguous()
+             for name in names}
+    else:
+        t = {name: block_mask[name].to(device=dev, dtype=torch.int32).contiguous()
+             for name in names}
+        arithmetic = False
+    num_q_blocks = -(-Lq // bm.schedule.block_m)
+    if t["kv_num_blocks"].shape[-1] != num_q_blocks or t["kv_num_blocks"].shape[0] not in (1, H):
+        raise ValueError(f"block mask index lists have shape {list(t['kv_num_blocks'].shape)}, "
+                         f"need [{H} or 1, {num_q_blocks}]")
+    if t["kv_num_blocks"].shape[0] == 1 and H > 1:
         t = {name: x.expand(H, *x.shape[1:]).contiguous() for name, x in t.items()}
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
@@ -269,7 +284,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     BM, BN = bm.schedule.block_m, bm.schedule.block_n
     upcast = bool(os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32)
-    grid = (csr.num_q_blocks, B * H)
+    grid = (num_q_blocks, B * H)
     fn[grid](
         q, k, v, o, lse,
         t["kv_num_blocks"], t["kv_indices"], t["full_kv_num_blocks"], t["full_kv_indices"],
