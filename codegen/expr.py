@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from attnc.compiler.ir import BOOL, FLOAT, Const, Node, Op, Sel, Var, type_of
 
 
@@ -40,8 +42,10 @@ def _log2i(x):
 '''
 
 
-def print_expr(e: Node, names: dict[str, str]) -> str:
-    """Triton source of e; `names` maps q, k, h, n to kernel variables (int64)."""
+def print_expr(e: Node, names: dict[str, str],
+               sel: Callable[[Sel, str | None], str] | None = None) -> str:
+    """Triton source of e; `names` maps q, k, h, n to kernel variables (int64). `sel` prints a
+    dynamic selector given the source of its tested element (codegen.dynamic)."""
     memo: dict[Node, str] = {}
 
     def go(x: Node) -> str:
@@ -64,6 +68,8 @@ def print_expr(e: Node, names: dict[str, str]) -> str:
         if isinstance(x, Var):
             return names[x.name]
         if isinstance(x, Sel):
+            if sel is not None:
+                return sel(x, go(x.elem) if x.elem is not None else None)
             raise Unsupported(f"dynamic selector {x.kind} (index builders come with issue 6)")
         assert isinstance(x, Op)
         a = [go(y) for y in x.args]

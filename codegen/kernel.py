@@ -29,7 +29,7 @@ import triton.language as tl
 
 @triton.jit
 def attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var, qk_scale,
-                K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX,
+                K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, SIDE, s_side_h, s_side_s,
                 APPLY_MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -69,9 +69,9 @@ def attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var, qk_scale,
 @triton.jit
 def attnc_fwd(
     Q, K, V, O, LSE,
-    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, SIDE,
     sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sl_b, sl_h,
-    s_num_h, s_idx_h, s_idx_m, s_fnum_h, s_fidx_h, s_fidx_m,
+    s_num_h, s_idx_h, s_idx_m, s_fnum_h, s_fidx_h, s_fidx_m, s_side_h, s_side_s,
     sm_scale, Q_LEN, N_CTX, N_VAR, Q_START, H, GROUP,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -112,13 +112,15 @@ CSR_SCHEDULE = """    # Key blocks from the CSR index lists: full (no mask), the
         kb = tl.load(FULL_IDX + h * s_fidx_h + pid_m * s_fidx_m + i).to(tl.int64)
         acc, l_i, m_i = attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var,
                                     qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX,
-                                    False, BLOCK_N, HEAD_DIM, UPCAST, IEEE)
+                                    SIDE, s_side_h, s_side_s, False, BLOCK_N, HEAD_DIM,
+                                    UPCAST, IEEE)
     n_part = tl.load(KV_NUM + h * s_num_h + pid_m)
     for i in range(0, n_part):
         kb = tl.load(KV_IDX + h * s_idx_h + pid_m * s_idx_m + i).to(tl.int64)
         acc, l_i, m_i = attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var,
                                     qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX,
-                                    True, BLOCK_N, HEAD_DIM, UPCAST, IEEE)"""
+                                    SIDE, s_side_h, s_side_s, True, BLOCK_N, HEAD_DIM,
+                                    UPCAST, IEEE)"""
 
 _NAMES = {"q": "q_pos", "k": "k_pos", "h": "h", "n": "n_var"}
 
@@ -174,8 +176,8 @@ def _arith_schedule(rules) -> str:
             lines.append(f"        if {' & '.join(outside)}:")
             body_indent = "            "
         call = ("attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var, qk_scale, "
-                "K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, {m}, BLOCK_N, HEAD_DIM, "
-                "UPCAST, IEEE)")
+                "K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, SIDE, s_side_h, s_side_s, {m}, "
+                "BLOCK_N, HEAD_DIM, UPCAST, IEEE)")
         lines += [
             f"{body_indent}if (kb >= f_lo{i}) & (kb <= f_hi{i}):",
             f"{body_indent}    acc, l_i, m_i = " + call.format(m="False"),
@@ -187,12 +189,18 @@ def _arith_schedule(rules) -> str:
 
 def kernel_source(bm: BlockMaskIR, arithmetic: bool | None = None) -> str:
     """Deterministic Triton source for a block mask's pattern. With arithmetic ranges (the
-    default when the rules allow it) the kernel needs no index lists."""
+    default when the rules allow it) the kernel needs no index lists. Dynamic selectors read
+    the side tensor their builders fill (codegen.dynamic)."""
+    sel = None
+    if bm.pattern.dynamic:
+        from .dynamic import selector_printer
+
+        sel = selector_printer(bm.pattern)
     mask = rewrite(bm.pattern.mask)
-    mask_src = print_expr(mask, _NAMES)
+    mask_src = print_expr(mask, _NAMES, sel)
     if bm.pattern.bias is not None:
         bias = rewrite(bm.pattern.bias)
-        bias_src = f"    s = s + ({print_expr(bias, _NAMES)}) * LOG2E"
+        bias_src = f"    s = s + ({print_expr(bias, _NAMES, sel)}) * LOG2E"
     else:
         bias_src = "    pass"
     rules = arithmetic_rules(bm)
@@ -236,7 +244,8 @@ class Output:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR,
               sm_scale: float | None = None, poison: bool = False,
               arithmetic: bool | None = None,
-              block_mask: dict[str, torch.Tensor] | None = None) -> Output:
+              block_mask: dict[str, torch.Tensor] | None = None,
+              side: torch.Tensor | None = None) -> Output:
     """Sparse attention of q [B, H, Lq, D] over k, v [B, Hkv, n, D] with a block mask.
 
     Returns the output and the natural-log LSE ([B, H, Lq], -inf for rows that keep nothing).
@@ -244,7 +253,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     block_mask: index lists computed elsewhere (dynamic patterns' builders), FlexAttention's
     layout without the batch dimension: kv_num_blocks [H|1, QB], kv_indices [H|1, QB, W],
     full_kv_num_blocks, full_kv_indices; they replace the block mask's own (index-list
-    schedule), and the pattern's predicate is still applied in partial blocks."""
+    schedule), and the pattern's predicate is still applied in partial blocks.
+    side: int32 [H|1, S, L], what dynamic selectors read in partial blocks (codegen.dynamic
+    defines its layout)."""
     if bm.layout is not None:
         raise NotImplementedError("permuted layouts run in the next version of the kernels")
     B, H, Lq, D = q.shape
@@ -280,6 +291,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     if poison:
         o.fill_(float("nan"))
         lse.fill_(float("nan"))
+    if side is None:
+        side = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
+    side = side.to(device=dev, dtype=torch.int32).contiguous()
+    # A side tensor with one head serves every head (stride 0).
+    s_side_h = side.stride(0) if side.shape[0] > 1 else 0
     fn = load_kernel(kernel_source(bm, arithmetic))
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     BM, BN = bm.schedule.block_m, bm.schedule.block_n
@@ -287,13 +303,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     grid = (num_q_blocks, B * H)
     fn[grid](
         q, k, v, o, lse,
-        t["kv_num_blocks"], t["kv_indices"], t["full_kv_num_blocks"], t["full_kv_indices"],
+        t["kv_num_blocks"], t["kv_indices"], t["full_kv_num_blocks"], t["full_kv_indices"], side,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
         t["kv_num_blocks"].stride(0), t["kv_indices"].stride(0), t["kv_indices"].stride(1),
         t["full_kv_num_blocks"].stride(0), t["full_kv_indices"].stride(0),
-        t["full_kv_indices"].stride(1),
+        t["full_kv_indices"].stride(1), s_side_h, side.stride(1),
         sm_scale, Lq, n, bm.n_var, bm.q_start, H, H // Hkv,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
         IEEE=bool(q.dtype == torch.float32 or upcast),
