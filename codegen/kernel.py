@@ -19,43 +19,67 @@ from dataclasses import dataclass
 import torch
 from attnc.compiler.blockmask import BlockMaskIR
 from attnc.compiler.rules import rewrite
+from attnc.compiler.support import derive_with_mask
 
 from .expr import PRELUDE, print_expr
 
-TEMPLATE = '''"""attnc generated kernel. pattern: {name}; key {key}; schedule: {mode}"""
+TEMPLATE = """{header}
 import triton
 import triton.language as tl
 {prelude}
 
 @triton.jit
-def attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var, qk_scale,
-                K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, SIDE, s_side_h, s_side_s,
+def attnc_orig(p, N, SEG, LD, LBLK, LAYOUT: tl.constexpr, IS_KEY: tl.constexpr):
+    # Original position of grid position p (the identity without a layout transform).
+    if LAYOUT == 1:
+        return (p % SEG) * LD + p // SEG
+    elif LAYOUT == 2 and IS_KEY:
+        idx = p % SEG
+        return ((idx // LBLK) * LD + p // SEG) * LBLK + idx % LBLK
+    else:
+        return p
+
+
+@triton.jit
+def attnc_block(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
+                K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, N_ORIG, SEG, LD, LBLK,
+                SIDE, s_side_h, s_side_s,
                 APPLY_MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr):
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    col_ok = offs_n < N_CTX
-    k = tl.load(K + b * sk_b + hk * sk_h + offs_n[:, None] * sk_n + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + hk * sv_h + offs_n[:, None] * sv_n + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
+    rows = attnc_orig(offs_n, N_ORIG, SEG, LD, LBLK, LAYOUT, True)
+    k_ptr = K + b * sk_b + hk * sk_h + rows[:, None] * sk_n + offs_d[None, :]
+    v_ptr = V + b * sv_b + hk * sv_h + rows[:, None] * sv_n + offs_d[None, :]
+    if APPLY_MASK:
+        # Partial blocks may run past the keys (or onto a layout's padding slots).
+        col_ok = (offs_n < N_CTX) & (rows < N_ORIG)
+        k = tl.load(k_ptr, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptr, mask=col_ok[:, None], other=0.0)
+    else:
+        # Full blocks are complete and hold real keys only: unmasked loads.
+        k = tl.load(k_ptr)
+        v = tl.load(v_ptr)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     # float32 inputs get float32 products (not TF32): the error bound is PyTorch's.
     if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-    k_pos = offs_n[None, :]
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
 {bias}
-    keep = col_ok[None, :] & row_ok[:, None]
     if APPLY_MASK:
-        keep = keep & ({mask})
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        k_pos = offs_n[None, :]
+        s = tl.where(col_ok[None, :] & ({mask}), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing kept so far keep m = -inf; exp2 must see a finite shift.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -72,9 +96,9 @@ def attnc_fwd(
     KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, SIDE,
     sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sl_b, sl_h,
     s_num_h, s_idx_h, s_idx_m, s_fnum_h, s_fidx_h, s_fidx_m, s_side_h, s_side_s,
-    sm_scale, Q_LEN, N_CTX, N_VAR, Q_START, H, GROUP,
+    sm_scale, Q_LEN, N_CTX, N_VAR, Q_START, H, GROUP, N_ORIG, SEG, LD, LBLK,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -83,10 +107,16 @@ def attnc_fwd(
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Q_LEN
     q_pos = (Q_START + offs_m).to(tl.int64)[:, None]
+    # Rows of the q / o tensors: the original positions, counted from the first query.
+    q_orig = attnc_orig((Q_START + offs_m).to(tl.int64), N_ORIG, SEG, LD, LBLK, LAYOUT, False)
+    if LAYOUT == 1:
+        q_row = q_orig
+    else:
+        q_row = q_orig - (N_ORIG - Q_LEN)
+    row_ok = (offs_m < Q_LEN) & (q_orig < N_ORIG)
     n_var = N_VAR.to(tl.int64)
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_m + offs_d[None, :],
+    q = tl.load(Q + b * sq_b + h * sq_h + q_row[:, None] * sq_m + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -100,54 +130,75 @@ def attnc_fwd(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out = tl.where(empty[:, None], 0.0, out)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_m + offs_d[None, :],
+    tl.store(O + b * so_b + h * so_h + q_row[:, None] * so_m + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + b * sl_b + h * sl_h + offs_m, lse, mask=row_ok)
-'''
+    tl.store(LSE + b * sl_b + h * sl_h + q_row, lse, mask=row_ok)
+"""
+
+_CALL = ("attnc_block(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale, K, V, sk_b, sk_h, "
+         "sk_n, sv_b, sv_h, sv_n, N_CTX, N_ORIG, SEG, LD, LBLK, SIDE, s_side_h, s_side_s, {m}, "
+         "BLOCK_N, HEAD_DIM, UPCAST, IEEE, LAYOUT)")
 
 
-CSR_SCHEDULE = """    # Key blocks from the CSR index lists: full (no mask), then partial.
-    n_full = tl.load(FULL_NUM + h * s_fnum_h + pid_m)
-    for i in range(0, n_full):
-        kb = tl.load(FULL_IDX + h * s_fidx_h + pid_m * s_fidx_m + i).to(tl.int64)
-        acc, l_i, m_i = attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var,
-                                    qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX,
-                                    SIDE, s_side_h, s_side_s, False, BLOCK_N, HEAD_DIM,
-                                    UPCAST, IEEE)
-    n_part = tl.load(KV_NUM + h * s_num_h + pid_m)
-    for i in range(0, n_part):
-        kb = tl.load(KV_IDX + h * s_idx_h + pid_m * s_idx_m + i).to(tl.int64)
-        acc, l_i, m_i = attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var,
-                                    qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX,
-                                    SIDE, s_side_h, s_side_s, True, BLOCK_N, HEAD_DIM,
-                                    UPCAST, IEEE)"""
+def _loop(indent: str, header: str, masked: bool, index: str | None = None) -> list[str]:
+    call = _CALL.format(m="True" if masked else "False")
+    out = [f"{indent}{header}"]
+    if index is not None:
+        out.append(f"{indent}    kb = {index}")
+    # Wrapped at commas so the generated source stays readable.
+    out.append(f"{indent}    acc, l_i, m_i = {call}")
+    return out
+
+
+CSR_SCHEDULE = "\n".join(
+    ["    # Key blocks from the index lists: full (no mask), then partial."]
+    + ["    n_full = tl.load(FULL_NUM + h * s_fnum_h + pid_m)"]
+    + _loop("    ", "for i in range(0, n_full):", False,
+            "tl.load(FULL_IDX + h * s_fidx_h + pid_m * s_fidx_m + i).to(tl.int64)")
+    + ["    n_part = tl.load(KV_NUM + h * s_num_h + pid_m)"]
+    + _loop("    ", "for i in range(0, n_part):", True,
+            "tl.load(KV_IDX + h * s_idx_h + pid_m * s_idx_m + i).to(tl.int64)"))
 
 _NAMES = {"q": "q_pos", "k": "k_pos", "h": "h", "n": "n_var"}
 
 
 _RANGE_NAMES = {"q0": "q0", "q1": "q1", "n": "n_var", "kmax": "kmax", "h": "h"}
+MAX_ARITH_RULES = 4
 
 
 def arithmetic_rules(bm: BlockMaskIR):
-    """The rules of a single head class when every one is pure bounds (no guards, strides or
-    tested atoms): then the kernel computes its key-block ranges itself, with no index loads."""
-    if len(bm.classes) != 1 or bm.layout is not None or bm.pattern.dynamic:
+    """Rules the kernel can turn into key-block ranges itself (no index loads): bounds with at
+    most one strided rule, no guards or tested atoms. Head classes that differ only through h
+    use the rules derived with h free, so one kernel serves every head."""
+    if bm.layout is not None or bm.pattern.dynamic:
         return None
-    rules = bm.classes[0].rules
-    if not bm.classes[0].exact_rules or not rules or len(rules) > 4:
+    if len(bm.classes) == 1:
+        rules, exact = bm.classes[0].rules, bm.classes[0].exact_rules
+    else:
+        derived = derive_with_mask(rewrite(bm.pattern.mask), bm.schedule.block_n)
+        if derived is None:
+            return None
+        rules, exact = derived[0], True
+    if not exact or not rules or len(rules) > MAX_ARITH_RULES:
+        return None
+    if sum(r.stride is not None for r in rules) > 1:
         return None
     for r in rules:
-        if r.guards or r.stride is not None or r.impure or r.full_lo is None:
+        if r.guards or r.impure or r.full_lo is None:
+            return None
+        if r.stride is not None and r.stride.block % bm.schedule.block_n:
             return None
     return rules
 
 
-def _arith_schedule(rules) -> str:
-    """Per rule: visit range [v_lo, v_hi] and full range [f_lo, f_hi] in key blocks from the
-    rule's closed forms; blocks already visited by an earlier rule are skipped, so each block is
-    processed once; the predicate is applied unless the block is proven full."""
+def _arith_schedule(rules, block_n: int) -> str:
+    """Key-block ranges from the rules' closed forms. Interval rules are sorted by their first
+    block and trimmed so that none overlaps an earlier one (each block is processed once);
+    each interval then runs as up to three loops with fixed bodies (partial, full, partial),
+    which Triton can software-pipeline. A strided rule visits every step-th block of the gaps
+    between the intervals."""
     P = lambda e: print_expr(e, _RANGE_NAMES)  # noqa: E731
-    lines = [
+    L = [
         "    # Key-block ranges computed from the block-mask IR's closed forms (no index loads).",
         "    q0 = (Q_START + pid_m * BLOCK_M).to(tl.int64)",
         "    q1 = tl.minimum(q0 + BLOCK_M - 1, Q_START + Q_LEN - 1).to(tl.int64)",
@@ -155,39 +206,84 @@ def _arith_schedule(rules) -> str:
         "    complete = (q0 + BLOCK_M - 1) <= (Q_START + Q_LEN - 1)",
         "    last_full = N_CTX // BLOCK_N - 1",
     ]
-    for i, r in enumerate(rules):
-        lines += [
-            f"    v_lo{i} = tl.maximum({P(r.visit_lo)}, 0) // BLOCK_N",
-            f"    v_hi{i} = tl.minimum({P(r.visit_hi)}, kmax)",
-            f"    v_hi{i} = tl.where(v_hi{i} >= tl.maximum({P(r.visit_lo)}, 0), "
-            f"v_hi{i} // BLOCK_N, v_lo{i} - 1)",
-            f"    f_lo{i} = (tl.maximum({P(r.full_lo)}, 0) + BLOCK_N - 1) // BLOCK_N",
-            f"    f_hi{i} = (tl.minimum({P(r.full_hi)}, kmax) + 1) // BLOCK_N - 1",
-            f"    f_hi{i} = tl.where(complete, tl.minimum(f_hi{i}, last_full), f_lo{i} - 1)",
+    intervals = [r for r in rules if r.stride is None]
+    strided = [r for r in rules if r.stride is not None]
+    for i, r in enumerate(intervals):
+        L += [
+            f"    lo{i} = tl.maximum({P(r.visit_lo)}, 0)",
+            f"    hi{i} = tl.minimum({P(r.visit_hi)}, kmax)",
+            f"    a{i} = lo{i} // BLOCK_N",
+            f"    z{i} = tl.where(hi{i} >= lo{i}, hi{i} // BLOCK_N, a{i} - 1)",
+            f"    fa{i} = (tl.maximum({P(r.full_lo)}, 0) + BLOCK_N - 1) // BLOCK_N",
+            f"    fz{i} = (tl.minimum({P(r.full_hi)}, kmax) + 1) // BLOCK_N - 1",
+            f"    fz{i} = tl.where(complete, tl.minimum(fz{i}, last_full), fa{i} - 1)",
         ]
-    for i in range(len(rules)):
-        # Blocks of earlier rules were already processed: keep only those outside all of them.
-        outside = [f"((kb < v_lo{j}) | (kb > v_hi{j}))" for j in range(i)]
-        lines += [
-            f"    for kb in range(v_lo{i}, v_hi{i} + 1):",
+    R = len(intervals)
+    # Sorting network on (a, z, fa, fz) by a: fixed code, any order at run time.
+    for i in range(R):
+        for j in range(R - 1 - i):
+            x, y = j, j + 1
+            L.append(f"    sw = a{y} < a{x}")
+            for v in ("a", "z", "fa", "fz"):
+                L.append(f"    {v}{x}, {v}{y} = tl.where(sw, {v}{y}, {v}{x}), "
+                         f"tl.where(sw, {v}{x}, {v}{y})")
+    L.append("    end = tl.zeros([], tl.int64) - 1  # last block processed so far")
+    for i in range(R):
+        L += [
+            f"    a{i} = tl.maximum(a{i}, end + 1)",
+            "    # an empty interval sits at the running end, so the gaps stay disjoint",
+            f"    e = z{i} < a{i}",
+            f"    a{i} = tl.where(e, end + 1, a{i})",
+            f"    z{i} = tl.where(e, end, z{i})",
+            f"    fa{i} = tl.maximum(fa{i}, a{i})",
+            f"    fz{i} = tl.minimum(fz{i}, z{i})",
+            f"    e = fz{i} < fa{i}",
+            f"    fa{i} = tl.where(e, z{i} + 1, fa{i})",
+            f"    fz{i} = tl.where(e, z{i}, fz{i})",
+            f"    gap{i} = end + 1",
+            f"    end = tl.maximum(end, z{i})",
         ]
-        body_indent = "        "
-        if outside:
-            lines.append(f"        if {' & '.join(outside)}:")
-            body_indent = "            "
-        call = ("attnc_block(acc, l_i, m_i, q, kb, q_pos, row_ok, h, hk, b, n_var, qk_scale, "
-                "K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, SIDE, s_side_h, s_side_s, {m}, "
-                "BLOCK_N, HEAD_DIM, UPCAST, IEEE)")
-        lines += [
-            f"{body_indent}if (kb >= f_lo{i}) & (kb <= f_hi{i}):",
-            f"{body_indent}    acc, l_i, m_i = " + call.format(m="False"),
-            f"{body_indent}else:",
-            f"{body_indent}    acc, l_i, m_i = " + call.format(m="True"),
+        L += _loop("    ", f"for kb in range(a{i}, fa{i}):", True)
+        L += _loop("    ", f"for kb in range(fa{i}, fz{i} + 1):", False)
+        L += _loop("    ", f"for kb in range(fz{i} + 1, z{i} + 1):", True)
+    for r in strided:
+        st = r.stride
+        ratio = st.block // block_n  # key blocks per pattern block
+        L += [
+            f"    slo = tl.maximum({P(r.visit_lo)}, 0)",
+            f"    shi = tl.minimum({P(r.visit_hi)}, kmax)",
+            "    sa = slo // BLOCK_N",
+            "    sz = tl.where(shi >= slo, shi // BLOCK_N, sa - 1)",
+            f"    sfa = (tl.maximum({P(r.full_lo)}, 0) + BLOCK_N - 1) // BLOCK_N",
+            f"    sfz = (tl.minimum({P(r.full_hi)}, kmax) + 1) // BLOCK_N - 1",
+            "    sfz = tl.where(complete, tl.minimum(sfz, last_full), sfa - 1)",
+            f"    soff = {P(st.offset)}",
         ]
-    return "\n".join(lines)
+        # Gaps between the intervals: [gap_i, a_i - 1] for each i, then [end + 1, ...].
+        gaps = [(f"gap{i}", f"a{i} - 1") for i in range(R)] + [("end + 1", "sz")]
+        for glo, ghi in gaps:
+            L += [
+                f"    g_lo = tl.maximum({glo}, sa)",
+                f"    g_hi = tl.minimum({ghi}, sz)",
+                # Pattern block j = kb // ratio is kept when (j - soff) % step == 0.
+                f"    jb = g_lo // {ratio}",
+                f"    jb = jb + _mod(soff - jb, {st.step})",
+            ]
+            inner = "    " if ratio == 1 else "        "
+            if ratio == 1:
+                L.append(f"    for kb in range(jb, g_hi + 1, {st.step}):")
+            else:
+                L.append(f"    for j0 in range(jb * {ratio}, g_hi + 1, {st.step * ratio}):")
+                L.append(f"        for kb in range(tl.maximum(j0, g_lo), "
+                         f"tl.minimum(j0 + {ratio}, g_hi + 1)):")
+            L.append(f"    {inner}if (kb >= sfa) & (kb <= sfz):")
+            L.append(f"    {inner}    acc, l_i, m_i = {_CALL.format(m='False')}")
+            L.append(f"    {inner}else:")
+            L.append(f"    {inner}    acc, l_i, m_i = {_CALL.format(m='True')}")
+    return "\n".join(L)
 
 
-def kernel_source(bm: BlockMaskIR, arithmetic: bool | None = None) -> str:
+def kernel_source(bm: BlockMaskIR, arithmetic: bool | None = None, source: str = "") -> str:
     """Deterministic Triton source for a block mask's pattern. With arithmetic ranges (the
     default when the rules allow it) the kernel needs no index lists. Dynamic selectors read
     the side tensor their builders fill (codegen.dynamic)."""
@@ -200,15 +296,27 @@ def kernel_source(bm: BlockMaskIR, arithmetic: bool | None = None) -> str:
     mask_src = print_expr(mask, _NAMES, sel)
     if bm.pattern.bias is not None:
         bias = rewrite(bm.pattern.bias)
-        bias_src = f"    s = s + ({print_expr(bias, _NAMES, sel)}) * LOG2E"
+        bias_src = (f"    k_pos = offs_n[None, :]\n"
+                    f"    s = s + ({print_expr(bias, _NAMES, sel)}) * LOG2E")
     else:
         bias_src = "    pass"
     rules = arithmetic_rules(bm)
     use_arith = rules is not None if arithmetic is None else (arithmetic and rules is not None)
-    schedule = _arith_schedule(rules) if use_arith else CSR_SCHEDULE
-    return TEMPLATE.format(name=bm.pattern.name, key=bm.pattern.key, prelude=PRELUDE,
-                           mask=mask_src, bias=bias_src, schedule=schedule,
-                           mode="arithmetic ranges" if use_arith else "index lists")
+    schedule = _arith_schedule(rules, bm.schedule.block_n) if use_arith else CSR_SCHEDULE
+    mode = "arithmetic ranges" if use_arith else "index lists"
+    header = (f'"""attnc generated kernel. pattern: {bm.pattern.name}; key {bm.pattern.key}; '
+              f'schedule: {mode}\n\nattnc {_version()}; source: {source or "(not recorded)"}\n'
+              f'{bm.schedule.text()}\n"""')
+    out = TEMPLATE.format(header=header, prelude=PRELUDE, mask=mask_src, bias=bias_src,
+                          schedule=schedule)
+    # Long generated lines are fine for Triton; keep the file free of trailing blanks.
+    return "\n".join(line.rstrip() for line in out.splitlines()) + "\n"
+
+
+def _version() -> str:
+    from attnc import __version__
+
+    return __version__
 
 
 _LOADED: dict[str, object] = {}
@@ -241,14 +349,56 @@ class Output:
     lse: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Config:
+    """Launch options that do not change the block mask (block sizes live in its Schedule)."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def text(self) -> str:
+        return f"(launch :num_warps {self.num_warps} :num_stages {self.num_stages})"
+
+
+def default_config(bm: BlockMaskIR, head_dim: int) -> Config:
+    """A sensible launch for the block sizes: 8 warps once a tile holds 128 x 128 x D work."""
+    s = bm.schedule
+    big = s.block_m * max(s.block_n, head_dim) >= 128 * 128
+    return Config(num_warps=8 if big else 4, num_stages=3 if head_dim <= 128 else 2)
+
+
+_LAYOUT_CODE = {None: 0, "diagonal": 1, "key_classes": 2}
+
+
+def _prepared(bm: BlockMaskIR, arithmetic: bool | None, dev) -> tuple:
+    """(kernel, index-list tensors or None) for a block mask, built once per block mask."""
+    cache = bm.__dict__.setdefault("_kernel_launch", {})
+    key = (arithmetic, str(dev))
+    if key not in cache:
+        src = kernel_source(bm, arithmetic)
+        fn = load_kernel(src)
+        t = None
+        if "schedule: index lists" in src.split("\n", 1)[0]:
+            csr = bm.materialize()
+            t = {name: torch.as_tensor(getattr(csr, name), device=dev).contiguous()
+                 for name in _CSR_NAMES}
+        cache[key] = (fn, t)
+    return cache[key]
+
+
+_CSR_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR,
               sm_scale: float | None = None, poison: bool = False,
               arithmetic: bool | None = None,
               block_mask: dict[str, torch.Tensor] | None = None,
-              side: torch.Tensor | None = None) -> Output:
+              side: torch.Tensor | None = None, config: Config | None = None) -> Output:
     """Sparse attention of q [B, H, Lq, D] over k, v [B, Hkv, n, D] with a block mask.
 
     Returns the output and the natural-log LSE ([B, H, Lq], -inf for rows that keep nothing).
+    Under a layout transform q, k, v, the output and the LSE stay in the original order: the
+    kernel loads and stores rows at their permuted positions.
     poison=True fills the outputs with NaN first (tests: every element must be written).
     block_mask: index lists computed elsewhere (dynamic patterns' builders), FlexAttention's
     layout without the batch dimension: kv_num_blocks [H|1, QB], kv_indices [H|1, QB, W],
@@ -256,13 +406,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     schedule), and the pattern's predicate is still applied in partial blocks.
     side: int32 [H|1, S, L], what dynamic selectors read in partial blocks (codegen.dynamic
     defines its layout)."""
-    if bm.layout is not None:
-        raise NotImplementedError("permuted layouts run in the next version of the kernels")
     B, H, Lq, D = q.shape
     Bk, Hkv, n, Dk = k.shape
-    if (Lq, n) != (bm.q_len, bm.n) or H % Hkv or Dk != D or v.shape != k.shape:
+    lay = bm.layout
+    grid_q = bm.q_len  # query slots in the (possibly permuted) grid
+    want = (bm.n_var - bm.q_len if lay is None else bm.n_var - Lq, bm.n_var)
+    if (n - Lq, n) != want or H % Hkv or Dk != D or v.shape != k.shape or Bk != B:
         raise ValueError(f"shapes q {list(q.shape)} k {list(k.shape)} v {list(v.shape)} do not "
-                         f"fit the block mask (q_len {bm.q_len}, n {bm.n})")
+                         f"fit the block mask (q_len {bm.q_len}, n {bm.n_var})")
+    if lay is not None and lay.moves_queries() and Lq != n:
+        raise ValueError("a diagonal layout needs all n queries")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpret and q.device.type != "cuda":
         raise ValueError("the kernels run on a CUDA device (or on the CPU under "
@@ -270,21 +423,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     if bm.heads not in (1, H):
         raise ValueError(f"the block mask has {bm.heads} heads, q has {H}")
     dev = q.device
-    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
-    if block_mask is None:
-        csr = bm.materialize()
-        t = {name: torch.as_tensor(getattr(csr, name), device=dev).contiguous()
-             for name in names}
-    else:
+    num_q_blocks = -(-grid_q // bm.schedule.block_m)
+    if block_mask is not None:
+        fn, _ = _prepared(bm, False, dev)
         t = {name: block_mask[name].to(device=dev, dtype=torch.int32).contiguous()
-             for name in names}
-        arithmetic = False
-    num_q_blocks = -(-Lq // bm.schedule.block_m)
-    if t["kv_num_blocks"].shape[-1] != num_q_blocks or t["kv_num_blocks"].shape[0] not in (1, H):
+             for name in _CSR_NAMES}
+    else:
+        fn, t = _prepared(bm, arithmetic, dev)
+    if t is None:  # arithmetic ranges: the index-list arguments are never read
+        dummy = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
+        t = {name: dummy for name in _CSR_NAMES}
+    elif t["kv_num_blocks"].shape[-1] != num_q_blocks or \
+            t["kv_num_blocks"].shape[0] not in (1, H):
         raise ValueError(f"block mask index lists have shape {list(t['kv_num_blocks'].shape)}, "
                          f"need [{H} or 1, {num_q_blocks}]")
-    if t["kv_num_blocks"].shape[0] == 1 and H > 1:
-        t = {name: x.expand(H, *x.shape[1:]).contiguous() for name, x in t.items()}
+    # Index lists with one head serve every head (head stride 0).
+    hs = {name: (x.stride(0) if x.shape[0] > 1 else 0) for name, x in t.items()}
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), device=dev, dtype=torch.float32)
@@ -294,12 +448,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     if side is None:
         side = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
     side = side.to(device=dev, dtype=torch.int32).contiguous()
-    # A side tensor with one head serves every head (stride 0).
     s_side_h = side.stride(0) if side.shape[0] > 1 else 0
-    fn = load_kernel(kernel_source(bm, arithmetic))
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     BM, BN = bm.schedule.block_m, bm.schedule.block_n
-    upcast = bool(os.environ.get("TRITON_INTERPRET") == "1" and q.dtype != torch.float32)
+    upcast = bool(interpret and q.dtype != torch.float32)
+    cfg = config or default_config(bm, D)
     grid = (num_q_blocks, B * H)
     fn[grid](
         q, k, v, o, lse,
@@ -307,14 +460,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
-        t["kv_num_blocks"].stride(0), t["kv_indices"].stride(0), t["kv_indices"].stride(1),
-        t["full_kv_num_blocks"].stride(0), t["full_kv_indices"].stride(0),
-        t["full_kv_indices"].stride(1), s_side_h, side.stride(1),
-        sm_scale, Lq, n, bm.n_var, bm.q_start, H, H // Hkv,
+        hs["kv_num_blocks"], hs["kv_indices"], t["kv_indices"].stride(1),
+        hs["full_kv_num_blocks"], hs["full_kv_indices"], t["full_kv_indices"].stride(1),
+        s_side_h, side.stride(1),
+        sm_scale, grid_q, bm.n, bm.n_var, bm.q_start, H, H // Hkv,
+        n, lay.seg if lay else 1, lay.d if lay else 1, lay.block if lay else 1,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
-        IEEE=bool(q.dtype == torch.float32 or upcast),
+        IEEE=bool(q.dtype == torch.float32 or upcast), LAYOUT=_LAYOUT_CODE[lay and lay.kind],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return Output(o, lse)
 
 
-__all__ = ["Output", "attention", "kernel_source", "load_kernel"]
+__all__ = ["Config", "Output", "attention", "default_config", "kernel_source", "load_kernel"]
