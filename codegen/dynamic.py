@@ -1,0 +1,678 @@
+"""Dynamic selectors: side-tensor slots, their Triton printer, device index builders, attention."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from attnc.compiler import absint
+from attnc.compiler.blockmask import BlockMaskIR
+from attnc.compiler.ir import Node, Op, PatternIR, Sel, Var, free_vars, has_selector, to_text
+from attnc.compiler.numeric import evaluate as num_eval
+from attnc.compiler.rules import rewrite
+
+from . import builders as B
+from .expr import print_expr
+
+# Side-tensor layout: side[h, slot, i] (int32), one slot per distinct selector (kind and
+# parameters; the tested element does not matter), numbered in order of first appearance in
+# the simplified mask, then the bias:
+#   in_columns    1 where key column i is selected                     (i < n)
+#   in_diagonals  1 where diagonal offset i = q - k is selected        (i < n)
+#   top_blocks    1 at i = qb * nb + kb for kept (absolute query block, key block) pairs of the
+#                 selector's own block size, nb = ceil(n / block)
+#   segment       the segment id of position i                         (i < n)
+# Out-of-range elements read as not selected (segment: -1), as in attnc.reference.
+
+_PARAM_NAMES = {"n": "n_var", "h": "h"}
+SUPPORTED = ("in_columns", "in_diagonals", "top_blocks", "segment")
+
+
+@dataclass(frozen=True)
+class Slot:
+    kind: str
+    params: tuple[tuple[str, Node], ...]
+    index: int
+
+    def param(self, name: str) -> Node:
+        return dict(self.params)[name]
+
+
+def _exprs(pattern: PatternIR) -> list[Node]:
+    out = [rewrite(pattern.mask)]
+    if pattern.bias is not None:
+        out.append(rewrite(pattern.bias))
+    return out
+
+
+def slots(pattern: PatternIR) -> list[Slot]:
+    """The pattern's distinct selectors, in slot order. gate() is not supported here."""
+    found: dict[tuple, Slot] = {}
+    for e in _exprs(pattern):
+        order: list[Sel] = []
+        stack = [e]
+        seen: set[Node] = set()
+        while stack:  # pre-order, left to right
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            if isinstance(x, Sel):
+                order.append(x)
+            if isinstance(x, Op):
+                stack.extend(reversed(x.args))
+            elif isinstance(x, Sel):
+                kids = [v for _, v in x.params] + ([x.elem] if x.elem is not None else [])
+                stack.extend(reversed(kids))
+        for s in order:
+            if s.kind not in SUPPORTED:
+                raise NotImplementedError(
+                    f"pattern '{pattern.name}': the {s.kind}() selector (a learned gate) has no "
+                    "index builder; dynamic kernels support top_columns, top_diagonals, "
+                    "top_blocks and segment")
+            key = (s.kind, s.params)
+            if key not in found:
+                found[key] = Slot(s.kind, s.params, len(found))
+    return list(found.values())
+
+
+def selector_printer(pattern: PatternIR):
+    """The `sel` hook of codegen.expr.print_expr: each selector as a Triton expression that reads
+    its slot of the side tensor (names in scope: q_pos, k_pos, h, n_var, SIDE, s_side_h,
+    s_side_s)."""
+    table = {(s.kind, s.params): s for s in slots(pattern)}
+
+    def sel(x: Sel, elem: str | None) -> str:
+        s = table[(x.kind, x.params)]
+        base = f"SIDE + h * s_side_h + {s.index} * s_side_s"
+        if x.kind == "top_blocks":
+            b = f"tl.maximum({print_expr(x.param('block'), _PARAM_NAMES)}, 1)"
+            nb = f"(n_var + {b} - 1) // {b}"
+            i = f"(q_pos // {b}) * ({nb}) + k_pos // {b}"
+            return f"(tl.load({base} + {i}) != 0)"
+        assert elem is not None
+        ok = f"((({elem}) >= 0) & (({elem}) < n_var))"
+        idx = f"tl.where({ok}, {elem}, 0)"
+        if x.kind == "segment":
+            return f"tl.load({base} + {idx}, mask={ok}, other=-1)"
+        return f"(tl.load({base} + {idx}, mask={ok}, other=0) != 0)"
+
+    return sel
+
+
+# ---------------------------------------------------------------- index sets
+
+
+@dataclass
+class IndexSets:
+    """What the builders chose for one batch element: per slot its data (bool flags [H, n] for
+    columns and diagonals, [H, nb, nb] for top_blocks, int ids [n] for segment), the side tensor
+    the kernel reads, and the block lists (FlexAttention's layout, no batch dimension: trimmed
+    in `block_mask`, full width in `flex`)."""
+
+    slots: list[Slot]
+    data: list[torch.Tensor]
+    side: torch.Tensor
+    block_mask: dict[str, torch.Tensor]
+    flex: dict[str, torch.Tensor]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def of(self, kind: str) -> torch.Tensor:
+        for s, d in zip(self.slots, self.data, strict=True):
+            if s.kind == kind:
+                return d
+        raise KeyError(kind)
+
+
+def _per_head(e: Node, n: int, H: int, device) -> torch.Tensor:
+    """A selector parameter (an expression of n and h) as one int64 per head."""
+    vals = [num_eval(e, {"n": np.int64(n), "h": np.int64(h)}) for h in range(H)]
+    return torch.tensor([int(np.asarray(v).reshape(-1)[0]) for v in vals], dtype=torch.int64,
+                        device=device)
+
+
+def _uniform(e: Node, n: int, H: int, what: str) -> int:
+    v = _per_head(e, n, H, "cpu")
+    if bool((v != v[0]).any()):
+        raise NotImplementedError(f"{what} must be the same for every head")
+    return int(v[0])
+
+
+def _select(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, sl: list[Slot], sm_scale: float,
+            segments: torch.Tensor | None, extra: dict) -> list[torch.Tensor]:
+    H, Lq, _ = q.shape
+    n = k.shape[1]
+    dev = q.device
+    scores: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    out = []
+    for s in sl:
+        if s.kind in ("in_columns", "in_diagonals"):
+            last_q = _per_head(s.param("last_q"), bm.n_var, H, dev)
+            key = tuple(last_q.tolist())
+            if key not in scores:
+                scores[key] = B.last_rows_scores(q, k, last_q, bm.q_start, sm_scale)
+            col, diag = scores[key]
+            score = col if s.kind == "in_columns" else diag
+            keep_name = "keep_first" if s.kind == "in_columns" else "keep_near"
+            keep = _per_head(s.param(keep_name), bm.n_var, H, dev)
+            first = torch.arange(n, device=dev).view(1, -1) < keep.view(-1, 1)
+            score = torch.where(first, torch.full_like(score, float("inf")), score)
+            extra[f"score{s.index}"] = score
+            out.append(B.keep_top(B.rank_keys(score), _per_head(s.param("count"), bm.n_var, H,
+                                                                 dev)))
+        elif s.kind == "top_blocks":
+            blk = max(_uniform(s.param("block"), bm.n_var, H, "top_blocks' block"), 1)
+            causal = bool(_uniform(s.param("causal"), bm.n_var, H, "top_blocks' causal"))
+            keys, qb0 = B.block_keys(q, k, bm.q_start, blk, causal, sm_scale)
+            nb = keys.shape[-1]
+            count = _per_head(s.param("count"), bm.n_var, H, dev)
+            kept = B.keep_top(keys, count)
+            if causal:
+                last = torch.clamp((torch.arange(qb0, nb, device=dev) + 1) * blk - 1,
+                                   max=bm.q_start + Lq - 1)
+                kept &= torch.arange(nb, device=dev).view(1, -1) * blk <= last.view(-1, 1)
+            full = torch.zeros(H, nb, nb, dtype=torch.bool, device=dev)
+            full[:, qb0:] = kept
+            out.append(full)
+        elif s.kind == "segment":
+            if segments is None:
+                raise ValueError("segment() reads segment ids: pass segments= (one per key)")
+            seg = segments.reshape(-1).to(device=dev, dtype=torch.int32)
+            if seg.numel() != n:
+                raise ValueError(f"segments must have {n} entries, not {seg.numel()}")
+            out.append(seg)
+        else:  # pragma: no cover - slots() refuses the rest
+            raise AssertionError(s.kind)
+    return out
+
+
+def _side(sl: list[Slot], data: list[torch.Tensor], H: int, n: int, device) -> torch.Tensor:
+    if not sl:
+        return torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+    per_head = any(s.kind != "segment" for s in sl)
+    L = max(d[0].numel() if s.kind != "segment" else d.numel() for s, d in zip(sl, data,
+                                                                                strict=True))
+    side = torch.zeros(H if per_head else 1, len(sl), L, dtype=torch.int32, device=device)
+    for s, d in zip(sl, data, strict=True):
+        if s.kind == "segment":
+            side[:, s.index, : d.numel()] = d.view(1, -1)
+        else:
+            flat = d.reshape(H, -1)
+            side[:, s.index, : flat.shape[1]] = flat.to(torch.int32)
+    return side
+
+
+# ---------------------------------------------------------------- block classification
+
+
+_STATIC_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+class _Blocks:
+    """Three-valued evaluation of the mask over kernel blocks: (may be true, may be false) per
+    (head, query block, key block). Static subexpressions by abstract interpretation (cached:
+    the static part is decided once per shape), selectors from their run-time data."""
+
+    def __init__(self, bm: BlockMaskIR, H: int, n: int, sl: list[Slot], data, device):
+        self.bm, self.H, self.n, self.device = bm, H, n, device
+        BM, BN = bm.schedule.block_m, bm.schedule.block_n
+        self.QB, self.KB = -(-bm.q_len // BM), -(-n // BN)
+        qb, kb = np.arange(self.QB), np.arange(self.KB)
+        self.q0 = bm.q_start + qb * BM
+        self.q1 = np.minimum(self.q0 + BM - 1, bm.q_start + bm.q_len - 1)
+        self.k0 = kb * BN
+        self.k1 = np.minimum(self.k0 + BN - 1, n - 1)
+        self.tq0, self.tq1, self.tk0, self.tk1 = (torch.as_tensor(x, device=device) for x in (
+            self.q0, self.q1, self.k0, self.k1))
+        self.table = {(s.kind, s.params): d for s, d in zip(sl, data, strict=True)}
+
+    def both(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.ones((), dtype=torch.bool, device=self.device)
+        return t, t
+
+    def static(self, e: Node) -> tuple[torch.Tensor, torch.Tensor]:
+        bm = self.bm
+        key = (to_text(e), bm.q_start, bm.q_len, self.n, bm.n_var, bm.schedule, self.H,
+               str(self.device))
+        if key not in _STATIC_CACHE:
+            heads = range(self.H) if "h" in free_vars(e) else [0]
+            ts, fs = [], []
+            for h in heads:
+                v = absint.Evaluator(self.q0[:, None], self.q1[:, None], self.k0[None, :],
+                                     self.k1[None, :], h, bm.n_var).eval(e)
+                shape = (self.QB, self.KB)
+                ts.append(np.broadcast_to(v.t, shape))
+                fs.append(np.broadcast_to(v.f, shape))
+            _STATIC_CACHE[key] = (torch.as_tensor(np.stack(ts), device=self.device),
+                                  torch.as_tensor(np.stack(fs), device=self.device))
+        return _STATIC_CACHE[key]
+
+    def eval(self, e: Node) -> tuple[torch.Tensor, torch.Tensor]:
+        if not has_selector(e):
+            return self.static(e)
+        if isinstance(e, Op) and e.op in ("and", "or"):
+            vals = [self.eval(a) for a in e.args]
+            t, f = vals[0]
+            for t2, f2 in vals[1:]:
+                if e.op == "and":
+                    t, f = t & t2, f | f2
+                else:
+                    t, f = t | t2, f & f2
+            return t, f
+        if isinstance(e, Op) and e.op == "not":
+            t, f = self.eval(e.args[0])
+            return f, t
+        if isinstance(e, Sel):
+            return self.selector(e)
+        if isinstance(e, Op) and e.op in ("eq", "ne") and all(
+                isinstance(a, Sel) and a.kind == "segment" for a in e.args):
+            return self.segments(e)
+        return self.both()
+
+    def selector(self, e: Sel):
+        d = self.table[(e.kind, e.params)]
+        BN = self.bm.schedule.block_n
+        if e.kind == "in_columns" and e.elem == Var("k"):
+            pad = self.KB * BN - self.n
+            sel = torch.nn.functional.pad(d, (0, pad), value=False).view(self.H, 1, self.KB, BN)
+            valid = (torch.arange(self.KB * BN, device=self.device) < self.n).view(1, 1, -1, BN)
+            return sel.any(-1), (~sel & valid).any(-1)
+        if e.kind == "in_diagonals" and e.elem == Op("sub", (Var("q"), Var("k"))):
+            cnt = torch.nn.functional.pad(d.to(torch.int32).cumsum(-1, dtype=torch.int32),
+                                          (1, 0))
+            lo = self.tq0.view(-1, 1) - self.tk1.view(1, -1)
+            hi = self.tq1.view(-1, 1) - self.tk0.view(1, -1)
+            clo = lo.clamp(0, d.shape[-1])
+            chi = (hi + 1).clamp(0, d.shape[-1])
+            got = cnt[:, chi.reshape(-1)] - cnt[:, clo.reshape(-1)]
+            got = got.view(self.H, self.QB, self.KB)
+            return got > 0, got < (hi - lo + 1).view(1, self.QB, self.KB)
+        if e.kind == "top_blocks":
+            blk = max(_uniform(e.param("block"), self.bm.n_var, self.H, "block"), 1)
+            r0, r1 = self.tq0 // blk, self.tq1 // blk
+            c0, c1 = self.tk0 // blk, self.tk1 // blk
+            BM = self.bm.schedule.block_m
+            if blk == BM == BN and self.bm.q_start % blk == 0:
+                t = d[:, r0][:, :, c0]
+                return t, ~t
+            pre = torch.nn.functional.pad(d.to(torch.int32).cumsum(1, dtype=torch.int32)
+                                          .cumsum(2, dtype=torch.int32), (1, 0, 1, 0))
+            R0, R1 = r0.view(-1, 1), (r1 + 1).view(-1, 1)
+            C0, C1 = c0.view(1, -1), (c1 + 1).view(1, -1)
+            got = pre[:, R1, C1] - pre[:, R0, C1] - pre[:, R1, C0] + pre[:, R0, C0]
+            return got > 0, got < (R1 - R0) * (C1 - C0)
+        return self.both()
+
+    def segments(self, e: Op):
+        a, b = e.args
+        if (a.elem, b.elem) not in ((Var("q"), Var("k")), (Var("k"), Var("q"))):
+            return self.both()
+        seg = self.table[(a.kind, a.params)].to(torch.int64)
+        BM, BN = self.bm.schedule.block_m, self.bm.schedule.block_n
+
+        def ranges(x: torch.Tensor, size: int, count: int):
+            x = torch.nn.functional.pad(x, (0, count * size - x.numel()), mode="replicate") \
+                if count * size > x.numel() else x[: count * size]
+            x = x.view(count, size)
+            return x.amin(-1), x.amax(-1)
+
+        qlo, qhi = ranges(seg[self.bm.q_start:].view(1, -1).float(), BM, self.QB)
+        klo, khi = ranges(seg.view(1, -1).float(), BN, self.KB)
+        qlo, qhi, klo, khi = qlo.view(-1, 1), qhi.view(-1, 1), klo.view(1, -1), khi.view(1, -1)
+        overlap = (qlo <= khi) & (klo <= qhi)
+        single = (qlo == qhi) & (klo == khi) & (qlo == klo)
+        t, f = overlap.unsqueeze(0), (~single).unsqueeze(0)
+        return (t, f) if e.op == "eq" else (f, t)
+
+
+def _csr(mask: torch.Tensor, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[H, QB, KB] bool -> counts [H, QB] and ascending indices [H, QB, W] (int32)."""
+    num = mask.sum(-1, dtype=torch.int32)
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    if trim:
+        w = max(int(num.max().item()) if num.numel() else 0, 1)
+        order = order[..., :w]
+    return num.contiguous(), order.contiguous()
+
+
+def block_lists(bm: BlockMaskIR, H: int, n: int, sl: list[Slot], data, device,
+                mask: Node | None = None) -> tuple[dict, dict]:
+    """Partial and full key blocks per query block: (trimmed lists for the kernel, full-width
+    lists for FlexAttention)."""
+    ev = _Blocks(bm, H, n, sl, data, device)
+    t, f = ev.eval(rewrite(bm.pattern.mask) if mask is None else mask)
+    shape = (H, ev.QB, ev.KB)
+    t, f = t.expand(shape), f.expand(shape)
+    partial, full = t & f, t & ~f
+    out, flex = {}, {}
+    for name, m in (("kv", partial), ("full_kv", full)):
+        for trim, dst in ((True, out), (False, flex)):
+            num, idx = _csr(m, trim)
+            dst[f"{name}_num_blocks"], dst[f"{name}_indices"] = num, idx
+    return out, flex
+
+
+def build_index(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, *,
+                sm_scale: float | None = None, segments: torch.Tensor | None = None,
+                lists: bool = True) -> IndexSets:
+    """Run the pattern's index builders for one batch element: q [H, Lq, D], k [Hkv, n, D]."""
+    H, Lq, D = q.shape
+    n = k.shape[1]
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    sl = slots(bm.pattern)
+    extra: dict[str, torch.Tensor] = {}
+    data = _select(q, k, bm, sl, sm_scale, segments, extra)
+    side = _side(sl, data, H, n, q.device)
+    if lists:
+        trimmed, flex = block_lists(bm, H, n, sl, data, q.device)
+    else:
+        trimmed, flex = {}, {}
+    return IndexSets(sl, data, side, trimmed, flex, extra)
+
+
+# ---------------------------------------------------------------- vertical-slash fast path
+
+
+def vertical_slash_form(pattern: PatternIR) -> tuple[Sel, Sel] | None:
+    """(columns, diagonals) when the mask is exactly causal & (k in C | q - k in D): then the
+    kernel visits diagonal ranges and gathered columns instead of key blocks."""
+    m = rewrite(pattern.mask)
+    if pattern.bias is not None or not (isinstance(m, Op) and m.op == "and"
+                                        and len(m.args) == 2):
+        return None
+    causal = Op("le", (Var("k"), Var("q")))
+    rest = [a for a in m.args if a != causal]
+    if len(rest) != 1 or not (isinstance(rest[0], Op) and rest[0].op == "or"
+                              and len(rest[0].args) == 2):
+        return None
+    col = [a for a in rest[0].args if isinstance(a, Sel) and a.kind == "in_columns"
+           and a.elem == Var("k")]
+    dia = [a for a in rest[0].args if isinstance(a, Sel) and a.kind == "in_diagonals"
+           and a.elem == Op("sub", (Var("q"), Var("k")))]
+    if len(col) != 1 or len(dia) != 1:
+        return None
+    return col[0], dia[0]
+
+
+@triton.jit
+def _vs_columns_kernel(COLS, NCOLS, AHI, OUT, NOUT, s_c_h, s_a_h, s_o_h, s_o_m, s_no_h,
+                       Q_START, Q_LEN, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """Per query block: the selected columns c <= q1 that no diagonal group's key range covers
+    (covered: the group with the largest dlo <= q1 - c has dhi >= q0 - c), compacted."""
+    h = tl.program_id(0).to(tl.int64)
+    qb = tl.program_id(1).to(tl.int64)
+    q0 = Q_START + qb * BLOCK_M
+    q1 = tl.minimum(q0 + BLOCK_M - 1, Q_START + Q_LEN - 1)
+    ncol = tl.load(NCOLS + h)
+    base = 0
+    for c0 in range(0, ncol, CHUNK):
+        i = c0 + tl.arange(0, CHUNK)
+        c = tl.load(COLS + h * s_c_h + i, mask=i < ncol, other=0).to(tl.int64)
+        ok = (i < ncol) & (c <= q1)
+        a = tl.load(AHI + h * s_a_h + tl.where(ok, q1 - c, 0), mask=ok, other=-1)
+        keep = ok & (a < q0 - c)
+        pos = base + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(OUT + h * s_o_h + qb * s_o_m + pos, c.to(tl.int32), mask=keep)
+        base += tl.sum(keep.to(tl.int32), 0)
+    tl.store(NOUT + h * s_no_h + qb, base)
+
+
+VS_TEMPLATE = '''"""attnc vertical-slash kernel: diagonal ranges and gathered columns. key {key}"""
+import triton
+import triton.language as tl
+{prelude}
+
+@triton.jit
+def vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b, n_var, qk_scale,
+            K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, SIDE, s_side_h, s_side_s,
+            APPLY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+            IEEE: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    kk = tl.where(k_ok, k_idx, 0)
+    k = tl.load(K + b * sk_b + hk * sk_h + kk[:, None] * sk_n + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + hk * sv_h + kk[:, None] * sv_n + offs_d[None, :],
+                mask=k_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+    k_pos = k_idx[None, :]
+    keep = k_ok[None, :] & row_ok[:, None]
+    if APPLY_MASK:
+        keep = keep & ({mask})
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, GFREE, NGROUPS, COLS, NCOLS, SIDE,
+              sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sl_b, sl_h,
+              s_g_h, s_c_h, s_c_m, s_nc_h, s_side_h, s_side_s,
+              sm_scale, Q_LEN, N_VAR, Q_START, H, GROUP,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = offs_m < Q_LEN
+    q_pos = (Q_START + offs_m).to(tl.int64)[:, None]
+    n_var = N_VAR.to(tl.int64)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_m + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
+    q0 = (Q_START + pid_m * BLOCK_M).to(tl.int64)
+    q1 = tl.minimum(q0 + BLOCK_M - 1, Q_START + Q_LEN - 1).to(tl.int64)
+    complete = (q0 + BLOCK_M - 1) <= (Q_START + Q_LEN - 1)
+    # Diagonal groups: selected offsets [dlo, dhi] whose key ranges [q0 - dhi, q1 - dlo] are
+    # disjoint for every query block; tiles start at the range's first key (not block-aligned).
+    n_groups = tl.load(NGROUPS + h)
+    for g in range(0, n_groups):
+        dlo = tl.load(GLO + h * s_g_h + g).to(tl.int64)
+        dhi = tl.load(GHI + h * s_g_h + g).to(tl.int64)
+        gap_free = tl.load(GFREE + h * s_g_h + g) != 0
+        lo = tl.maximum(q0 - dhi, 0)
+        hi = tl.minimum(q1 - dlo, q1)
+        for t0 in range(lo, hi + 1, BLOCK_N):
+            k_idx = t0 + offs_n
+            k_ok = k_idx <= hi
+            full = gap_free & complete & (q0 - (t0 + BLOCK_N - 1) >= dlo) & (q1 - t0 <= dhi)
+            full = full & (t0 + BLOCK_N - 1 <= hi)
+            if full:
+                acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b,
+                                        n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h,
+                                        sv_n, SIDE, s_side_h, s_side_s, False, HEAD_DIM,
+                                        UPCAST, IEEE)
+            else:
+                acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b,
+                                        n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h,
+                                        sv_n, SIDE, s_side_h, s_side_s, True, HEAD_DIM,
+                                        UPCAST, IEEE)
+    # Selected columns outside every diagonal range, gathered BLOCK_N at a time (ascending).
+    n_cols = tl.load(NCOLS + h * s_nc_h + pid_m)
+    for c0 in range(0, n_cols, BLOCK_N):
+        i = c0 + offs_n
+        k_ok = i < n_cols
+        k_idx = tl.load(COLS + h * s_c_h + pid_m * s_c_m + i, mask=k_ok, other=0).to(tl.int64)
+        below = tl.max(tl.where(k_ok, k_idx, 0), 0) <= q0
+        if below & complete:
+            acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b,
+                                    n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                    SIDE, s_side_h, s_side_s, False, HEAD_DIM, UPCAST, IEEE)
+        else:
+            acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b,
+                                    n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                    SIDE, s_side_h, s_side_s, True, HEAD_DIM, UPCAST, IEEE)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = tl.where(empty[:, None], 0.0, out)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / LOG2E)
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None].to(tl.int64) * so_m + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b * sl_b + h * sl_h + offs_m, lse, mask=row_ok)
+'''
+
+
+def vs_kernel_source(pattern: PatternIR) -> str:
+    from .expr import PRELUDE
+
+    names = {"q": "q_pos", "k": "k_pos", "h": "h", "n": "n_var"}
+    mask = print_expr(rewrite(pattern.mask), names, selector_printer(pattern))
+    return VS_TEMPLATE.format(key=pattern.key, prelude=PRELUDE, mask=mask)
+
+
+def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR) -> dict[str, torch.Tensor]:
+    """From column / diagonal flags [H, n]: the diagonal groups (offsets [dlo, dhi], gap-free
+    flag) and, per query block, the columns outside every group's key range."""
+    H, n = diags.shape
+    dev = diags.device
+    BM = bm.schedule.block_m
+    d32 = diags.to(torch.int32)
+    cnt = torch.nn.functional.pad(d32.cumsum(-1, dtype=torch.int32), (1, 0))  # [H, n + 1]
+    idx = torch.arange(n, device=dev)
+    # A selected offset starts a group when no selected offset lies within BM below it (two
+    # runs merge when their key ranges touch in a full query block), and ends one likewise.
+    below = cnt[:, idx] - cnt[:, (idx - BM).clamp(min=0)]
+    above = cnt[:, (idx + BM + 1).clamp(max=n)] - cnt[:, idx + 1]
+    starts, ends = diags & (below == 0), diags & (above == 0)
+    ng = starts.sum(-1, dtype=torch.int32)
+    G = max(int(ng.max().item()) if H else 0, 1)
+    glo = torch.sort(torch.where(starts, idx, n), dim=-1).values[:, :G]
+    ghi = torch.sort(torch.where(ends, idx, n), dim=-1).values[:, :G]
+    if glo.shape[1] < G:
+        glo = torch.nn.functional.pad(glo, (0, G - glo.shape[1]), value=n)
+        ghi = torch.nn.functional.pad(ghi, (0, G - ghi.shape[1]), value=n)
+    valid = torch.arange(G, device=dev).view(1, -1) < ng.view(-1, 1)
+    glo_c, ghi_c = glo.clamp(max=n - 1), ghi.clamp(max=n - 1)
+    inside = cnt.gather(1, ghi_c + 1) - cnt.gather(1, glo_c)
+    gfree = valid & (inside == (ghi_c - glo_c + 1))
+    # ahi[x]: dhi of the group with the largest dlo <= x (or -1).
+    ahi = torch.full((H, n), -1, dtype=torch.int64, device=dev)
+    ahi.scatter_(1, glo_c, torch.where(valid, ghi_c, torch.full_like(ghi_c, -1)))
+    ahi = ahi.cummax(-1).values.to(torch.int32).contiguous()
+    ncols = cols.sum(-1, dtype=torch.int32).contiguous()
+    C = max(int(ncols.max().item()) if H else 0, 1)
+    col_list = torch.sort(torch.where(cols, idx, n), dim=-1).values[:, :C].to(torch.int32)
+    col_list = col_list.contiguous()
+    QB = -(-bm.q_len // BM)
+    out = torch.empty(H, QB, C, dtype=torch.int32, device=dev)
+    nout = torch.empty(H, QB, dtype=torch.int32, device=dev)
+    chunk = min(1024, triton.next_power_of_2(C))
+    _vs_columns_kernel[(H, QB)](col_list, ncols, ahi, out, nout, col_list.stride(0),
+                                ahi.stride(0), out.stride(0), out.stride(1), nout.stride(0),
+                                bm.q_start, bm.q_len, BLOCK_M=BM, CHUNK=chunk)
+    return {"glo": glo.to(torch.int32).contiguous(), "ghi": ghi.to(torch.int32).contiguous(),
+            "gfree": gfree.to(torch.int32).contiguous(), "ngroups": ng.contiguous(),
+            "cols": out, "ncols": nout}
+
+
+def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float, b: int):
+    from .kernel import load_kernel
+
+    fn = load_kernel(vs_kernel_source(bm.pattern))
+    _, H, Lq, D = q.shape
+    Hkv = k.shape[1]
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = bool(interp and q.dtype != torch.float32)
+    s_side_h = side.stride(0) if side.shape[0] > 1 else 0
+    qb_, kb_, vb_, ob_ = q[b:b + 1], k[b:b + 1], v[b:b + 1], o[b:b + 1]
+    lb_ = lse[b:b + 1]
+    BM, BN = bm.schedule.block_m, bm.schedule.block_n
+    grid = (-(-Lq // BM), H)
+    fn[grid](qb_, kb_, vb_, ob_, lb_, plan["glo"], plan["ghi"], plan["gfree"], plan["ngroups"],
+             plan["cols"], plan["ncols"], side,
+             qb_.stride(0), qb_.stride(1), qb_.stride(2), kb_.stride(0), kb_.stride(1),
+             kb_.stride(2), vb_.stride(0), vb_.stride(1), vb_.stride(2), ob_.stride(0),
+             ob_.stride(1), ob_.stride(2), lb_.stride(0), lb_.stride(1),
+             plan["glo"].stride(0), plan["cols"].stride(0), plan["cols"].stride(1),
+             plan["ncols"].stride(0), s_side_h, side.stride(1),
+             sm_scale, Lq, bm.n_var, bm.q_start, H, H // Hkv,
+             BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
+             IEEE=bool(q.dtype == torch.float32 or upcast))
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR, *,
+                      sm_scale: float | None = None, segments: torch.Tensor | None = None,
+                      poison: bool = False, fast: bool | None = None,
+                      return_index: bool = False):
+    """Index builders, then attention, for a dynamic pattern: q [B, H, Lq, D], k, v
+    [B, Hkv, n, D]. Selections are made per batch element. With `fast` (the default where the
+    mask is causal & (k in top_columns | q - k in top_diagonals)) the vertical-slash kernel
+    visits diagonal ranges and gathered columns; otherwise the generated block kernel visits
+    the builders' block lists. Returns the kernel's Output, and with return_index also the
+    IndexSets of every batch element (for FlexAttention on the same sets)."""
+    from .kernel import Output, attention
+
+    if not bm.pattern.dynamic:
+        raise ValueError(f"pattern '{bm.pattern.name}' is static: use codegen.kernel.attention")
+    if bm.layout is not None:
+        raise NotImplementedError("dynamic patterns run without a layout transform")
+    Bsz, H, Lq, D = q.shape
+    n = k.shape[2]
+    if (Lq, n) != (bm.q_len, bm.n) or k.shape[1] == 0 or H % k.shape[1] or v.shape != k.shape:
+        raise ValueError(f"shapes q {list(q.shape)} k {list(k.shape)} v {list(v.shape)} do not "
+                         f"fit the block mask (q_len {bm.q_len}, n {bm.n})")
+    slots(bm.pattern)  # refuses unsupported selectors early
+    vs = vertical_slash_form(bm.pattern)
+    fast = vs is not None if fast is None else (fast and vs is not None)
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    sets: list[IndexSets] = []
+    if fast:
+        o = torch.empty_like(q)
+        lse = torch.empty((Bsz, H, Lq), device=q.device, dtype=torch.float32)
+        if poison:
+            o.fill_(float("nan"))
+            lse.fill_(float("nan"))
+    outs = []
+    for b in range(Bsz):
+        ix = build_index(q[b], k[b], bm, sm_scale=sm_scale, segments=segments,
+                         lists=not fast or return_index)
+        sets.append(ix)
+        if fast:
+            plan = vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm)
+            ix.extra.update({f"vs_{name}": t for name, t in plan.items()})
+            _vs_attention(q, k, v, o, lse, bm, plan, ix.side, sm_scale, b)
+        else:
+            outs.append(attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], bm, sm_scale=sm_scale,
+                                  poison=poison, block_mask=ix.block_mask, side=ix.side))
+    if not fast:
+        res = outs[0] if Bsz == 1 else Output(torch.cat([x.out for x in outs]),
+                                              torch.cat([x.lse for x in outs]))
+    else:
+        res = Output(o, lse)
+    return (res, sets) if return_index else res
+
+
+__all__ = ["IndexSets", "Slot", "block_lists", "build_index", "dynamic_attention",
+           "selector_printer", "slots", "vertical_slash_form", "vs_kernel_source", "vs_plan"]
