@@ -1,4 +1,4 @@
-"""Index builders on the device: last-rows column / diagonal scores, pooled block scores, ranking."""
+"""Index builders on the device: last-rows column and diagonal scores, block scores, ranking."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _flags(x: torch.Tensor) -> tuple[bool, bool]:
     return upcast, bool(x.dtype == torch.float32 or upcast)
 
 
-# ---------------------------------------------------------------- last rows: LSE, columns, diagonals
+# ---------------------------------------------------------------- last rows: LSE, cols, diagonals
 
 
 @triton.jit
