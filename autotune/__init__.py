@@ -1,1 +1,1 @@
-"""Per-head autotuning under accuracy and latency budgets (to come)."""
+"""Per-head autotuning under accuracy and latency budgets: capture, signals, latency, search."""

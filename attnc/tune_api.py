@@ -1,0 +1,255 @@
+"""Python API of the head tuner: attnc.autotune(model, calib_ids, ...) and attnc.apply."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attnc.autotune import search
+from attnc.autotune.apply import apply, perplexity, remove
+from attnc.autotune.candidates import Candidate, grid
+from attnc.autotune.capture import capture
+from attnc.autotune.latency import LatencyModel
+from attnc.autotune.model import shape
+from attnc.autotune.planio import expand, plan_text
+from attnc.autotune.signals import compute, density
+
+
+@dataclass
+class TuneResult:
+    plan_text: str
+    cells: dict[tuple[int, int], Candidate]  # (layer, query head) -> candidate
+    report: dict
+    study_name: str
+    storage: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def write(self, plan_path: str | Path, report_path: str | Path | None = None,
+              figures: str | Path | None = None) -> list[Path]:
+        """Write the plan, the JSON report and the two pictures; returns the paths."""
+        from attnc import atomic
+        from attnc.autotune import report as pics
+
+        out = [Path(plan_path)]
+        atomic.write_text(plan_path, self.plan_text)
+        if report_path is not None:
+            atomic.write_text(report_path, json.dumps(self.report, indent=1) + "\n")
+            out.append(Path(report_path))
+        if figures is not None:
+            d = Path(figures)
+            d.mkdir(parents=True, exist_ok=True)
+            out.append(pics.head_map(self.report, d / "heads.png"))
+            out.append(pics.pareto(self.report, d / "pareto.png"))
+        return out
+
+
+def _bar(total: int, desc: str, on: bool):
+    if not on:
+        return nullcontext(None)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def _segments(ids: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+    """Consecutive calibration segments of the given lengths (restarting at 0 when short)."""
+    out, off = [], 0
+    for n in lengths:
+        if n > ids.numel():
+            raise ValueError(f"calibration text has {ids.numel()} tokens; length {n} needs more")
+        if off + n > ids.numel():
+            off = 0
+        out.append(ids[off: off + n])
+        off += n
+    return out
+
+
+def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None = None,
+             max_ppl_increase: float | None = 0.01, latency_budget: float | None = None,
+             lengths: Sequence[int] | None = None, validation_length: int | None = None,
+             families: Sequence[str] | None = None, granularity: str = "kv",
+             trials: int = 16, rows: int = 256, records: str | Path | None = None,
+             dtype: str = "float16", device: str | None = None, block: int = 128,
+             storage: str | None = None,
+             study_name: str | None = None, sampler: str = "tpe", seed: int = 0,
+             name: str = "tuned", workdir: str | Path = ".", progress: bool = False,
+             worker: bool = False) -> TuneResult | None:
+    """Choose a pattern per head (per KV head with granularity "kv") of a transformers causal LM.
+
+    Signals are measured on calibration segments at `lengths` (default: half and all of
+    min(len(calib), 2048) tokens); every trial solves the exact knapsack for its budget and
+    weighting and is scored by calibration perplexity with the plan applied; the Pareto front
+    is validated on held-out text at `validation_length` (default: twice the longest tuning
+    length, within the held-out text), and the fastest point within `max_ppl_increase` (and
+    `latency_budget`, a fraction of dense attention time) is chosen. The study is stored in
+    `storage` (default SQLite in workdir; resumable; PostgreSQL URLs let several workers share
+    it). `block` is the kernel tile of the latency model. worker=True only runs trials and
+    returns None."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    calib_ids = calib_ids.reshape(-1)
+    L, H, G, D = shape(model)
+    if lengths is None:
+        top = min(calib_ids.numel(), 2048)
+        lengths = (top // 2, top)
+    lengths = sorted(int(x) for x in lengths)
+    if heldout_ids is None:
+        heldout_ids = calib_ids[sum(lengths):]
+    heldout_ids = heldout_ids.reshape(-1)
+    if validation_length is None:
+        validation_length = min(heldout_ids.numel(), 2 * lengths[-1])
+    if validation_length in lengths:
+        raise ValueError(f"validation length {validation_length} is a tuning length")
+    if heldout_ids.numel() < validation_length or validation_length < 2:
+        raise ValueError(f"held-out text has {heldout_ids.numel()} tokens; validation at "
+                         f"{validation_length} needs more")
+
+    # 1. capture and signals
+    caps = []
+    segs = _segments(calib_ids, lengths)
+    with _bar(len(segs), "capture", progress) as bar:
+        for seg in segs:
+            caps.append(capture(model, seg))
+            if bar is not None:
+                bar.update(1)
+    timings["capture_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    cands = grid(families)
+    with _bar(len(caps) * L, "signals", progress) as bar:
+        sig = compute(caps, cands, rows=rows, seed=seed,
+                      progress=bar.update if bar is not None else None)
+    del caps
+    timings["signals_s"] = time.perf_counter() - t1
+
+    # 2. latency model and the problem
+    t1 = time.perf_counter()
+    lat = LatencyModel.from_records(records, head_dim=D, dtype=dtype, device=device,
+                                   block_m=block, block_n=block)
+    prob = search.build_problem(sig, lat, layers=L, granularity=granularity,
+                                latency_n=max(validation_length, lengths[-1]))
+    timings["latency_s"] = time.perf_counter() - t1
+
+    # 3. search
+    t1 = time.perf_counter()
+    eval_ids = calib_ids[: lengths[-1]]
+
+    def ppl_with(cells, ids) -> float:
+        apply(model, expand(cells, heads=H, kv_heads=G, granularity=granularity))
+        try:
+            return perplexity(model, ids)
+        finally:
+            remove(model)
+
+    dense_ppl = perplexity(model, eval_ids)
+    fp = hashlib.sha256(prob.fingerprint().encode()).hexdigest()[:10]
+    study_name = study_name or f"{name}-{fp}"
+    if storage is None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        storage = search.default_storage(str(Path(workdir) / "attnc-tune.db"))
+    study = search.open_study(storage, study_name, sampler=sampler, seed=seed)
+    space = search.Space(latency_budget=latency_budget)
+    search.run(prob, lambda cells: ppl_with(cells, eval_ids), dense_ppl, study, trials=trials,
+               space=space, progress=progress)
+    timings["search_s"] = time.perf_counter() - t1
+    if worker:
+        return None
+
+    # 4. validate the front end to end on held-out text at another length
+    t1 = time.perf_counter()
+    val_ids = heldout_ids[:validation_length]
+    dense_val = perplexity(model, val_ids)
+    pts = []
+    fr = search.front(study)
+    with _bar(len(fr), "validate", progress) as bar:
+        for t in fr:
+            choice = np.asarray(t.user_attrs["choice"])
+            ppl = ppl_with(prob.choice_cells(choice), val_ids)
+            pts.append({"trial": t.number, "latency": t.values[0],
+                        "calib_ppl_ratio": t.values[1], "heldout_ppl": ppl,
+                        "heldout_ppl_ratio": ppl / dense_val, "density": prob.mean_density(choice),
+                        "choice": choice.tolist(), "params": t.params})
+            if bar is not None:
+                bar.update(1)
+    timings["validate_s"] = time.perf_counter() - t1
+
+    def ok_lat(p):
+        return latency_budget is None or p["latency"] <= latency_budget + 1e-9
+
+    def ok_acc(p):
+        return max_ppl_increase is None or p["heldout_ppl_ratio"] <= 1 + max_ppl_increase
+
+    good = [p for p in pts if ok_lat(p) and ok_acc(p)]
+    if good and max_ppl_increase is not None:
+        chosen, met = min(good, key=lambda p: (p["latency"], p["heldout_ppl_ratio"])), True
+    elif good:
+        chosen, met = min(good, key=lambda p: (p["heldout_ppl_ratio"], p["latency"])), True
+    else:
+        within = [p for p in pts if ok_lat(p)] or pts
+        chosen, met = min(within, key=lambda p: p["heldout_ppl_ratio"]), False
+    if not met and max_ppl_increase is not None and latency_budget is None:
+        dense_choice = np.zeros(len(prob.units), dtype=np.int64)
+        chosen = {"trial": None, "latency": 1.0, "calib_ppl_ratio": 1.0,
+                  "heldout_ppl": dense_val, "heldout_ppl_ratio": 1.0, "density": 1.0,
+                  "choice": dense_choice.tolist(), "params": {}}
+        met = True
+    choice = np.asarray(chosen["choice"])
+    unit_cells = prob.choice_cells(choice)
+    cells = expand(unit_cells, heads=H, kv_heads=G, granularity=granularity)
+    timings["total_s"] = time.perf_counter() - t0
+    comments = [
+        f"attnc tune: {len(study.trials)} trials; latency {chosen['latency']:.3f} of dense "
+        f"(model at n = {prob.latency_n}); held-out perplexity x{chosen['heldout_ppl_ratio']:.4f} "
+        f"at n = {validation_length}; mean density {chosen['density']:.3f}",
+    ]
+    text = plan_text(name, layers=L, heads=H, kv_heads=G, choice=unit_cells,
+                     granularity=granularity, comments=comments)
+    report = _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val,
+                     validation_length, max_ppl_increase, latency_budget, timings, storage,
+                     (L, H, G, D))
+    return TuneResult(text, cells, report, study_name, storage, timings)
+
+
+def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val, val_n,
+            max_inc, lat_budget, timings, storage, shp) -> dict:
+    L, H, G, D = shp
+    ci = {c: i for i, c in enumerate(prob.candidates)}
+    rows = []
+    for (ly, h), c in sorted(cells.items()):
+        i = ci[c]
+        hh = h if c.head_dependent else 0
+        rows.append({
+            "layer": ly, "head": h, "kv_head": h // (H // G), "pattern": c.call_text(),
+            "family": c.family, "density": float(density(c, prob.latency_n, hh)),
+            "ms": float(lat.ms(c, prob.latency_n, hh)),
+            "signals": {n_: {"error": float(sig.error[k, ly, h, i]),
+                             "mass": float(sig.mass[k, ly, h, i]),
+                             "influence": float(sig.influence[k, ly, h, i])}
+                        for k, n_ in enumerate(sig.lengths)},
+        })
+    trials = [{"number": t.number, "state": t.state.name, "values": t.values,
+               "params": t.params, "density": t.user_attrs.get("density")}
+              for t in study.trials]
+    return {
+        "model": {"layers": L, "heads": H, "kv_heads": G, "head_dim": D},
+        "budgets": {"max_ppl_increase": max_inc, "latency_budget": lat_budget},
+        "budget_met": met, "granularity": prob.granularity, "tuning_lengths": sig.lengths,
+        "rows_per_length": sig.rows, "latency_n": prob.latency_n, "validation_n": val_n,
+        "latency_model": {"coeffs": lat.coeffs, "fitted": lat.fitted,
+                          "records": len(lat.records), "sources": prob.sources},
+        "dense": {"calib_ppl": dense_ppl, "heldout_ppl": dense_val},
+        "chosen": chosen, "front": pts, "trials": trials, "cells": rows,
+        "candidates": [c.call_text() for c in prob.candidates],
+        "study": {"name": study.study_name, "storage": storage.split("@")[-1]},
+        "timings": timings,
+    }
+
+
+__all__ = ["TuneResult", "apply", "autotune", "perplexity", "remove"]

@@ -1,0 +1,169 @@
+"""Make a transformers model attend with a plan's patterns (through its attention registry)."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from attnc.compiler.ir import PatternIR, free_vars
+from attnc.compiler.lower import lower_plan
+from attnc.compiler.numeric import evaluate as num_eval
+from attnc.compiler.rules import rewrite
+from attnc.dsl.check import PlanInfo, Program, load, loads
+
+from .candidates import Candidate
+
+NAME = "attnc"
+
+
+class PlanMasks:
+    """The boolean mask of every (layer, query head) cell, evaluated from the pattern IR on
+    demand per (pattern, head, n, q_len) and kept in a bounded cache shared across layers."""
+
+    def __init__(self, cells: Mapping[tuple[int, int], PatternIR], layers: int, heads: int,
+                 cache_bytes: int = 2 << 30):
+        self.layers, self.heads = layers, heads
+        self.cells = {}
+        for cell, ir in cells.items():
+            if ir.dynamic:
+                raise ValueError(f"cell {cell}: dynamic pattern {ir.name} needs a run-time "
+                                 "index builder; apply() supports static patterns")
+            if ir.bias is not None:
+                raise ValueError(f"cell {cell}: pattern {ir.name} has a bias; apply() "
+                                 "supports masks only")
+            self.cells[cell] = PatternIR(ir.name, rewrite(ir.mask))
+        self.cache: OrderedDict = OrderedDict()
+        self.cache_bytes = cache_bytes
+        self._bytes = 0
+
+    def _one(self, ir: PatternIR, h: int, n: int, q_len: int) -> torch.Tensor:
+        hk = h if "h" in free_vars(ir.mask) else -1
+        key = (ir.key, hk, n, q_len)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.cache.move_to_end(key)
+            return hit
+        q = np.arange(n - q_len, n, dtype=np.int64).reshape(-1, 1)
+        k = np.arange(n, dtype=np.int64).reshape(1, -1)
+        m = num_eval(ir.mask, {"q": q, "k": k, "h": np.int64(max(hk, 0)), "n": np.int64(n)})
+        t = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(m, (q_len, n)) & (k <= q)))
+        self.cache[key] = t
+        self._bytes += t.numel()
+        while self._bytes > self.cache_bytes and len(self.cache) > 1:
+            _, old = self.cache.popitem(last=False)
+            self._bytes -= old.numel()
+        return t
+
+    def layer(self, layer: int, n: int, q_len: int) -> torch.Tensor:
+        """[heads, q_len, n] bool for one layer (queries are the last q_len positions)."""
+        return torch.stack([self._one(self.cells[(layer, h)], h, n, q_len)
+                            for h in range(self.heads)])
+
+
+def plan_masks(plan, *, layers: int | None = None, heads: int | None = None) -> PlanMasks:
+    """PlanMasks from a plan (PlanInfo, Program with one plan, .attn path or text) or from a
+    mapping (layer, query head) -> Candidate | PatternIR."""
+    if isinstance(plan, Mapping):
+        cells = {cell: (c.ir() if isinstance(c, Candidate) else c) for cell, c in plan.items()}
+        ly = layers if layers is not None else 1 + max(x for x, _ in cells)
+        hs = heads if heads is not None else 1 + max(h for _, h in cells)
+        return PlanMasks(cells, ly, hs)
+    info = _plan_info(plan)
+    return PlanMasks(lower_plan(info), info.layers, info.heads)
+
+
+def _plan_info(plan) -> PlanInfo:
+    if isinstance(plan, PlanInfo):
+        return plan
+    if isinstance(plan, Path) or (isinstance(plan, str) and plan.endswith(".attn")
+                                  and "\n" not in plan):
+        plan = load(plan)
+    elif isinstance(plan, str):
+        plan = loads(plan, "<plan>")
+    if isinstance(plan, Program):
+        if len(plan.plans) != 1:
+            raise ValueError(f"the program has {len(plan.plans)} plans; pass one PlanInfo")
+        return next(iter(plan.plans.values()))
+    raise TypeError(f"cannot use {type(plan).__name__} as a plan")
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+              **kwargs):
+    """The registered attention function: masked attention per head with the plan's masks,
+    computed a chunk of queries at a time (CPU reference path)."""
+    masks: PlanMasks = module._attnc_masks
+    B, H, Lq, D = query.shape
+    n = key.shape[2]
+    scale = scaling if scaling is not None else D ** -0.5
+    m = masks.layer(module.layer_idx, n, Lq).to(query.device)  # [H, Lq, n]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        extra = attention_mask[:, :, :, :n]
+        extra = extra if extra.dtype == torch.bool else extra == 0
+        m = m.unsqueeze(0) & extra
+    else:
+        m = m.unsqueeze(0)
+    gqa = key.shape[1] != H
+    out = torch.empty_like(query)
+    chunk = max(1, (1 << 24) // max(1, H * n))
+    for s in range(0, Lq, chunk):
+        e = min(Lq, s + chunk)
+        o = F.scaled_dot_product_attention(query[:, :, s:e], key, value,
+                                           attn_mask=m[:, :, s:e], scale=scale,
+                                           enable_gqa=gqa)
+        out[:, :, s:e] = o
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, attention)
+
+
+def apply(model, plan, *, layers: int | None = None, heads: int | None = None) -> PlanMasks:
+    """Make `model` attend with `plan` (see plan_masks for what a plan may be). Every attention
+    module gets the plan's masks; the model's attention implementation becomes "attnc" until
+    remove(model). The plan's shape must match the model's layers and query heads."""
+    cfg = model.config
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    pm = plan if isinstance(plan, PlanMasks) else plan_masks(
+        plan, layers=layers or L, heads=heads or H)
+    if (pm.layers, pm.heads) != (L, H):
+        raise ValueError(f"the plan is for {pm.layers} layers x {pm.heads} heads; the model "
+                         f"has {L} x {H}")
+    _register()
+    found = 0
+    for mod in model.modules():
+        if hasattr(mod, "layer_idx") and hasattr(mod, "o_proj"):
+            mod._attnc_masks = pm
+            found += 1
+    if found != L:
+        raise ValueError(f"found {found} attention modules, expected {L}")
+    if not hasattr(model, "_attnc_before"):
+        model._attnc_before = cfg._attn_implementation
+    model.set_attn_implementation(NAME)
+    return pm
+
+
+def remove(model) -> None:
+    """Undo apply(): the model's previous attention implementation."""
+    before = getattr(model, "_attnc_before", None)
+    if before is not None:
+        model.set_attn_implementation(before)
+        del model._attnc_before
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor) -> float:
+    """exp(mean next-token loss) of one sequence ids [1, L] or [L]."""
+    ids = ids.reshape(1, -1)
+    out = model(ids, labels=ids, use_cache=False)
+    return math.exp(float(out.loss))
+
+
+__all__ = ["NAME", "PlanMasks", "apply", "attention", "perplexity", "plan_masks", "remove"]

@@ -1,0 +1,201 @@
+"""Latency model: measured kernel times from tuning records, else a block-count model fitted to
+them by least squares (never density alone).
+
+Tuning records are JSON files in a directory (searched recursively, `*.json`); each holds one
+measurement object, or a list of them, with the keys
+
+    pattern_key     structural key of the simplified pattern IR (PatternIR.key)
+    args            the pattern's arguments as text (informational)
+    n               key length (prefill: q_len == n)
+    heads           query heads in the launch
+    head_dim        head dimension
+    dtype           "float16" | "bfloat16" | "float32"
+    device          e.g. "NVIDIA H100 80GB HBM3"
+    block_m, block_n    the schedule
+    visited_blocks, full_blocks, partial_blocks   over all heads (from the block-mask IR)
+    ms              measured forward time of the launch in milliseconds
+
+Time per head for a candidate is `ms / heads` of a matching record (same pattern_key, n,
+head_dim and dtype, and device when one is asked for); otherwise the block-count model
+`c_q * query_blocks + c_full * full_blocks + c_partial * partial_blocks` (per head, ms), whose
+coefficients are fitted by non-negative least squares on all records (with a per-launch
+constant), or, without records, the documented defaults below.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .candidates import Candidate
+
+# Defaults (ms per block of 128 x 128 at head_dim 64 in fp16), rough H100 figures: a full block
+# is two 128x128x64 MMAs plus the online softmax, a partial block adds the predicate and its
+# select, a query block pays its loads, the final rescale and the store. Scaled linearly with
+# block_m * block_n * head_dim. Replace them by fitting tuning records.
+DEFAULT_COEFFS = {"q_block": 1.2e-5, "full": 1.0e-5, "partial": 1.6e-5}
+_REF_WORK = 128 * 128 * 64
+
+KEYS = ("pattern_key", "n", "heads", "head_dim", "dtype", "block_m", "block_n",
+        "visited_blocks", "full_blocks", "partial_blocks", "ms")
+
+
+@dataclass(frozen=True)
+class Blocks:
+    q_blocks: int
+    full: int
+    partial: int
+
+    @property
+    def visited(self) -> int:
+        return self.full + self.partial
+
+
+@lru_cache(maxsize=4096)
+def pattern_key(c: Candidate) -> str:
+    return c.ir().key
+
+
+@lru_cache(maxsize=4096)
+def blocks(c: Candidate, n: int, block_m: int = 128, block_n: int = 128,
+           head: int = 0) -> Blocks:
+    """Visited full / partial key blocks of one head at length n (prefill), from the compiler's
+    block-mask IR with the layout the compiler would choose."""
+    from attnc.compiler.blockmask import Schedule
+    from attnc.compiler.stages import compile_pattern
+
+    from .candidates import _library
+
+    prog = _library()
+    from attnc.dsl.parser import parse_expr
+
+    comp = compile_pattern(prog.pattern(c.family), {k: parse_expr(v) for k, v in c.args}, n=n,
+                           heads=head + 1, schedule=Schedule(block_m, block_n))
+    csr = comp.blockmask.materialize()
+    full = int(csr.full_kv_num_blocks[head].sum())
+    partial = int(csr.kv_num_blocks[head].sum())
+    return Blocks(csr.num_q_blocks, full, partial)
+
+
+@dataclass
+class Record:
+    pattern_key: str
+    n: int
+    heads: int
+    head_dim: int
+    dtype: str
+    block_m: int
+    block_n: int
+    visited_blocks: int
+    full_blocks: int
+    partial_blocks: int
+    ms: float
+    device: str = ""
+    args: object = None
+
+    @classmethod
+    def from_json(cls, d: dict) -> Record:
+        missing = [k for k in KEYS if k not in d]
+        if missing:
+            raise ValueError(f"tuning record lacks {missing}")
+        return cls(str(d["pattern_key"]), int(d["n"]), int(d["heads"]), int(d["head_dim"]),
+                   str(d["dtype"]), int(d["block_m"]), int(d["block_n"]),
+                   int(d["visited_blocks"]), int(d["full_blocks"]), int(d["partial_blocks"]),
+                   float(d["ms"]), str(d.get("device", "")), d.get("args"))
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in (*KEYS, "device", "args")}
+
+
+def load_records(directory: str | Path | None) -> list[Record]:
+    if directory is None:
+        return []
+    d = Path(directory)
+    if not d.exists():
+        return []
+    out = []
+    for p in sorted(d.rglob("*.json")):
+        data = json.loads(p.read_text())
+        for item in data if isinstance(data, list) else [data]:
+            out.append(Record.from_json(item))
+    return out
+
+
+@dataclass
+class LatencyModel:
+    """Per-head attention time (ms) of a candidate at length n."""
+
+    head_dim: int = 64
+    dtype: str = "float16"
+    device: str | None = None
+    block_m: int = 128
+    block_n: int = 128
+    records: list[Record] = field(default_factory=list)
+    coeffs: dict[str, float] = field(default_factory=dict)
+    fitted: bool = False
+
+    def __post_init__(self):
+        if not self.coeffs:
+            s = self.block_m * self.block_n * self.head_dim / _REF_WORK
+            self.coeffs = {k: v * s for k, v in DEFAULT_COEFFS.items()}
+        self._index = {}
+        for r in self.records:
+            if self.device and r.device and r.device != self.device:
+                continue
+            if r.head_dim == self.head_dim and r.dtype == self.dtype:
+                self._index[(r.pattern_key, r.n)] = r
+
+    @classmethod
+    def from_records(cls, directory: str | Path | None, **kw) -> LatencyModel:
+        recs = load_records(directory)
+        m = cls(records=recs, **kw)
+        usable = [r for r in recs if r.head_dim == m.head_dim and r.dtype == m.dtype
+                  and (not m.device or not r.device or r.device == m.device)]
+        if len(usable) >= 4:
+            m.coeffs = fit(usable)
+            m.fitted = True
+        return m
+
+    def measured(self, c: Candidate, n: int) -> float | None:
+        r = self._index.get((pattern_key(c), n))
+        return None if r is None else r.ms / r.heads
+
+    def modelled(self, c: Candidate, n: int, head: int = 0) -> float:
+        b = blocks(c, n, self.block_m, self.block_n, head if c.head_dependent else 0)
+        k = self.coeffs
+        return k["q_block"] * b.q_blocks + k["full"] * b.full + k["partial"] * b.partial
+
+    def ms(self, c: Candidate, n: int, head: int = 0) -> float:
+        m = self.measured(c, n)
+        return m if m is not None else self.modelled(c, n, head)
+
+    def source(self, c: Candidate, n: int) -> str:
+        if self.measured(c, n) is not None:
+            return "measured"
+        return "fitted" if self.fitted else "default"
+
+
+def fit(records: list[Record]) -> dict[str, float]:
+    """Non-negative least squares of ms = c0 + c_q * q_blocks + c_full * full + c_partial *
+    partial over the records (c0 is a per-launch constant, not charged to heads); rows are
+    weighted by 1 / ms so that short and long kernels count alike (relative error)."""
+    from scipy.optimize import nnls
+
+    X, y = [], []
+    for r in records:
+        qb = r.heads * -(-r.n // r.block_m)
+        X.append([1.0, qb, r.full_blocks, r.partial_blocks])
+        y.append(r.ms)
+    Xa, ya = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    w = 1.0 / np.maximum(ya, 1e-9)
+    coef, _ = nnls(Xa * w[:, None], ya * w)
+    return {"q_block": float(coef[1]), "full": float(coef[2]), "partial": float(coef[3]),
+            "launch": float(coef[0])}
+
+
+__all__ = ["DEFAULT_COEFFS", "Blocks", "LatencyModel", "Record", "blocks", "fit",
+           "load_records", "pattern_key"]

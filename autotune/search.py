@@ -1,0 +1,267 @@
+"""The search: per-trial exact knapsack over heads, Optuna over the budget, its split across
+layers, the candidate families and the signal weighting; studies live in SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import optuna
+
+from . import knapsack
+from .candidates import Candidate
+from .latency import LatencyModel
+from .signals import Signals, density
+
+SIGNALS = ("error", "mass", "influence")
+
+
+@dataclass
+class Problem:
+    """Units (layer, kv head) or (layer, query head), candidates, signals and costs."""
+
+    signals: Signals
+    layers: int
+    heads: int
+    kv_heads: int
+    granularity: str
+    latency_n: int
+    cost: np.ndarray  # [U, C] ms per unit at latency_n (sum over the unit's query heads)
+    dens: np.ndarray  # [U, C] mean density of the unit's heads at latency_n
+    allowed: np.ndarray  # [U, C] valid at every length
+    units: list[tuple[int, int]] = field(default_factory=list)
+    sources: dict[str, int] = field(default_factory=dict)  # latency source counts
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return self.signals.candidates
+
+    @property
+    def heads_per_unit(self) -> int:
+        return self.heads // self.kv_heads if self.granularity == "kv" else 1
+
+    @property
+    def dense_cost(self) -> float:
+        return float(self.cost[:, 0].sum())
+
+    def families(self) -> list[str]:
+        return sorted({c.family for c in self.candidates if not c.dense})
+
+    def unit_signal(self, name: str) -> np.ndarray:
+        """[lengths, U, C]: error and mass averaged over the unit's heads, influence summed."""
+        s = getattr(self.signals, name)  # [Ls, layers, H, C]
+        Ls, nl, H, C = s.shape
+        g = self.heads_per_unit
+        s = s.reshape(Ls, nl, H // g, g, C)
+        s = s.sum(3) if name == "influence" else s.mean(3)
+        return s.reshape(Ls, nl * (H // g), C)
+
+    def loss(self, weights: dict[str, float], agg: str = "max") -> np.ndarray:
+        """[U, C] weighted, normalised signal: each signal divided by its mean over the
+        non-dense finite options, combined over lengths by max or mean."""
+        total = np.zeros(self.cost.shape)
+        for name in SIGNALS:
+            w = weights.get(name, 0.0)
+            if w <= 0:
+                continue
+            s = self.unit_signal(name)
+            if name == "mass":
+                s = 1.0 - s
+            s = np.where(np.isnan(s), 0.0, s)
+            s = s.max(0) if agg == "max" else s.mean(0)
+            fin = np.isfinite(s)
+            fin[:, 0] = False
+            scale = float(s[fin].mean()) if fin.any() and s[fin].mean() > 0 else 1.0
+            total = total + w * s / scale
+        total[~self.allowed] = np.inf
+        total[:, 0] = 0.0
+        return total
+
+    def choice_cells(self, choice: np.ndarray) -> dict[tuple[int, int], Candidate]:
+        return {u: self.candidates[int(c)] for u, c in zip(self.units, choice, strict=True)}
+
+    def latency(self, choice: np.ndarray) -> float:
+        """Modelled attention time of a choice as a fraction of dense."""
+        return float(self.cost[np.arange(len(choice)), choice].sum()) / self.dense_cost
+
+    def mean_density(self, choice: np.ndarray) -> float:
+        return float(self.dens[np.arange(len(choice)), choice].mean())
+
+    def fingerprint(self) -> str:
+        return json.dumps({"candidates": [c.call_text() for c in self.candidates],
+                           "units": self.units, "lengths": self.signals.lengths,
+                           "latency_n": self.latency_n}, sort_keys=True)
+
+
+def build_problem(sig: Signals, lat: LatencyModel, *, layers: int, granularity: str = "kv",
+                  latency_n: int | None = None) -> Problem:
+    H, G = sig.heads, sig.kv_heads
+    n = latency_n or max(sig.lengths)
+    units_per_layer = G if granularity == "kv" else H
+    g = H // units_per_layer
+    C = len(sig.candidates)
+    per_head = np.zeros((H, C))
+    dens_h = np.zeros((H, C))
+    sources: dict[str, int] = {}
+    from .candidates import valid_at
+
+    ok_n = np.array([valid_at(c, n) for c in sig.candidates])
+    for ci, c in enumerate(sig.candidates):
+        sources[lat.source(c, n)] = sources.get(lat.source(c, n), 0) + 1
+        for h in range(H):
+            hh = h if c.head_dependent else 0
+            if not ok_n[ci]:
+                per_head[h, ci], dens_h[h, ci] = np.inf, 1.0
+                continue
+            if hh == h or h == 0:
+                per_head[h, ci] = lat.ms(c, n, hh)
+                dens_h[h, ci] = density(c, n, hh)
+            else:
+                per_head[h, ci], dens_h[h, ci] = per_head[0, ci], dens_h[0, ci]
+    unit_cost = per_head.reshape(units_per_layer, g, C).sum(1)
+    unit_dens = dens_h.reshape(units_per_layer, g, C).mean(1)
+    units = [(ly, u) for ly in range(layers) for u in range(units_per_layer)]
+    cost = np.tile(unit_cost, (layers, 1))
+    dens = np.tile(unit_dens, (layers, 1))
+    allowed = np.tile(sig.valid.all(0) & ok_n, (len(units), 1))
+    return Problem(sig, layers, H, G, granularity, n, cost, dens, allowed, units, sources)
+
+
+@dataclass
+class Space:
+    """What Optuna searches, and the budgets."""
+
+    latency_budget: float | None = None  # fraction of dense attention time (upper bound)
+    min_target: float | None = None  # smallest latency target sampled (default: feasible min)
+
+
+def target_range(prob: Problem, space: Space) -> tuple[float, float]:
+    """Latency targets worth sampling: from the cheapest feasible choice to the budget."""
+    cheapest = np.where(prob.allowed, prob.cost, np.inf).min(1).sum() / prob.dense_cost
+    lo = float(cheapest) if space.min_target is None else max(space.min_target, float(cheapest))
+    hi = 1.0 if space.latency_budget is None else max(lo, space.latency_budget)
+    return lo, hi
+
+
+def _suggest(trial: optuna.Trial, prob: Problem, space: Space):
+    lo, hi = target_range(prob, space)
+    target = trial.suggest_float("latency_target", lo, hi)
+    w = {s: trial.suggest_float(f"w_{s}", 0.0, 1.0) for s in SIGNALS}
+    if sum(w.values()) <= 0:
+        w = dict.fromkeys(SIGNALS, 1.0)
+    agg = trial.suggest_categorical("length_agg", ["max", "mean"])
+    tilt = trial.suggest_float("layer_tilt", -2.0, 2.0)
+    split = trial.suggest_categorical("layer_split", ["global", "tilt"])
+    fams = {f: trial.suggest_categorical(f"use_{f}", [True, False]) for f in prob.families()}
+    return target, w, agg, split, tilt, fams
+
+
+def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "max",
+           split: str = "global", tilt: float = 0.0,
+           families: dict[str, bool] | None = None) -> np.ndarray | None:
+    """The exact knapsack choice for one setting of the searched parameters."""
+    loss = prob.loss(weights, agg)
+    allowed = prob.allowed.copy()
+    if families:
+        for ci, c in enumerate(prob.candidates):
+            if not c.dense and not families.get(c.family, True):
+                allowed[:, ci] = False
+    budget = target * prob.dense_cost
+    groups = []
+    if split == "tilt" and prob.layers > 1:
+        per_layer = len(prob.units) // prob.layers
+        x = np.linspace(-0.5, 0.5, prob.layers)
+        wl = np.exp(tilt * x)
+        wl = wl * prob.layers / wl.sum()
+        dense_layer = prob.cost[:per_layer, 0].sum()
+        for ly in range(prob.layers):
+            units = range(ly * per_layer, (ly + 1) * per_layer)
+            groups.append((units, min(dense_layer, target * dense_layer * wl[ly]) * 1.000001))
+    return knapsack.solve(loss, prob.cost, budget * 1.000001, allowed=allowed, groups=groups)
+
+
+Evaluator = Callable[[dict[tuple[int, int], Candidate]], float]
+
+
+def default_storage(path: str) -> str:
+    return "sqlite:///" + os.path.abspath(path)
+
+
+def open_study(storage: str, study_name: str, *, sampler: str = "tpe", seed: int = 0,
+               heartbeat: int = 60) -> optuna.Study:
+    """A two-objective study (modelled latency fraction, calibration perplexity ratio), both
+    minimised; created or resumed. SQLite or PostgreSQL URLs (anything SQLAlchemy takes)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    st = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat,
+                                    grace_period=2 * heartbeat,
+                                    engine_kwargs={"pool_pre_ping": True}
+                                    if not storage.startswith("sqlite") else None)
+    if sampler == "nsga2":
+        smp = optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    else:
+        smp = optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True)
+    return optuna.create_study(storage=st, study_name=study_name, sampler=smp,
+                               directions=["minimize", "minimize"], load_if_exists=True)
+
+
+def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Study, *,
+        trials: int, space: Space, progress: bool = False) -> optuna.Study:
+    """Run trials until the study holds `trials` finished ones (shared between workers)."""
+    fp = prob.fingerprint()
+    have = study.user_attrs.get("problem")
+    if have is None:
+        study.set_user_attr("problem", fp)
+        study.set_user_attr("dense_ppl", dense_ppl)
+    elif have != fp:
+        raise ValueError(f"study '{study.study_name}' was made for another problem (other "
+                         "candidates, units or lengths); use another --study-name")
+    cache: dict[tuple, float] = {}
+
+    def objective(trial: optuna.Trial):
+        target, w, agg, split, tilt, fams = _suggest(trial, prob, space)
+        choice = assign(prob, target, w, agg, split, tilt, fams)
+        if choice is None:
+            raise optuna.TrialPruned("no assignment meets this latency target")
+        key = tuple(choice.tolist())
+        if key not in cache:
+            cache[key] = evaluate(prob.choice_cells(choice))
+        trial.set_user_attr("choice", list(key))
+        trial.set_user_attr("density", prob.mean_density(choice))
+        trial.set_user_attr("worker", os.getpid())
+        return prob.latency(choice), cache[key] / dense_ppl
+
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    if not study.trials:
+        lo, hi = target_range(prob, space)
+        base = {"latency_target": min(hi, max(lo, 0.5)), "length_agg": "max", "layer_tilt": 0.0,
+                "layer_split": "global", **{f"w_{s}": 1.0 for s in SIGNALS},
+                **{f"use_{f}": True for f in prob.families()}}
+        study.enqueue_trial(base, skip_if_exists=True)
+    left = trials - len(study.get_trials(deepcopy=False, states=done_states))
+    if left <= 0:
+        return study
+    cb = optuna.study.MaxTrialsCallback(trials, states=done_states)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=left, callbacks=[cb], show_progress_bar=progress,
+                   catch=())
+    return study
+
+
+def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The Pareto-optimal finished trials, fastest first (duplicates of a choice dropped)."""
+    seen, out = set(), []
+    for t in sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1])):
+        key = tuple(t.user_attrs.get("choice", ()))
+        if key and key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+__all__ = ["Problem", "SIGNALS", "Space", "assign", "build_problem", "default_storage", "front",
+           "open_study", "run"]

@@ -1,0 +1,152 @@
+"""Signals per (layer, head, candidate) from captured tensors and the candidates' IR, streamed
+over chunks of sampled query rows (no n x n mask per candidate is ever formed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .candidates import Candidate, valid_at
+from .capture import Capture
+
+
+@dataclass
+class Signals:
+    """Arrays are [lengths, layers, heads, candidates] (query heads)."""
+
+    candidates: list[Candidate]
+    lengths: list[int]
+    heads: int
+    kv_heads: int
+    mass: np.ndarray  # mean kept attention mass per query row (MInference), 1 for dense
+    influence: np.ndarray  # MoA first-order loss influence of the dropped pairs (nats)
+    error: np.ndarray  # relative Frobenius error of the head's output
+    valid: np.ndarray  # [lengths, candidates]: arguments in range at that length
+    density: np.ndarray  # [lengths, heads, candidates]: kept / causal pairs
+    rows: int  # query rows sampled per length
+
+    @property
+    def layers(self) -> int:
+        return self.mass.shape[1]
+
+    def to_json(self) -> dict:
+        return {"candidates": [c.call_text() for c in self.candidates], "lengths": self.lengths,
+                "heads": self.heads, "kv_heads": self.kv_heads, "rows": self.rows,
+                "mass": self.mass.tolist(), "influence": self.influence.tolist(),
+                "error": self.error.tolist(), "valid": self.valid.tolist(),
+                "density": self.density.tolist()}
+
+
+def sample_rows(n: int, count: int, seed: int = 0) -> np.ndarray:
+    """`count` distinct query positions drawn uniformly from 0..n-1 (all of them if count >= n),
+    sorted; perplexity weighs every position equally, so uniform rows are unbiased."""
+    if count >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed + n)
+    return np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
+
+
+@lru_cache(maxsize=2048)
+def density(c: Candidate, n: int, head: int = 0, chunk: int = 512) -> float:
+    """Kept pairs over causal pairs at length n (all queries), evaluated a row chunk at a time."""
+    kept = 0
+    for s in range(0, n, chunk):
+        kept += int(c.mask_rows(np.arange(s, min(n, s + chunk)), n, head).sum())
+    return kept / (n * (n + 1) / 2)
+
+
+def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, rows: int = 512,
+            chunk: int = 128, seed: int = 0,
+            progress: Callable[[int], None] | None = None) -> Signals:
+    """Kept mass, MoA influence and relative output error of every candidate on every head, at
+    each captured length. For a query row i with probabilities A_i, dA_i = dO_i V^T (the
+    gradient w.r.t. A_i) and T_i = sum_j A_ij dA_ij, MoA's per-pair influence is
+    A_ij (dA_ij - T_i) / (1 - A_ij); a row's influence is |sum over its dropped pairs|, and a
+    head's is the sum over rows, scaled from the sampled rows to all n rows."""
+    cands = list(candidates)
+    C = len(cands)
+    first = captures[0]
+    H, G = first.heads, first.kv_heads
+    group = H // G
+    Ls = len(captures)
+    nl = len(first.layers)
+    mass = np.ones((Ls, nl, H, C))
+    infl = np.zeros((Ls, nl, H, C))
+    err = np.zeros((Ls, nl, H, C))
+    valid = np.zeros((Ls, C), dtype=bool)
+    dens = np.ones((Ls, H, C))
+    for li, cap in enumerate(captures):
+        n = cap.n
+        rws = sample_rows(n, rows, seed)
+        R = rws.size
+        valid[li] = [valid_at(c, n) for c in cands]
+        for ci, c in enumerate(cands):
+            if valid[li, ci]:
+                hs = range(H) if c.head_dependent else [0]
+                d = {h: density(c, n, h) for h in hs}
+                dens[li, :, ci] = [d[h if c.head_dependent else 0] for h in range(H)]
+        # Masks on the sampled rows, shared by every layer: [C, R, n] per head class.
+        live = [ci for ci in range(C) if valid[li, ci] and not cands[ci].dense]
+        by_head: dict[int, torch.Tensor] = {}
+        shared = torch.from_numpy(np.stack(
+            [cands[ci].mask_rows(rws, n, 0) for ci in live])) if live else None
+        for h in range(H):
+            if any(cands[ci].head_dependent for ci in live):
+                by_head[h] = torch.from_numpy(np.stack(
+                    [cands[ci].mask_rows(rws, n, h) for ci in live]))
+            else:
+                by_head[h] = shared
+        q_idx = torch.from_numpy(rws)
+        causal_all = torch.arange(n).view(1, -1) <= q_idx.view(-1, 1)
+        for layer, lc in enumerate(cap.layers):
+            for h in range(H):
+                g = h // group
+                acc_mass = torch.zeros(len(live), dtype=torch.float64)
+                acc_infl = torch.zeros(len(live), dtype=torch.float64)
+                acc_err = torch.zeros(len(live), dtype=torch.float64)
+                norm = 0.0
+                K, V = lc.k[g], lc.v[g]
+                for s in range(0, R, chunk):
+                    e = min(R, s + chunk)
+                    qi = q_idx[s:e]
+                    causal = causal_all[s:e]
+                    S = (lc.q[h, qi] @ K.T) * cap.scaling
+                    S = S.masked_fill(~causal, float("-inf"))
+                    A = torch.softmax(S, dim=-1)
+                    Od = A @ V
+                    norm += float((Od.double() ** 2).sum())
+                    if not live:
+                        continue
+                    M = by_head[h][:, s:e].float()  # [C', r, n]
+                    Am = M * A
+                    kept = Am.sum(-1)  # [C', r]
+                    acc_mass += kept.double().sum(-1)
+                    Oc = (Am @ V) / kept.clamp(min=1e-30).unsqueeze(-1)
+                    acc_err += ((Oc - Od).double() ** 2).sum((-1, -2))
+                    if lc.do is not None:
+                        dA = lc.do[h, qi] @ V.T
+                        T = (A * dA).sum(-1, keepdim=True)
+                        t = (A * (dA - T) / (1 - A).clamp(min=1e-6)).masked_fill(~causal, 0.0)
+                        dropped = t.sum(-1) - (M * t).sum(-1)  # [C', r]
+                        acc_infl += dropped.abs().double().sum(-1)
+                ids = np.array(live, dtype=np.int64)
+                if live:
+                    mass[li, layer, h, ids] = (acc_mass / R).numpy()
+                    err[li, layer, h, ids] = np.sqrt(acc_err.numpy() / max(norm, 1e-30))
+                    infl[li, layer, h, ids] = (acc_infl * (n / R)).numpy() \
+                        if lc.do is not None else np.nan
+            if progress is not None:
+                progress(1)
+        invalid = ~valid[li]
+        mass[li][..., invalid] = 0.0
+        err[li][..., invalid] = np.inf
+        infl[li][..., invalid] = np.inf
+    return Signals(cands, [c.n for c in captures], H, G, mass, infl, err, valid, dens,
+                   int(min(rows, min(c.n for c in captures))))
+
+
+__all__ = ["Signals", "compute", "density", "sample_rows"]
