@@ -330,13 +330,17 @@ class _Blocks:
 
 
 def _csr(mask: torch.Tensor, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """[H, QB, KB] bool -> counts [H, QB] and ascending indices [H, QB, W] (int32)."""
+    """[H, QB, KB] bool -> counts [H, QB] and ascending indices [H, QB, W] (int32; W = the
+    longest row when trimmed, else KB; entries past a row's count are 0)."""
     num = mask.sum(-1, dtype=torch.int32)
-    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-    if trim:
-        w = max(int(num.max().item()) if num.numel() else 0, 1)
-        order = order[..., :w]
-    return num.contiguous(), order.contiguous()
+    KB = mask.shape[-1]
+    w = max(int(num.max().item()) if num.numel() else 0, 1) if trim else KB
+    pos = mask.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1
+    pos = torch.where(mask, pos, w)  # dropped below
+    out = torch.zeros(*mask.shape[:-1], w + 1, dtype=torch.int32, device=mask.device)
+    idx = torch.arange(KB, dtype=torch.int32, device=mask.device).expand(mask.shape)
+    out.scatter_(-1, pos.long(), idx)
+    return num.contiguous(), out[..., :w].contiguous()
 
 
 def block_lists(bm: BlockMaskIR, H: int, n: int, sl: list[Slot], data, device,
@@ -462,9 +466,9 @@ def vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b, n_var, qk_sc
 
 
 @triton.jit
-def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, GFREE, NGROUPS, COLS, NCOLS, SIDE,
+def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, SIDE,
               sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sl_b, sl_h,
-              s_g_h, s_c_h, s_c_m, s_nc_h, s_side_h, s_side_s,
+              s_g_h, s_gf_h, s_c_h, s_c_m, s_nc_h, s_side_h, s_side_s,
               sm_scale, Q_LEN, N_VAR, Q_START, H, GROUP,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -497,14 +501,20 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, GFREE, NGROUPS, COLS, NCOLS, SIDE,
     for g in range(0, n_groups):
         dlo = tl.load(GLO + h * s_g_h + g).to(tl.int64)
         dhi = tl.load(GHI + h * s_g_h + g).to(tl.int64)
-        gap_free = tl.load(GFREE + h * s_g_h + g) != 0
         lo = tl.maximum(q0 - dhi, 0)
         hi = tl.minimum(q1 - dlo, q1)
         for t0 in range(lo, hi + 1, BLOCK_N):
             k_idx = t0 + offs_n
             k_ok = k_idx <= hi
-            full = gap_free & complete & (q0 - (t0 + BLOCK_N - 1) >= dlo) & (q1 - t0 <= dhi)
-            full = full & (t0 + BLOCK_N - 1 <= hi)
+            # Full when every offset the tile spans, [q0 - t0 - BLOCK_N + 1, q1 - t0], is
+            # selected (prefix counts of the selected offsets).
+            d_lo = q0 - (t0 + BLOCK_N - 1)
+            d_hi = q1 - t0
+            full = complete & (t0 + BLOCK_N - 1 <= hi) & (d_lo >= 0)
+            if full:
+                c_hi = tl.load(DCOUNT + h * s_gf_h + d_hi + 1)
+                c_lo = tl.load(DCOUNT + h * s_gf_h + tl.maximum(d_lo, 0))
+                full = (c_hi - c_lo) == (d_hi - d_lo + 1)
             if full:
                 acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b,
                                         n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h,
@@ -549,8 +559,9 @@ def vs_kernel_source(pattern: PatternIR) -> str:
 
 
 def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR) -> dict[str, torch.Tensor]:
-    """From column / diagonal flags [H, n]: the diagonal groups (offsets [dlo, dhi], gap-free
-    flag) and, per query block, the columns outside every group's key range."""
+    """From column / diagonal flags [H, n]: the diagonal groups (offsets [dlo, dhi]), prefix
+    counts of the selected offsets (full tiles), and per query block the columns outside every
+    group's key range."""
     H, n = diags.shape
     dev = diags.device
     BM = bm.schedule.block_m
@@ -571,8 +582,6 @@ def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR) -> dict[st
         ghi = torch.nn.functional.pad(ghi, (0, G - ghi.shape[1]), value=n)
     valid = torch.arange(G, device=dev).view(1, -1) < ng.view(-1, 1)
     glo_c, ghi_c = glo.clamp(max=n - 1), ghi.clamp(max=n - 1)
-    inside = cnt.gather(1, ghi_c + 1) - cnt.gather(1, glo_c)
-    gfree = valid & (inside == (ghi_c - glo_c + 1))
     # ahi[x]: dhi of the group with the largest dlo <= x (or -1).
     ahi = torch.full((H, n), -1, dtype=torch.int64, device=dev)
     ahi.scatter_(1, glo_c, torch.where(valid, ghi_c, torch.full_like(ghi_c, -1)))
@@ -589,11 +598,12 @@ def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR) -> dict[st
                                 ahi.stride(0), out.stride(0), out.stride(1), nout.stride(0),
                                 bm.q_start, bm.q_len, BLOCK_M=BM, CHUNK=chunk)
     return {"glo": glo.to(torch.int32).contiguous(), "ghi": ghi.to(torch.int32).contiguous(),
-            "gfree": gfree.to(torch.int32).contiguous(), "ngroups": ng.contiguous(),
+            "dcount": cnt.contiguous(), "ngroups": ng.contiguous(),
             "cols": out, "ncols": nout}
 
 
-def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float, b: int):
+def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float, b: int,
+                  launch: dict | None = None):
     from .kernel import load_kernel
 
     fn = load_kernel(vs_kernel_source(bm.pattern))
@@ -606,16 +616,17 @@ def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float,
     lb_ = lse[b:b + 1]
     BM, BN = bm.schedule.block_m, bm.schedule.block_n
     grid = (-(-Lq // BM), H)
-    fn[grid](qb_, kb_, vb_, ob_, lb_, plan["glo"], plan["ghi"], plan["gfree"], plan["ngroups"],
+    fn[grid](qb_, kb_, vb_, ob_, lb_, plan["glo"], plan["ghi"], plan["dcount"], plan["ngroups"],
              plan["cols"], plan["ncols"], side,
              qb_.stride(0), qb_.stride(1), qb_.stride(2), kb_.stride(0), kb_.stride(1),
              kb_.stride(2), vb_.stride(0), vb_.stride(1), vb_.stride(2), ob_.stride(0),
              ob_.stride(1), ob_.stride(2), lb_.stride(0), lb_.stride(1),
-             plan["glo"].stride(0), plan["cols"].stride(0), plan["cols"].stride(1),
+             plan["glo"].stride(0), plan["dcount"].stride(0), plan["cols"].stride(0),
+             plan["cols"].stride(1),
              plan["ncols"].stride(0), s_side_h, side.stride(1),
              sm_scale, Lq, bm.n_var, bm.q_start, H, H // Hkv,
              BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
-             IEEE=bool(q.dtype == torch.float32 or upcast))
+             IEEE=bool(q.dtype == torch.float32 or upcast), **(launch or {}))
 
 
 # ---------------------------------------------------------------- entry point
@@ -624,13 +635,14 @@ def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float,
 def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR, *,
                       sm_scale: float | None = None, segments: torch.Tensor | None = None,
                       poison: bool = False, fast: bool | None = None,
-                      return_index: bool = False):
+                      return_index: bool = False, launch: dict | None = None):
     """Index builders, then attention, for a dynamic pattern: q [B, H, Lq, D], k, v
     [B, Hkv, n, D]. Selections are made per batch element. With `fast` (the default where the
     mask is causal & (k in top_columns | q - k in top_diagonals)) the vertical-slash kernel
     visits diagonal ranges and gathered columns; otherwise the generated block kernel visits
     the builders' block lists. Returns the kernel's Output, and with return_index also the
-    IndexSets of every batch element (for FlexAttention on the same sets)."""
+    IndexSets of every batch element (for FlexAttention on the same sets). `launch`: Triton
+    launch options of the vertical-slash kernel (num_warps, num_stages)."""
     from .kernel import Output, attention
 
     if not bm.pattern.dynamic:
@@ -662,7 +674,7 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
         if fast:
             plan = vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm)
             ix.extra.update({f"vs_{name}": t for name, t in plan.items()})
-            _vs_attention(q, k, v, o, lse, bm, plan, ix.side, sm_scale, b)
+            _vs_attention(q, k, v, o, lse, bm, plan, ix.side, sm_scale, b, launch)
         else:
             outs.append(attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], bm, sm_scale=sm_scale,
                                   poison=poison, block_mask=ix.block_mask, side=ix.side))

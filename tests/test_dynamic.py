@@ -224,6 +224,7 @@ ATT_CASES = [  # (pattern, args, n, q_len, H, Hkv, D, BM, BN, fast)
     ("vs2", {"v": 6, "s": 9, "l": 8}, 131, 131, 2, 1, 16, 16, 16, True),
     ("vs2", {"v": 6, "s": 40, "l": 8}, 150, 67, 4, 2, 32, 16, 32, True),
     ("vs2", {"v": 6, "s": 9, "l": 8}, 131, 131, 2, 1, 16, 16, 16, False),
+    ("vs2", {"v": 4, "s": 90, "l": 8, "near": 80}, 200, 200, 2, 2, 16, 16, 16, True),  # full
     ("block_topk", {"topk": 2, "block": 16}, 123, 123, 2, 1, 16, 16, 16, False),
     ("mixed", {}, 100, 70, 2, 2, 16, 32, 16, False),
 ]
@@ -252,7 +253,7 @@ def _check_attention(case, dtype, device=DEVICE):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", ATT_CASES, ids=lambda c: f"{c[0]}-q{c[3]}-{c[9]}")
+@pytest.mark.parametrize("case", ATT_CASES, ids=lambda c: f"{c[0]}-n{c[2]}-q{c[3]}-{c[9]}")
 def test_attention_matches_dense_reference(case, dtype):
     if dtype != torch.float32 and case[0] == "mixed":
         pytest.skip("one precision is enough for the mixed selector case")
