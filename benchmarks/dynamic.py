@@ -6,10 +6,10 @@
 Patterns: vertical_slash(vertical = 1000, slash = 6096, last_q = 64) through the vertical-slash
 kernel (diagonal ranges, gathered columns), and block_topk(topk = 16, block = 64) through the
 generated block kernel on the builder's block lists. Inputs are synthetic but structured as in
-long-context models: queries and keys share a smooth positional component (covariance decaying
-as exp(-|q - k| / 2048), random Fourier features), so attention concentrates near the diagonal,
-plus ~800 "sink" keys every query attends to (vertical lines); with unstructured random inputs
-the top diagonals scatter and vertical-slash is as costly as dense attention.
+long-context models: rotary positional components give logits ~ 12 exp(-|q - k| / 4096), so
+attention concentrates near the diagonal, plus ~800 "sink" keys every query attends to (vertical
+lines); with unstructured random inputs the top diagonals scatter, their key ranges merge, and
+vertical-slash costs as much as dense attention.
 
 Every time includes the builder: attnc = index builders + attention; FlexAttention = the same
 builders + BlockMask.from_kv_blocks + compiled flex_attention with a mask_mod reading the same
@@ -46,27 +46,35 @@ def bench(fn, reps: int) -> float:
     return times[len(times) // 2]
 
 
-def inputs(n: int, H: int, D: int, seed: int = 0):
-    """Structured q, k, v [1, H, n, D] in bf16 (see the module docstring)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
-    F, L = 64, 2048.0
-    pos = torch.arange(n, device=dev, dtype=torch.float32).view(1, -1, 1)
-    # Cauchy frequencies give covariance exp(-|d| / L).
-    u = torch.rand(H, 1, F, generator=g, device=dev)
-    omega = torch.tan(math.pi * (u - 0.5)) / L
-    phase = 2 * math.pi * torch.rand(H, 1, F, generator=g, device=dev)
-    w = torch.randn(H, F, D, generator=g, device=dev) * math.sqrt(2.0 / F)
-    x = torch.cos(torch.remainder(pos * omega + phase, 2 * math.pi)) @ w  # [H, n, D], var ~1
-    a = math.sqrt(8.0 / math.sqrt(D))  # ~8 logits at q == k
-    q = a * x + torch.randn(H, n, D, generator=g, device=dev)
-    k = a * x + torch.randn(H, n, D, generator=g, device=dev)
-    sink_dir = torch.randn(H, 1, D, generator=g, device=dev)
-    sinks = torch.randperm(n, generator=g, device=dev)[:800]
-    sinks = torch.cat([torch.arange(4, device=dev), sinks])
-    q = q + sink_dir
-    k[:, sinks] += sink_dir * (6.0 / math.sqrt(D))
-    v = torch.randn(H, n, D, generator=g, device=dev)
+def inputs(n: int, H: int, D: int, seed: int = 0, device: str = "cuda"):
+    """Structured q, k, v [1, H, n, D] in bf16 (see the module docstring).
+
+    The first D - 16 dims are rotary pairs: q_i = R(i) u, k_j = R(j) u, so q_i . k_j =
+    sum_p c_p cos(theta_p (i - j)) depends on i - j only; evenly spaced theta_p (period 2n) with
+    Lorentzian weights make it ~ 12 exp(-|i - j| / 4096) logits. The last 16 dims carry a sink
+    direction (+5 logits for ~800 random keys and keys 0..3) and small noise everywhere."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    F = (D - 16) // 2
+    L = 4096.0
+    theta = torch.arange(F, device=device, dtype=torch.float64) * (math.pi / n)
+    c = 1.0 / (1.0 + (theta * L) ** 2)
+    c = c / c.sum() * 12.0 * math.sqrt(D)
+    pos = torch.arange(n, device=device, dtype=torch.float64).view(-1, 1)
+    ang = pos * theta.view(1, -1)
+    rot = torch.stack([torch.cos(ang), torch.sin(ang)], -1) * c.sqrt().view(1, -1, 1)
+    rot = rot.reshape(n, 2 * F).float()  # [n, 2F]: R(i) u with u = (sqrt(c_p), 0) per pair
+    sink = torch.zeros(n, device=device)
+    idx = torch.cat([torch.arange(4, device=device),
+                     torch.randperm(n, generator=g, device=device)[:800]])
+    sink[idx] = 1.0
+    tail = D - 2 * F
+    e = torch.zeros(tail, device=device)
+    e[0] = 1.0
+    q = torch.cat([rot, torch.ones(n, 1, device=device) * e * 5.0 ** 0.5 * D ** 0.25], -1)
+    k = torch.cat([rot, sink.view(-1, 1) * e * 5.0 ** 0.5 * D ** 0.25], -1)
+    q = q.unsqueeze(0) + 0.2 * torch.randn(H, n, D, generator=g, device=device)
+    k = k.unsqueeze(0) + 0.2 * torch.randn(H, n, D, generator=g, device=device)
+    v = torch.randn(H, n, D, generator=g, device=device)
     return tuple(t.unsqueeze(0).to(torch.bfloat16).contiguous() for t in (q, k, v))
 
 
