@@ -175,10 +175,15 @@ def cmd_compile(args) -> int:
     from attnc.dsl.check import PlanInfo
 
     target = _target(args)
+    out = _output_options(args)  # checked first: a bad --arch fails before any work
     if isinstance(target, PlanInfo):
-        raise _Usage("compile --plan comes with the kernels (issue 4); use --pattern NAME")
+        if out is None:
+            raise _Usage("compile --plan writes kernels: give -o DIR")
+        if args.arg:
+            raise _Usage("--arg applies to --pattern; a plan's arguments are in the plan")
     kwargs = _parse_args(args.arg or [])
-    _check_args_call(target, kwargs)
+    if not isinstance(target, PlanInfo):
+        _check_args_call(target, kwargs)
     if args.n < 1:
         raise _Usage(f"--n must be at least 1, not {args.n}")
     if args.heads < 1:
@@ -190,13 +195,27 @@ def cmd_compile(args) -> int:
         sched = Schedule(args.block_m, args.block_n)
     except ValueError as e:
         raise _Usage(str(e)) from None
+    if isinstance(target, PlanInfo):
+        from attnc.codegen import artifact
+
+        specs = artifact.plan_specs(target, n=args.n, q_len=q_len, schedule=sched)
+        return _write_output(args, out, specs, {"plan": target.name, "heads": target.heads,
+                                                "layers": target.layers})
     _check_elastic(target, kwargs, args.n, args.heads, q_len)
     c = compile_pattern(target, kwargs, n=args.n, heads=args.heads, q_len=q_len,
                         schedule=sched, layout=args.layout)
     if args.dump_ir:
         for p in dump(c, args.dump_ir):
             print(f"wrote {p}", file=sys.stderr)
-    emit = args.emit
+    if out is not None:
+        from attnc.codegen import artifact
+        from attnc.dsl.format import format_expr
+
+        spec = artifact.KernelSpec(target.name, c.blockmask)
+        _write_output(args, out, [spec], {
+            "pattern": target.name, "args": {k: format_expr(v) for k, v in kwargs.items()},
+            "heads": args.heads})
+    emit = args.emit or ("blockmask" if out is None else None)
     if emit == "ir":
         print(c.texts["simplify"].split("\n# rule table:")[0])
     elif emit == "blockmask":
@@ -206,7 +225,66 @@ def cmd_compile(args) -> int:
         csr = c.blockmask.materialize()
         _print_csr(csr, args.rows_shown)
     elif emit == "stats":
-        print(accounting(c, args.head_dim, verify=args.verify))
+        print(accounting(c, out["head_dims"][0] if out else _head_dims(args)[0],
+                         verify=args.verify))
+    return 0
+
+
+def _head_dims(args) -> list[int]:
+    from attnc.codegen.artifact import parse_head_dims
+
+    return parse_head_dims(args.head_dim)
+
+
+def _output_options(args) -> dict | None:
+    """-o DIR with its --arch, --dtype and --head-dim lists (errors are one line, exit 1)."""
+    from attnc.codegen import artifact
+
+    if args.output is None:
+        for flag, value in (("--arch", args.arch), ("--dtype", args.dtype)):
+            if value is not None:
+                raise _Usage(f"{flag} applies to kernels written with -o DIR")
+        return None
+    return {"archs": artifact.parse_archs(args.arch),
+            "dtypes": artifact.parse_dtypes(args.dtype or "bf16"),
+            "head_dims": _head_dims(args)}
+
+
+def _write_output(args, out: dict, specs, about: dict) -> int:
+    from attnc.codegen import artifact
+
+    about = {"file": args.file or "<library>", **about, "n": args.n, "q_len": args.q_len or args.n}
+    m = artifact.write_output(args.output, specs, about=about,
+                              log=lambda line: print(line, file=sys.stderr), **out)
+    nbin = sum(len(k["binaries"]) for k in m["kernels"])
+    print(f"wrote {Path(args.output) / 'manifest.json'}: {len(m['kernels'])} kernel(s), "
+          f"{nbin} binar{'y' if nbin == 1 else 'ies'}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from attnc.codegen import cache
+
+    if args.action == "ls":
+        found = cache.entries()
+        print(f"# {cache.root()}: {len(found)} entr{'y' if len(found) == 1 else 'ies'}")
+        for path in found:
+            print(cache.describe(path))
+    elif args.action == "verify":
+        found = cache.entries()
+        bad = cache.verify(repair=args.repair)
+        for path, problems in bad:
+            what = "removed" if args.repair else "damaged"
+            print(f"{path.name[:16]}: {what}: {'; '.join(problems)}")
+        print(f"{len(found) - len(bad)} of {len(found)} entries good")
+        return 1 if bad and not args.repair else 0
+    elif args.action == "clear":
+        print(f"removed {cache.clear()} entries from {cache.root()}")
+    elif args.action == "export":
+        print(f"exported {cache.export(args.archive)} entries to {args.archive}")
+    elif args.action == "import":
+        installed, present = cache.import_(args.archive)
+        print(f"imported {installed} entries ({present} already present)")
     return 0
 
 
@@ -320,24 +398,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-blocks", action="store_true", help="only the element mask")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("compile", help="compile a pattern: IR, block mask, CSR, accounting")
-    _target_args(p, "compile", argparse.SUPPRESS)
-    p.add_argument("--emit", choices=["ir", "blockmask", "csr", "stats"], default="blockmask",
-                   help="what to print (default blockmask)")
+    p = sub.add_parser("compile", help="compile a pattern: IR, block mask, CSR, accounting, "
+                       "kernels")
+    _target_args(p, "compile", "plan to compile to kernels (one per distinct pattern; needs -o)")
+    p.add_argument("--emit", choices=["ir", "blockmask", "csr", "stats"], default=None,
+                   help="what to print (default blockmask, nothing with -o)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="write the kernel source, manifest.json and binaries to DIR")
+    p.add_argument("--arch", help="with -o: GPU architectures to build binaries for "
+                   "(comma list, e.g. sm_80,sm_90; no GPU needed)")
+    p.add_argument("--dtype", help="with -o: bf16, fp16, fp32 (comma list; default bf16)")
     p.add_argument("--heads", type=int, default=1, help="query heads (default 1)")
     _block_args(p)
     p.add_argument("--layout", choices=["auto", "none"], default="auto",
                    help="permute tokens when that saves blocks (default auto)")
-    p.add_argument("--head-dim", type=int, default=128, help="for FLOP counts (default 128)")
+    p.add_argument("--head-dim", default="128",
+                   help="head dims of the binaries (comma list) and of FLOP counts (default 128)")
     p.add_argument("--rows-shown", type=int, default=8, help="query blocks shown by --emit csr")
     p.add_argument("--dump-ir", metavar="DIR", help="also write every stage to DIR")
     p.add_argument("--verify", action="store_true",
                    help="with --emit stats: count partial blocks that are really full or empty")
     p.set_defaults(func=cmd_compile)
 
+    p = sub.add_parser("cache", help="the compiled-kernel cache (ATTNC_CACHE_DIR): ls, verify, "
+                       "clear, export, import")
+    csub = p.add_subparsers(dest="action", metavar="ACTION")
+    csub.required = True
+    csub.add_parser("ls", help="list the entries")
+    cp = csub.add_parser("verify", help="check every entry's files against its manifest")
+    cp.add_argument("--repair", action="store_true", help="remove damaged entries")
+    csub.add_parser("clear", help="delete entries, generated sources and Triton's binaries")
+    for action in ("export", "import"):
+        cp = csub.add_parser(action, help=f"{action} entries as a .tar.gz")
+        cp.add_argument("archive", metavar="FILE")
+    p.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("list", help="list the patterns of a file (default: the library)")
     p.add_argument("file", nargs="?", metavar="FILE")
     p.set_defaults(func=cmd_list)
+
+    from attnc.cli_tune import register as register_tune
+
+    register_tune(sub)
     return ap
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,7 +337,9 @@ def _compile_here(fn, sig: Signature, arch: str) -> tuple[dict[str, bytes], dict
                         attrs)
     except (TypeError, AssertionError):
         src = ASTSource(fn, sig.types, dict(sig.constexprs), attrs)
-    with cache.triton_cache():
+    with cache.triton_cache(), warnings.catch_warnings():
+        # Triton 3.9 warns that a default will change; the binary records the options used.
+        warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION")
         try:
             compiled = triton.compile(src, target=target, options=dict(sig.options))
         except Exception as e:  # noqa: BLE001 - Triton's errors are many; report one line
@@ -368,6 +371,32 @@ class KernelSpec:
     name: str
     bm: BlockMaskIR
     cells: list[tuple[int, int]] = field(default_factory=list)
+
+
+def plan_specs(plan, *, n: int, q_len: int, schedule) -> list[KernelSpec]:
+    """One kernel per distinct pattern of a plan (equal IR, equal kernel), each with the cells
+    it serves: a plan in one launch is not generated yet. Natural token order (no layout)."""
+    from attnc.compiler.blockmask import build as build_bm
+    from attnc.compiler.ir import PatternIR
+    from attnc.compiler.lower import lower_plan
+    from attnc.compiler.rules import rewrite
+
+    from attnc import reference
+
+    groups: dict[str, tuple[PatternIR, list]] = {}
+    for cell, ir in sorted(lower_plan(plan).items()):
+        groups.setdefault(ir.key, (ir, []))[1].append(cell)
+    specs = []
+    for ir, cells in groups.values():
+        if not ir.dynamic:
+            # Elastic arguments are range-checked by evaluating one query row.
+            layer, head = cells[0]
+            reference.evaluate_plan(plan, layer=layer, n=n, q_len=1, heads=[head])
+        simple = PatternIR(ir.name, rewrite(ir.mask),
+                           rewrite(ir.bias) if ir.bias is not None else None)
+        bm = build_bm(simple, n=n, heads=plan.heads, q_len=q_len, schedule=schedule)
+        specs.append(KernelSpec(ir.name, bm, cells))
+    return specs
 
 
 def write_output(out: str | Path, specs: list[KernelSpec], *, archs: list[str],
@@ -415,12 +444,16 @@ def write_output(out: str | Path, specs: list[KernelSpec], *, archs: list[str],
             "ir_key": spec.bm.pattern.key, "blockmask": spec.bm.text(),
             "cells": [list(c) for c in spec.cells], "binaries": binaries,
         })
+    vers = cache.versions()
+    key = cache.make_key({"kernels": " ".join(b["key"] for k in kernels for b in k["binaries"]),
+                          "sources": " ".join(k["source_sha256"] for k in kernels),
+                          "about": json.dumps(about, sort_keys=True, default=str)})
     manifest = {
-        "attnc_manifest": 1, **about,
+        "attnc_manifest": 1, "key": key, **about,
         "schedule": specs[0].bm.schedule.text() if specs else None,
         "archs": archs, "dtypes": dtypes, "head_dims": head_dims,
         "specialization": SPECIALIZATION, "grid": _grid_text(),
-        "versions": cache.versions(), "kernels": kernels,
+        "versions": vers, "kernels": kernels,
     }
     atomic.write_text(out / "manifest.json",
                       json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
@@ -428,8 +461,8 @@ def write_output(out: str | Path, specs: list[KernelSpec], *, archs: list[str],
 
 
 __all__ = ["ARCHS", "DTYPES", "Built", "KernelSpec", "Launch", "Signature", "build",
-           "launch_args", "parse_archs", "parse_dtypes", "parse_head_dims", "signature",
-           "write_output"]
+           "launch_args", "parse_archs", "parse_dtypes", "parse_head_dims", "plan_specs",
+           "signature", "write_output"]
 
 
 if __name__ == "__main__":
