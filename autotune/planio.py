@@ -58,7 +58,7 @@ def cells(plan: PlanInfo) -> dict[tuple[int, int], str]:
     """Every (layer, query head) cell of a checked plan as canonical call text."""
     out: dict[tuple[int, int], str] = {}
     for a in plan.assignments:
-        text = format_expr(a.call)
+        text = format_expr(a.call) if a.call.args or a.call.kwargs else a.call.func
         for cell in a.cells:
             out[cell] = text
     return out

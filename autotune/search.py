@@ -177,9 +177,12 @@ def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "
         wl = np.exp(tilt * x)
         wl = wl * prob.layers / wl.sum()
         dense_layer = prob.cost[:per_layer, 0].sum()
+        cheap = np.where(allowed, prob.cost, np.inf).min(1)
         for ly in range(prob.layers):
             units = range(ly * per_layer, (ly + 1) * per_layer)
-            groups.append((units, min(dense_layer, target * dense_layer * wl[ly]) * 1.000001))
+            floor = float(cheap[ly * per_layer: (ly + 1) * per_layer].sum())
+            sub = max(floor, min(dense_layer, target * dense_layer * wl[ly]))
+            groups.append((units, sub * 1.000001))
     return knapsack.solve(loss, prob.cost, budget * 1.000001, allowed=allowed, groups=groups)
 
 

