@@ -16,8 +16,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from attnc.compiler import absint
 from attnc.compiler.blockmask import BlockMaskIR
+from attnc.compiler.ir import INT, type_of, walk
 from attnc.compiler.rules import rewrite
 from attnc.compiler.support import derive_with_mask
 
@@ -45,7 +48,8 @@ def attnc_block(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
                 K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, N_ORIG, SEG, LD, LBLK,
                 SIDE, s_side_h, s_side_s,
                 APPLY_MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                UPCAST: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr):
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr,
+                POS32: tl.constexpr):
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -72,7 +76,10 @@ def attnc_block(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
     s = s * qk_scale
 {bias}
     if APPLY_MASK:
-        k_pos = offs_n[None, :]
+        if POS32:
+            k_pos = offs_n.to(tl.int32)[None, :]
+        else:
+            k_pos = offs_n[None, :]
         s = tl.where(col_ok[None, :] & ({mask}), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing kept so far keep m = -inf; exp2 must see a finite shift.
@@ -98,7 +105,7 @@ def attnc_fwd(
     s_num_h, s_idx_h, s_idx_m, s_fnum_h, s_fidx_h, s_fidx_m, s_side_h, s_side_s,
     sm_scale, Q_LEN, N_CTX, N_VAR, Q_START, H, GROUP, N_ORIG, SEG, LD, LBLK,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr, POS32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -107,7 +114,16 @@ def attnc_fwd(
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_pos = (Q_START + offs_m).to(tl.int64)[:, None]
+    # The predicate's integers: int32 where the compiler proved every value fits (half the
+    # registers of int64 tiles), else int64.
+    if POS32:
+        q_pos = (Q_START + offs_m).to(tl.int32)[:, None]
+        hp = h.to(tl.int32)
+        n_var = N_VAR.to(tl.int32)
+    else:
+        q_pos = (Q_START + offs_m).to(tl.int64)[:, None]
+        hp = h
+        n_var = N_VAR.to(tl.int64)
     # Rows of the q / o tensors: the original positions, counted from the first query.
     q_orig = attnc_orig((Q_START + offs_m).to(tl.int64), N_ORIG, SEG, LD, LBLK, LAYOUT, False)
     if LAYOUT == 1:
@@ -115,7 +131,6 @@ def attnc_fwd(
     else:
         q_row = q_orig - (N_ORIG - Q_LEN)
     row_ok = (offs_m < Q_LEN) & (q_orig < N_ORIG)
-    n_var = N_VAR.to(tl.int64)
     q = tl.load(Q + b * sq_b + h * sq_h + q_row[:, None] * sq_m + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     if UPCAST:
@@ -135,9 +150,9 @@ def attnc_fwd(
     tl.store(LSE + b * sl_b + h * sl_h + q_row, lse, mask=row_ok)
 """
 
-_CALL = ("attnc_block(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale, K, V, sk_b, sk_h, "
-         "sk_n, sv_b, sv_h, sv_n, N_CTX, N_ORIG, SEG, LD, LBLK, SIDE, s_side_h, s_side_s, {m}, "
-         "BLOCK_N, HEAD_DIM, UPCAST, IEEE, LAYOUT)")
+_CALL = ("attnc_block(acc, l_i, m_i, q, kb, q_pos, hp, hk, b, n_var, qk_scale, K, V, sk_b, "
+         "sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, N_ORIG, SEG, LD, LBLK, SIDE, s_side_h, s_side_s, "
+         "{m}, BLOCK_N, HEAD_DIM, UPCAST, IEEE, LAYOUT, POS32)")
 
 
 def _loop(indent: str, header: str, masked: bool, index: str | None = None) -> list[str]:
@@ -281,6 +296,37 @@ def _arith_schedule(rules, block_n: int) -> str:
             L.append(f"    {inner}else:")
             L.append(f"    {inner}    acc, l_i, m_i = {_CALL.format(m='True')}")
     return "\n".join(L)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def fits_int32(bm: BlockMaskIR) -> bool:
+    """True when every integer the predicate and bias compute stays inside int32 for every
+    query and key slot the kernel can touch (interval analysis over the whole grid, padding
+    included): then the kernel evaluates them in int32."""
+    if bm.pattern.dynamic:
+        return False
+    BM, BN = bm.schedule.block_m, bm.schedule.block_n
+    qmax = bm.q_start + -(-bm.q_len // BM) * BM
+    kmax = -(-bm.n // BN) * BN
+    if max(qmax, kmax, bm.n_var, bm.heads) > INT32_MAX // 4:
+        return False
+    one = np.array([0], dtype=np.int64)
+    ev = absint.Evaluator(one, one + qmax, one, one + kmax, 0, bm.n_var)
+    ev.env["h"] = absint.interval(one, one + max(bm.heads, 1) - 1)
+    exprs = [rewrite(bm.pattern.mask)]
+    if bm.pattern.bias is not None:
+        exprs.append(rewrite(bm.pattern.bias))
+    for e in exprs:
+        for x in walk(e):
+            if type_of(x) != INT:
+                continue
+            v = ev.eval(x)
+            lo, hi = float(np.min(v.lo)), float(np.max(v.hi))
+            if not (-INT32_MAX <= lo and hi <= INT32_MAX):
+                return False
+    return True
 
 
 def kernel_source(bm: BlockMaskIR, arithmetic: bool | None = None, source: str = "") -> str:
@@ -430,6 +476,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
              for name in _CSR_NAMES}
     else:
         fn, t = _prepared(bm, arithmetic, dev)
+    pos32 = bm.__dict__.setdefault("_kernel_launch", {}).get("pos32")
+    if pos32 is None:
+        pos32 = bm.__dict__["_kernel_launch"]["pos32"] = fits_int32(bm)
     if t is None:  # arithmetic ranges: the index-list arguments are never read
         dummy = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
         t = {name: dummy for name in _CSR_NAMES}
@@ -467,6 +516,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
         n, lay.seg if lay else 1, lay.d if lay else 1, lay.block if lay else 1,
         BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
         IEEE=bool(q.dtype == torch.float32 or upcast), LAYOUT=_LAYOUT_CODE[lay and lay.kind],
+        POS32=pos32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return Output(o, lse)
