@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import sys
+import time
 import traceback
 
 import torch
@@ -42,6 +43,10 @@ def _bench(fn, rep=100):
     import triton
 
     fn()
+    if not torch.cuda.is_available():  # CPU smoke run: one timed call
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     torch.cuda.synchronize()
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
@@ -67,7 +72,8 @@ def _reference_rows(q, k, v, mask_fn, rows: torch.Tensor) -> torch.Tensor:
     return p @ vv
 
 
-def run_case(label, pattern, args, n, H, Hkv, D, dtype, tune, rep, lib, out_rows):
+def run_case(label, pattern, args, n, H, Hkv, D, dtype, tune, rep, lib, out_rows,
+             candidates=None):
     from attnc.codegen import kernel
     from attnc.codegen.flex import to_flex_block_mask
     from attnc.codegen.tune import autotune
@@ -77,7 +83,7 @@ def run_case(label, pattern, args, n, H, Hkv, D, dtype, tune, rep, lib, out_rows
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    dev = "cuda"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     info = lib.pattern(pattern)
     q = torch.randn(1, H, n, D, device=dev, dtype=dtype)
     k = torch.randn(1, Hkv, n, D, device=dev, dtype=dtype)
@@ -94,7 +100,7 @@ def run_case(label, pattern, args, n, H, Hkv, D, dtype, tune, rep, lib, out_rows
     useful = 4 * D * st.kept_pairs  # B = 1
     row["density"] = st.density
     if tune:
-        bm, cfg, rec = autotune(make_bm, q, k, v, rep_ms=rep)
+        bm, cfg, rec = autotune(make_bm, q, k, v, rep_ms=rep, candidates=candidates)
         row["trials"] = "; ".join(
             f"{t.block_m}x{t.block_n}/w{t.num_warps}/s{t.num_stages}="
             + ("fail" if math.isinf(t.ms) else f"{t.ms:.3f}") for t in rec.trials)
@@ -116,7 +122,10 @@ def run_case(label, pattern, args, n, H, Hkv, D, dtype, tune, rep, lib, out_rows
         ours_bm.kv_num_blocks, ours_bm.kv_indices, ours_bm.full_kv_num_blocks,
         ours_bm.full_kv_indices, BLOCK_SIZE=ours_bm.BLOCK_SIZE, mask_mod=mod,
         seq_lengths=ours_bm.seq_lengths)
-    flex = torch.compile(flex_attention, dynamic=False)
+    # A fresh compile per case: dynamo's recompile limit would otherwise send later cases to
+    # the eager path (which forms n x n scores).
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, dynamic=False) if dev == "cuda" else flex_attention
 
     def run_flex():
         return flex(q, k, v, block_mask=fbm, enable_gqa=(H != Hkv))
@@ -162,11 +171,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--candidates", default=None,
+                    help="launch candidates BMxBNxWARPSxSTAGES,... (default: codegen.tune's)")
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench rep in ms")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--log", default=None, help="append each case's line to this file")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        print("benchmarks/kernels.py needs a CUDA GPU (or TRITON_INTERPRET=1 for a CPU smoke "
+              "run at small n)", file=sys.stderr)
         return 1
     import triton
 
@@ -175,6 +188,8 @@ def main(argv=None) -> int:
     lib = attnc.loads("")
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     wanted = a.patterns.split(",")
+    cands = [tuple(int(x) for x in c.split("x")) for c in a.candidates.split(",")] \
+        if a.candidates else None
     rows: list[dict] = []
     for n in [int(x) for x in a.n.split(",")]:
         for label, pattern, args in CASES:
@@ -182,17 +197,23 @@ def main(argv=None) -> int:
                 continue
             try:
                 r = run_case(label, pattern, args, n, a.heads, a.kv_heads, a.dim, dtype,
-                             not a.no_tune, a.rep, lib, rows)
-                print(f"{label:10s} n={n:6d} ours {r['ours_ms']:8.3f} ms flex "
-                      f"{r['flex_ms']:8.3f} ms x{r['speedup_vs_flex']:.2f} err "
-                      f"{r['err_ref']:.1e}/{r['err_flex_ref']:.1e} {r['schedule']}", flush=True)
-                if "trials" in r:
-                    print("    trials:", r["trials"], flush=True)
+                             not a.no_tune, a.rep, lib, rows, cands)
+                line = (f"{label:10s} n={n:6d} ours {r['ours_ms']:8.3f} ms flex "
+                        f"{r['flex_ms']:8.3f} ms cudnn {r['cudnn_ms']:8.3f} ms "
+                        f"x{r['speedup_vs_flex']:.2f} err {r['err_ref']:.1e}/"
+                        f"{r['err_flex_ref']:.1e} vs-flex {r['err_vs_flex']:.1e} "
+                        f"{r['schedule']}" + (f"\n    trials: {r['trials']}" if "trials" in r
+                                               else ""))
+                print(line, flush=True)
+                if a.log:
+                    with open(a.log, "a") as f:
+                        f.write(line + "\n")
             except Exception:  # noqa: BLE001 - one failed case must not stop the run
                 traceback.print_exc()
                 rows.append({"case": label, "n": n, "failed": True})
-            torch.cuda.empty_cache()
-    dev = torch.cuda.get_device_name()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
     head = (f"{dev}, torch {torch.__version__}, triton {triton.__version__}, "
             f"{_dt.date.today().isoformat()}, {platform.python_version()}; {a.dtype}, B = 1, "
             f"H = {a.heads}, Hkv = {a.kv_heads}, D = {a.dim}")
