@@ -139,6 +139,8 @@ def _launch_args_shim(q, k, v, bm: BlockMaskIR, *, arithmetic: bool | None,
     kwargs = dict(BLOCK_M=bm.schedule.block_m, BLOCK_N=bm.schedule.block_n, HEAD_DIM=D,
                   UPCAST=upcast, IEEE=bool(q.dtype == torch.float32 or upcast),
                   LAYOUT=layout_code, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if hasattr(K, "fits_int32"):
+        kwargs["POS32"] = K.fits_int32(bm)
     return Launch(src, (-(-bm.q_len // bm.schedule.block_m), B * H), args, kwargs)
 
 
