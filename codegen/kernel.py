@@ -1,19 +1,15 @@
-"""Forward attention kernels generated from the block-mask IR: one skeleton, two hooks.
+"""Forward attention kernels generated from the block-mask IR: one skeleton, a few hooks.
 
-The skeleton is FlexAttention's: per query block, a loop over FULL key blocks (no mask) and a
-loop over PARTIAL key blocks (the pattern's predicate inlined as Triton code), online softmax in
-base 2, output 0 and LSE -inf for rows that keep nothing. This first version reads the key blocks
-from the CSR index lists; computing static ranges arithmetically in the kernel is the next step
-(issue 4).
+The skeleton is FlexAttention's: per query block, loops over FULL key blocks (no mask) and over
+PARTIAL key blocks (the pattern's predicate and bias inlined as Triton code), online softmax in
+base 2, output 0 and LSE -inf for rows that keep nothing. Hooks: the predicate, the bias, the
+key-block schedule (ranges computed in the kernel from the rules' closed forms, or index
+lists), the layout (original positions of permuted rows, loaded and stored in place) and the
+dynamic selectors' side tensor. launch_args() builds a launch as data; attention() runs it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +19,8 @@ from attnc.compiler.blockmask import BlockMaskIR
 from attnc.compiler.ir import INT, type_of, walk
 from attnc.compiler.rules import rewrite
 from attnc.compiler.support import derive_with_mask
+
+from attnc.settings import settings
 
 from .expr import PRELUDE, print_expr
 
@@ -365,28 +363,12 @@ def _version() -> str:
     return __version__
 
 
-_LOADED: dict[str, object] = {}
+def load_kernel(source: str, interpret: bool | None = None):
+    """The generated module's `attnc_fwd`, imported from attnc's content-addressed cache
+    (Triton's JIT needs a real file); one module per source text and mode."""
+    from .cache import load_kernel as cached
 
-
-def load_kernel(source: str):
-    """Import generated source (Triton's JIT needs a real file); one module per source text."""
-    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-    if digest in _LOADED:
-        return _LOADED[digest]
-    folder = os.path.join(tempfile.gettempdir(), "attnc-kernels")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"k_{digest}.py")
-    if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".py")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    spec = importlib.util.spec_from_file_location(f"attnc_k_{digest}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    _LOADED[digest] = mod.attnc_fwd
-    return mod.attnc_fwd
+    return cached(source, interpret)
 
 
 @dataclass
@@ -417,41 +399,46 @@ _LAYOUT_CODE = {None: 0, "diagonal": 1, "key_classes": 2}
 
 
 def _prepared(bm: BlockMaskIR, arithmetic: bool | None, dev) -> tuple:
-    """(kernel, index-list tensors or None) for a block mask, built once per block mask."""
+    """(kernel source, index-list tensors or None, int32 predicates) for a block mask, built
+    once per block mask and device."""
     cache = bm.__dict__.setdefault("_kernel_launch", {})
     key = (arithmetic, str(dev))
     if key not in cache:
         src = kernel_source(bm, arithmetic)
-        fn = load_kernel(src)
         t = None
         if "schedule: index lists" in src.split("\n", 1)[0]:
             csr = bm.materialize()
             t = {name: torch.as_tensor(getattr(csr, name), device=dev).contiguous()
                  for name in _CSR_NAMES}
-        cache[key] = (fn, t)
+        cache[key] = (src, t, fits_int32(bm))
     return cache[key]
+
+
+@dataclass
+class Launch:
+    """One kernel launch as data: the generated source, the grid and the arguments of its
+    `attnc_fwd` (keyword arguments hold constexprs and launch options). codegen.artifact
+    compiles ahead of time from the same data, so the two never drift apart."""
+
+    source: str
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    out: torch.Tensor
+    lse: torch.Tensor
 
 
 _CSR_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR,
-              sm_scale: float | None = None, poison: bool = False,
-              arithmetic: bool | None = None,
-              block_mask: dict[str, torch.Tensor] | None = None,
-              side: torch.Tensor | None = None, config: Config | None = None) -> Output:
-    """Sparse attention of q [B, H, Lq, D] over k, v [B, Hkv, n, D] with a block mask.
-
-    Returns the output and the natural-log LSE ([B, H, Lq], -inf for rows that keep nothing).
-    Under a layout transform q, k, v, the output and the LSE stay in the original order: the
-    kernel loads and stores rows at their permuted positions.
-    poison=True fills the outputs with NaN first (tests: every element must be written).
-    block_mask: index lists computed elsewhere (dynamic patterns' builders), FlexAttention's
-    layout without the batch dimension: kv_num_blocks [H|1, QB], kv_indices [H|1, QB, W],
-    full_kv_num_blocks, full_kv_indices; they replace the block mask's own (index-list
-    schedule), and the pattern's predicate is still applied in partial blocks.
-    side: int32 [H|1, S, L], what dynamic selectors read in partial blocks (codegen.dynamic
-    defines its layout)."""
+def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR, *,
+                sm_scale: float | None = None, arithmetic: bool | None = None,
+                block_mask: dict[str, torch.Tensor] | None = None,
+                side: torch.Tensor | None = None, config: Config | None = None,
+                interpret: bool = False, poison: bool = False) -> Launch:
+    """Check shapes and build the launch attention() makes, without launching and without a
+    device check (tensors may live on the meta device for ahead-of-time builds).
+    interpret: the interpreter's bf16/fp16 dot products need upcast operands."""
     B, H, Lq, D = q.shape
     Bk, Hkv, n, Dk = k.shape
     lay = bm.layout
@@ -462,23 +449,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
                          f"fit the block mask (q_len {bm.q_len}, n {bm.n_var})")
     if lay is not None and lay.moves_queries() and Lq != n:
         raise ValueError("a diagonal layout needs all n queries")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not interpret and q.device.type != "cuda":
-        raise ValueError("the kernels run on a CUDA device (or on the CPU under "
-                         "TRITON_INTERPRET=1); got tensors on " + str(q.device))
     if bm.heads not in (1, H):
         raise ValueError(f"the block mask has {bm.heads} heads, q has {H}")
     dev = q.device
     num_q_blocks = -(-grid_q // bm.schedule.block_m)
     if block_mask is not None:
-        fn, _ = _prepared(bm, False, dev)
+        src, _, pos32 = _prepared(bm, False, dev)
         t = {name: block_mask[name].to(device=dev, dtype=torch.int32).contiguous()
              for name in _CSR_NAMES}
     else:
-        fn, t = _prepared(bm, arithmetic, dev)
-    pos32 = bm.__dict__.setdefault("_kernel_launch", {}).get("pos32")
-    if pos32 is None:
-        pos32 = bm.__dict__["_kernel_launch"]["pos32"] = fits_int32(bm)
+        src, t, pos32 = _prepared(bm, arithmetic, dev)
     if t is None:  # arithmetic ranges: the index-list arguments are never read
         dummy = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
         t = {name: dummy for name in _CSR_NAMES}
@@ -499,11 +479,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     side = side.to(device=dev, dtype=torch.int32).contiguous()
     s_side_h = side.stride(0) if side.shape[0] > 1 else 0
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    BM, BN = bm.schedule.block_m, bm.schedule.block_n
     upcast = bool(interpret and q.dtype != torch.float32)
     cfg = config or default_config(bm, D)
-    grid = (num_q_blocks, B * H)
-    fn[grid](
+    args = (
         q, k, v, o, lse,
         t["kv_num_blocks"], t["kv_indices"], t["full_kv_num_blocks"], t["full_kv_indices"], side,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -514,12 +492,48 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
         s_side_h, side.stride(1),
         sm_scale, grid_q, bm.n, bm.n_var, bm.q_start, H, H // Hkv,
         n, lay.seg if lay else 1, lay.d if lay else 1, lay.block if lay else 1,
-        BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
-        IEEE=bool(q.dtype == torch.float32 or upcast), LAYOUT=_LAYOUT_CODE[lay and lay.kind],
-        POS32=pos32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return Output(o, lse)
+    kwargs = dict(
+        BLOCK_M=bm.schedule.block_m, BLOCK_N=bm.schedule.block_n, HEAD_DIM=D, UPCAST=upcast,
+        IEEE=bool(q.dtype == torch.float32 or upcast), LAYOUT=_LAYOUT_CODE[lay and lay.kind],
+        POS32=pos32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return Launch(src, (num_q_blocks, B * H), args, kwargs, o, lse)
 
 
-__all__ = ["Config", "Output", "attention", "default_config", "kernel_source", "load_kernel"]
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR,
+              sm_scale: float | None = None, poison: bool = False,
+              arithmetic: bool | None = None,
+              block_mask: dict[str, torch.Tensor] | None = None,
+              side: torch.Tensor | None = None, config: Config | None = None) -> Output:
+    """Sparse attention of q [B, H, Lq, D] over k, v [B, Hkv, n, D] with a block mask.
+
+    Returns the output and the natural-log LSE ([B, H, Lq], -inf for rows that keep nothing).
+    Under a layout transform q, k, v, the output and the LSE stay in the original order: the
+    kernel loads and stores rows at their permuted positions.
+    poison=True fills the outputs with NaN first (tests: every element must be written).
+    block_mask: index lists computed elsewhere (dynamic patterns' builders), FlexAttention's
+    layout without the batch dimension: kv_num_blocks [H|1, QB], kv_indices [H|1, QB, W],
+    full_kv_num_blocks, full_kv_indices; they replace the block mask's own (index-list
+    schedule), and the pattern's predicate is still applied in partial blocks.
+    side: int32 [H|1, S, L], what dynamic selectors read in partial blocks (codegen.dynamic
+    defines its layout).
+    Compiled binaries go to Triton's cache inside attnc's cache (ATTNC_CACHE_DIR/triton), so
+    another process with the same cache launches without compiling."""
+    from .cache import triton_cache
+
+    interpret = settings().triton_interpret
+    if not interpret and q.device.type != "cuda":
+        raise ValueError("the kernels run on a CUDA device (or on the CPU under "
+                         "TRITON_INTERPRET=1); got tensors on " + str(q.device))
+    L = launch_args(q, k, v, bm, sm_scale=sm_scale, arithmetic=arithmetic,
+                    block_mask=block_mask, side=side, config=config, interpret=interpret,
+                    poison=poison)
+    fn = load_kernel(L.source, interpret)
+    with triton_cache(interpret):
+        fn[L.grid](*L.args, **L.kwargs)
+    return Output(L.out, L.lse)
+
+
+__all__ = ["Config", "Launch", "Output", "attention", "default_config", "fits_int32",
+           "kernel_source", "launch_args", "load_kernel"]
