@@ -92,56 +92,9 @@ class Launch:
 def launch_args(q, k, v, bm: BlockMaskIR, *, arithmetic: bool | None = None,
                 interpret: bool = False) -> Launch:
     """The launch kernel.attention() would make, without launching (tensors may live on the
-    meta device). Uses kernel.launch_args when codegen.kernel provides it, so the arguments
-    follow the kernel's own code; otherwise _launch_args_shim, a copy of attention()'s
-    argument building."""
-    own = getattr(K, "launch_args", None)
-    if own is not None:
-        got = own(q, k, v, bm, arithmetic=arithmetic, interpret=interpret)
-        return Launch(got.source, tuple(got.grid), tuple(got.args), dict(got.kwargs))
-    return _launch_args_shim(q, k, v, bm, arithmetic=arithmetic, interpret=interpret)
-
-
-def _launch_args_shim(q, k, v, bm: BlockMaskIR, *, arithmetic: bool | None,
-                      interpret: bool) -> Launch:
-    B, H, Lq, D = q.shape
-    n = k.shape[2]
-    Hkv = k.shape[1]
-    lay = bm.layout
-    dev = q.device
-    src = K.kernel_source(bm, arithmetic)
-    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
-    if "schedule: index lists" in src.split("\n", 1)[0]:
-        csr = bm.materialize()
-        t = {name: torch.as_tensor(getattr(csr, name), device=dev).contiguous() for name in names}
-    else:
-        dummy = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
-        t = {name: dummy for name in names}
-    hs = {name: (x.stride(0) if x.shape[0] > 1 else 0) for name, x in t.items()}
-    o = torch.empty_like(q)
-    lse = torch.empty((B, H, Lq), device=dev, dtype=torch.float32)
-    side = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
-    upcast = bool(interpret and q.dtype != torch.float32)
-    cfg = K.default_config(bm, D)
-    layout_code = {None: 0, "diagonal": 1, "key_classes": 2}[lay and lay.kind]
-    args = (
-        q, k, v, o, lse,
-        t["kv_num_blocks"], t["kv_indices"], t["full_kv_num_blocks"], t["full_kv_indices"], side,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        lse.stride(0), lse.stride(1),
-        hs["kv_num_blocks"], hs["kv_indices"], t["kv_indices"].stride(1),
-        hs["full_kv_num_blocks"], hs["full_kv_indices"], t["full_kv_indices"].stride(1),
-        0, side.stride(1),
-        D ** -0.5, bm.q_len, bm.n, bm.n_var, bm.q_start, H, H // Hkv,
-        n, lay.seg if lay else 1, lay.d if lay else 1, lay.block if lay else 1,
-    )
-    kwargs = dict(BLOCK_M=bm.schedule.block_m, BLOCK_N=bm.schedule.block_n, HEAD_DIM=D,
-                  UPCAST=upcast, IEEE=bool(q.dtype == torch.float32 or upcast),
-                  LAYOUT=layout_code, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if hasattr(K, "fits_int32"):
-        kwargs["POS32"] = K.fits_int32(bm)
-    return Launch(src, (-(-bm.q_len // bm.schedule.block_m), B * H), args, kwargs)
+    meta device): kernel.launch_args builds it, so the arguments follow the kernel's code."""
+    got = K.launch_args(q, k, v, bm, arithmetic=arithmetic, interpret=interpret)
+    return Launch(got.source, tuple(got.grid), tuple(got.args), dict(got.kwargs))
 
 
 def probe_tensors(bm: BlockMaskIR, dtype: str, head_dim: int):
