@@ -188,7 +188,11 @@ class Built:
 
 
 def ir_text(bm: BlockMaskIR) -> str:
-    """The canonical IR the kernel computes, without the pattern's name (a label)."""
+    """The canonical IR the kernel computes, without the pattern's name (a label); for a plan
+    kernel, each variant's IR and the head -> variant map."""
+    if isinstance(bm, K.PlanMask):
+        return "\n".join([f"(heads {' '.join(map(str, bm.head_variant))})"]
+                         + [f"(variant {i}\n{ir_text(v)})" for i, v in enumerate(bm.variants)])
     p = bm.pattern
     bias = to_text(p.bias) if p.bias is not None else "none"
     return f"(mask {to_text(p.mask)})\n(bias {bias})"
@@ -329,8 +333,10 @@ class KernelSpec:
 
 
 def plan_specs(plan, *, n: int, q_len: int, schedule) -> list[KernelSpec]:
-    """One kernel per distinct pattern of a plan (equal IR, equal kernel), each with the cells
-    it serves: a plan in one launch is not generated yet. Natural token order (no layout)."""
+    """One kernel per layer of a plan: its heads' patterns run in one launch (codegen.kernel's
+    PlanMask); layers with the same head -> pattern map share a kernel, and a layer with one
+    pattern gets a plain kernel. A layer with a dynamic pattern gets one kernel per pattern
+    (their run-time builders are per pattern). Natural token order (no layout)."""
     from attnc.compiler.blockmask import build as build_bm
     from attnc.compiler.ir import PatternIR
     from attnc.compiler.lower import lower_plan
@@ -338,20 +344,41 @@ def plan_specs(plan, *, n: int, q_len: int, schedule) -> list[KernelSpec]:
 
     from attnc import reference
 
-    groups: dict[str, tuple[PatternIR, list]] = {}
-    for cell, ir in sorted(lower_plan(plan).items()):
-        groups.setdefault(ir.key, (ir, []))[1].append(cell)
-    specs = []
-    for ir, cells in groups.values():
-        if not ir.dynamic:
-            # Elastic arguments are range-checked by evaluating one query row.
-            layer, head = cells[0]
-            reference.evaluate_plan(plan, layer=layer, n=n, q_len=1, heads=[head])
-        simple = PatternIR(ir.name, rewrite(ir.mask),
-                           rewrite(ir.bias) if ir.bias is not None else None)
-        bm = build_bm(simple, n=n, heads=plan.heads, q_len=q_len, schedule=schedule)
-        specs.append(KernelSpec(ir.name, bm, cells))
-    return specs
+    cells = lower_plan(plan)
+    checked: set[str] = set()
+    built: dict[str, BlockMaskIR] = {}
+
+    def bm_for(ir: PatternIR, layer: int, head: int) -> BlockMaskIR:
+        if ir.key not in built:
+            if not ir.dynamic and ir.key not in checked:
+                # Elastic arguments are range-checked by evaluating one query row.
+                reference.evaluate_plan(plan, layer=layer, n=n, q_len=1, heads=[head])
+                checked.add(ir.key)
+            simple = PatternIR(ir.name, rewrite(ir.mask),
+                               rewrite(ir.bias) if ir.bias is not None else None)
+            built[ir.key] = build_bm(simple, n=n, heads=plan.heads, q_len=q_len,
+                                     schedule=schedule)
+        return built[ir.key]
+
+    specs: dict[str, KernelSpec] = {}
+    for layer in range(plan.layers):
+        irs = [cells[(layer, h)] for h in range(plan.heads)]
+        keys = list(dict.fromkeys(ir.key for ir in irs))
+        if len(keys) == 1 or any(ir.dynamic for ir in irs):
+            for h, ir in enumerate(irs):
+                spec = specs.get(ir.key)
+                if spec is None:
+                    spec = specs[ir.key] = KernelSpec(ir.name, bm_for(ir, layer, h))
+                spec.cells.append((layer, h))
+            continue
+        sig = " ".join(ir.key for ir in irs)
+        if sig not in specs:
+            firsts = {ir.key: (h, ir) for h, ir in reversed(list(enumerate(irs)))}
+            variants = [bm_for(firsts[key][1], layer, firsts[key][0]) for key in keys]
+            plan_mask = K.PlanMask(variants, [keys.index(ir.key) for ir in irs])
+            specs[sig] = KernelSpec(f"{plan.name}-layer{layer}", plan_mask)
+        specs[sig].cells += [(layer, h) for h in range(plan.heads)]
+    return list(specs.values())
 
 
 def write_output(out: str | Path, specs: list[KernelSpec], *, archs: list[str],

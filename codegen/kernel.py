@@ -10,6 +10,7 @@ dynamic selectors' side tensor. launch_args() builds a launch as data; attention
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,64 +42,12 @@ def attnc_orig(p, N, SEG, LD, LBLK, LAYOUT: tl.constexpr, IS_KEY: tl.constexpr):
         return p
 
 
-@triton.jit
-def attnc_block(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
-                K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, N_ORIG, SEG, LD, LBLK,
-                SIDE, s_side_h, s_side_s,
-                APPLY_MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                UPCAST: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr,
-                POS32: tl.constexpr):
-    LOG2E: tl.constexpr = 1.4426950408889634
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    rows = attnc_orig(offs_n, N_ORIG, SEG, LD, LBLK, LAYOUT, True)
-    k_ptr = K + b * sk_b + hk * sk_h + rows[:, None] * sk_n + offs_d[None, :]
-    v_ptr = V + b * sv_b + hk * sv_h + rows[:, None] * sv_n + offs_d[None, :]
-    if APPLY_MASK:
-        # Partial blocks may run past the keys (or onto a layout's padding slots).
-        col_ok = (offs_n < N_CTX) & (rows < N_ORIG)
-        k = tl.load(k_ptr, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptr, mask=col_ok[:, None], other=0.0)
-    else:
-        # Full blocks are complete and hold real keys only: unmasked loads.
-        k = tl.load(k_ptr)
-        v = tl.load(v_ptr)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    # float32 inputs get float32 products (not TF32): the error bound is PyTorch's.
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale
-{bias}
-    if APPLY_MASK:
-        if POS32:
-            k_pos = offs_n.to(tl.int32)[None, :]
-        else:
-            k_pos = offs_n[None, :]
-        s = tl.where(col_ok[None, :] & ({mask}), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing kept so far keep m = -inf; exp2 must see a finite shift.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = m_new
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
-
+{blocks}
 
 @triton.jit
 def attnc_fwd(
     Q, K, V, O, LSE,
-    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, SIDE,
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, SIDE, PAT,
     sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sl_b, sl_h,
     s_num_h, s_idx_h, s_idx_m, s_fnum_h, s_fidx_h, s_fidx_m, s_side_h, s_side_s,
     sm_scale, Q_LEN, N_CTX, N_VAR, Q_START, H, GROUP, N_ORIG, SEG, LD, LBLK,
@@ -148,13 +97,14 @@ def attnc_fwd(
     tl.store(LSE + b * sl_b + h * sl_h + q_row, lse, mask=row_ok)
 """
 
-_CALL = ("attnc_block(acc, l_i, m_i, q, kb, q_pos, hp, hk, b, n_var, qk_scale, K, V, sk_b, "
-         "sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, N_ORIG, SEG, LD, LBLK, SIDE, s_side_h, s_side_s, "
-         "{m}, BLOCK_N, HEAD_DIM, UPCAST, IEEE, LAYOUT, POS32)")
+_CALL = ("attnc_block{suffix}(acc, l_i, m_i, q, kb, q_pos, hp, hk, b, n_var, qk_scale, K, V, "
+         "sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, N_ORIG, SEG, LD, LBLK, SIDE, s_side_h, "
+         "s_side_s, {m}, BLOCK_N, HEAD_DIM, UPCAST, IEEE, LAYOUT, POS32)")
 
 
-def _loop(indent: str, header: str, masked: bool, index: str | None = None) -> list[str]:
-    call = _CALL.format(m="True" if masked else "False")
+def _loop(indent: str, header: str, masked: bool, index: str | None = None,
+          suffix: str = "") -> list[str]:
+    call = _CALL.format(m="True" if masked else "False", suffix=suffix)
     out = [f"{indent}{header}"]
     if index is not None:
         out.append(f"{indent}    kb = {index}")
@@ -163,14 +113,16 @@ def _loop(indent: str, header: str, masked: bool, index: str | None = None) -> l
     return out
 
 
-CSR_SCHEDULE = "\n".join(
-    ["    # Key blocks from the index lists: full (no mask), then partial."]
-    + ["    n_full = tl.load(FULL_NUM + h * s_fnum_h + pid_m)"]
-    + _loop("    ", "for i in range(0, n_full):", False,
-            "tl.load(FULL_IDX + h * s_fidx_h + pid_m * s_fidx_m + i).to(tl.int64)")
-    + ["    n_part = tl.load(KV_NUM + h * s_num_h + pid_m)"]
-    + _loop("    ", "for i in range(0, n_part):", True,
-            "tl.load(KV_IDX + h * s_idx_h + pid_m * s_idx_m + i).to(tl.int64)"))
+def _csr_schedule(suffix: str = "") -> str:
+    return "\n".join(
+        ["    # Key blocks from the index lists: full (no mask), then partial."]
+        + ["    n_full = tl.load(FULL_NUM + h * s_fnum_h + pid_m)"]
+        + _loop("    ", "for i in range(0, n_full):", False,
+                "tl.load(FULL_IDX + h * s_fidx_h + pid_m * s_fidx_m + i).to(tl.int64)", suffix)
+        + ["    n_part = tl.load(KV_NUM + h * s_num_h + pid_m)"]
+        + _loop("    ", "for i in range(0, n_part):", True,
+                "tl.load(KV_IDX + h * s_idx_h + pid_m * s_idx_m + i).to(tl.int64)", suffix))
+
 
 _NAMES = {"q": "q_pos", "k": "k_pos", "h": "h", "n": "n_var"}
 
@@ -204,7 +156,7 @@ def arithmetic_rules(bm: BlockMaskIR):
     return rules
 
 
-def _arith_schedule(rules, block_n: int) -> str:
+def _arith_schedule(rules, block_n: int, suffix: str = "") -> str:
     """Key-block ranges from the rules' closed forms. Interval rules are sorted by their first
     block and trimmed so that none overlaps an earlier one (each block is processed once);
     each interval then runs as up to three loops with fixed bodies (partial, full, partial),
@@ -256,9 +208,9 @@ def _arith_schedule(rules, block_n: int) -> str:
             f"    gap{i} = end + 1",
             f"    end = tl.maximum(end, z{i})",
         ]
-        L += _loop("    ", f"for kb in range(a{i}, fa{i}):", True)
-        L += _loop("    ", f"for kb in range(fa{i}, fz{i} + 1):", False)
-        L += _loop("    ", f"for kb in range(fz{i} + 1, z{i} + 1):", True)
+        L += _loop("    ", f"for kb in range(a{i}, fa{i}):", True, None, suffix)
+        L += _loop("    ", f"for kb in range(fa{i}, fz{i} + 1):", False, None, suffix)
+        L += _loop("    ", f"for kb in range(fz{i} + 1, z{i} + 1):", True, None, suffix)
     for r in strided:
         st = r.stride
         ratio = st.block // block_n  # key blocks per pattern block
@@ -290,9 +242,9 @@ def _arith_schedule(rules, block_n: int) -> str:
                 L.append(f"        for kb in range(tl.maximum(j0, g_lo), "
                          f"tl.minimum(j0 + {ratio}, g_hi + 1)):")
             L.append(f"    {inner}if (kb >= sfa) & (kb <= sfz):")
-            L.append(f"    {inner}    acc, l_i, m_i = {_CALL.format(m='False')}")
+            L.append(f"    {inner}    acc, l_i, m_i = {_CALL.format(m='False', suffix=suffix)}")
             L.append(f"    {inner}else:")
-            L.append(f"    {inner}    acc, l_i, m_i = {_CALL.format(m='True')}")
+            L.append(f"    {inner}    acc, l_i, m_i = {_CALL.format(m='True', suffix=suffix)}")
     return "\n".join(L)
 
 
@@ -303,6 +255,8 @@ def fits_int32(bm: BlockMaskIR) -> bool:
     """True when every integer the predicate and bias compute stays inside int32 for every
     query and key slot the kernel can touch (interval analysis over the whole grid, padding
     included): then the kernel evaluates them in int32."""
+    if isinstance(bm, PlanMask):
+        return all(fits_int32(v) for v in bm.variants)
     if bm.pattern.dynamic:
         return False
     BM, BN = bm.schedule.block_m, bm.schedule.block_n
@@ -327,10 +281,63 @@ def fits_int32(bm: BlockMaskIR) -> bool:
     return True
 
 
-def kernel_source(bm: BlockMaskIR, arithmetic: bool | None = None, source: str = "") -> str:
-    """Deterministic Triton source for a block mask's pattern. With arithmetic ranges (the
-    default when the rules allow it) the kernel needs no index lists. Dynamic selectors read
-    the side tensor their builders fill (codegen.dynamic)."""
+BLOCK_TEMPLATE = """@triton.jit
+def attnc_block{suffix}(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
+                K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, N_CTX, N_ORIG, SEG, LD, LBLK,
+                SIDE, s_side_h, s_side_s,
+                APPLY_MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr,
+                POS32: tl.constexpr):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    rows = attnc_orig(offs_n, N_ORIG, SEG, LD, LBLK, LAYOUT, True)
+    k_ptr = K + b * sk_b + hk * sk_h + rows[:, None] * sk_n + offs_d[None, :]
+    v_ptr = V + b * sv_b + hk * sv_h + rows[:, None] * sv_n + offs_d[None, :]
+    if APPLY_MASK:
+        # Partial blocks may run past the keys (or onto a layout's padding slots).
+        col_ok = (offs_n < N_CTX) & (rows < N_ORIG)
+        k = tl.load(k_ptr, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptr, mask=col_ok[:, None], other=0.0)
+    else:
+        # Full blocks are complete and hold real keys only: unmasked loads.
+        k = tl.load(k_ptr)
+        v = tl.load(v_ptr)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    # float32 inputs get float32 products (not TF32): the error bound is PyTorch's.
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+{bias}
+    if APPLY_MASK:
+        if POS32:
+            k_pos = offs_n.to(tl.int32)[None, :]
+        else:
+            k_pos = offs_n[None, :]
+        s = tl.where(col_ok[None, :] & ({mask}), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows with nothing kept so far keep m = -inf; exp2 must see a finite shift.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+"""
+
+
+def _variant(bm: BlockMaskIR, arithmetic: bool | None, suffix: str) -> tuple[str, str, bool]:
+    """(block helper source, schedule source, uses index lists) of one pattern."""
     sel = None
     if bm.pattern.dynamic:
         from .dynamic import selector_printer
@@ -346,15 +353,175 @@ def kernel_source(bm: BlockMaskIR, arithmetic: bool | None = None, source: str =
         bias_src = "    pass"
     rules = arithmetic_rules(bm)
     use_arith = rules is not None if arithmetic is None else (arithmetic and rules is not None)
-    schedule = _arith_schedule(rules, bm.schedule.block_n) if use_arith else CSR_SCHEDULE
-    mode = "arithmetic ranges" if use_arith else "index lists"
-    header = (f'"""attnc generated kernel. pattern: {bm.pattern.name}; key {bm.pattern.key}; '
-              f'schedule: {mode}\n\nattnc {_version()}; source: {source or "(not recorded)"}\n'
-              f'{bm.schedule.text()}\n"""')
-    out = TEMPLATE.format(header=header, prelude=PRELUDE, mask=mask_src, bias=bias_src,
+    schedule = (_arith_schedule(rules, bm.schedule.block_n, suffix) if use_arith
+                else _csr_schedule(suffix))
+    block = BLOCK_TEMPLATE.format(suffix=suffix, mask=mask_src, bias=bias_src)
+    return block, schedule, not use_arith
+
+
+def _finish(header: str, blocks: list[str], schedule: str) -> str:
+    out = TEMPLATE.format(header=header, prelude=PRELUDE, blocks="\n\n".join(blocks),
                           schedule=schedule)
     # Long generated lines are fine for Triton; keep the file free of trailing blanks.
     return "\n".join(line.rstrip() for line in out.splitlines()) + "\n"
+
+
+def kernel_source(bm: BlockMaskIR, arithmetic: bool | None = None, source: str = "") -> str:
+    """Deterministic Triton source for a block mask's pattern. With arithmetic ranges (the
+    default when the rules allow it) the kernel needs no index lists. Dynamic selectors read
+    the side tensor their builders fill (codegen.dynamic)."""
+    if isinstance(bm, PlanMask):
+        return plan_source(bm, arithmetic, source)
+    block, schedule, lists = _variant(bm, arithmetic, "")
+    mode = "index lists" if lists else "arithmetic ranges"
+    header = (f'"""attnc generated kernel. pattern: {bm.pattern.name}; key {bm.pattern.key}; '
+              f'schedule: {mode}\n\nattnc {_version()}; source: {source or "(not recorded)"}\n'
+              f'{bm.schedule.text()}\n"""')
+    return _finish(header, [block], schedule)
+
+
+@dataclass
+class PlanMask:
+    """The heads of one layer, each with its own pattern, run by one kernel: variant i is a
+    block mask over all heads (built with heads = H, no layout, one shared schedule), and
+    head_variant[h] says which variant head h runs."""
+
+    variants: list[BlockMaskIR]
+    head_variant: list[int]
+
+    def __post_init__(self):
+        first = self.variants[0]
+        for v in self.variants:
+            if v.layout is not None:
+                raise ValueError("plan kernels run patterns in their natural order (no layout)")
+            if (v.n, v.q_len, v.q_start, v.n_var, v.schedule) != \
+                    (first.n, first.q_len, first.q_start, first.n_var, first.schedule):
+                raise ValueError("every pattern of a plan kernel needs the same n, q_len and "
+                                 "schedule")
+        if sorted(set(self.head_variant)) != list(range(len(self.variants))):
+            raise ValueError("head_variant must use every variant")
+
+    # The attributes launch_args reads, shared by every variant.
+    @property
+    def schedule(self):
+        return self.variants[0].schedule
+
+    @property
+    def n(self) -> int:
+        return self.variants[0].n
+
+    @property
+    def n_var(self) -> int:
+        return self.variants[0].n_var
+
+    @property
+    def q_len(self) -> int:
+        return self.variants[0].q_len
+
+    @property
+    def q_start(self) -> int:
+        return self.variants[0].q_start
+
+    @property
+    def heads(self) -> int:
+        return len(self.head_variant)
+
+    layout = None
+
+    @property
+    def key(self) -> str:
+        text = "plan " + " ".join(v.pattern.key for v in self.variants) + " heads " + \
+            " ".join(map(str, self.head_variant))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def pattern(self) -> PlanLabel:
+        """What manifests and logs show for the kernel: its variants by name, the plan key."""
+        return PlanLabel("plan(" + ", ".join(v.pattern.name for v in self.variants) + ")",
+                         self.key, any(v.pattern.dynamic for v in self.variants))
+
+    def text(self) -> str:
+        return "\n".join([f"plan kernel: heads -> variant {self.head_variant}"]
+                         + [f"variant {i}:\n" + v.text() for i, v in enumerate(self.variants)])
+
+    def materialize(self):
+        """One CSR over all heads: head h's rows come from its variant (padded to the widest)."""
+        csrs = [v.materialize() for v in self.variants]
+        H = self.heads
+        QB = csrs[0].num_q_blocks
+        out = {}
+        for name, wide in (("kv_num_blocks", None), ("kv_indices", "kv_indices"),
+                           ("full_kv_num_blocks", None), ("full_kv_indices", "full_kv_indices")):
+            arrs = [getattr(c, name) for c in csrs]
+            if wide is None:
+                out[name] = np.stack([arrs[i][h if arrs[i].shape[0] > 1 else 0]
+                                      for h, i in enumerate(self.head_variant)])
+            else:
+                W = max(max(a.shape[2] for a in arrs), 1)
+                m = np.zeros((H, QB, W), dtype=np.int32)
+                for h, i in enumerate(self.head_variant):
+                    a = arrs[i][h if arrs[i].shape[0] > 1 else 0]
+                    m[h, :, : a.shape[1]] = a
+                out[name] = m
+        return _PlanCSR(**out)
+
+
+@dataclass(frozen=True)
+class PlanLabel:
+    name: str
+    key: str
+    dynamic: bool
+
+
+@dataclass
+class _PlanCSR:
+    kv_num_blocks: np.ndarray
+    kv_indices: np.ndarray
+    full_kv_num_blocks: np.ndarray
+    full_kv_indices: np.ndarray
+
+
+def plan_layer(plan, layer: int, *, n: int, q_len: int | None = None,
+               schedule=None) -> BlockMaskIR | PlanMask:
+    """The kernel input for one layer of a checked plan (dsl PlanInfo): a PlanMask over its
+    heads' distinct patterns, or a plain block mask when the layer uses one pattern."""
+    from attnc.compiler.blockmask import build
+    from attnc.compiler.lower import lower_plan
+
+    cells = lower_plan(plan)
+    irs = [cells[(layer, h)] for h in range(plan.heads)]
+    keys = list(dict.fromkeys(ir.key for ir in irs))
+    first = {ir.key: ir for ir in reversed(irs)}
+    if any(ir.dynamic for ir in irs) and len(keys) > 1:
+        raise ValueError("a plan kernel runs static patterns; this layer mixes in a dynamic "
+                         "one (run it per pattern with codegen.dynamic)")
+    variants = [build(first[key], n=n, heads=plan.heads, q_len=q_len, schedule=schedule)
+                for key in keys]
+    if len(variants) == 1:
+        return variants[0]
+    return PlanMask(variants, [keys.index(ir.key) for ir in irs])
+
+
+def plan_source(plan: PlanMask, arithmetic: bool | None = None, source: str = "") -> str:
+    """One kernel for a layer's heads: each pattern's block helper and schedule, dispatched on
+    the head's variant (read once per program)."""
+    blocks, branches, modes = [], [], []
+    for i, bm in enumerate(plan.variants):
+        block, schedule, lists = _variant(bm, arithmetic, f"_{i}")
+        blocks.append(block)
+        modes.append("index lists" if lists else "arithmetic ranges")
+        body = "\n".join("    " + line if line.strip() else line
+                         for line in schedule.splitlines())
+        branches.append(("if" if i == 0 else "elif") + f" pat == {i}:\n{body}")
+    schedule = "    pat = tl.load(PAT + h)\n" + "\n".join(
+        "    " + line if line.strip() else line for b in branches for line in b.splitlines())
+    names = ", ".join(f"{i}: {bm.pattern.name} ({m})" for i, (bm, m) in
+                      enumerate(zip(plan.variants, modes, strict=True)))
+    header = (f'"""attnc generated kernel. plan of {len(plan.variants)} patterns; key '
+              f'{plan.key}; schedule: per head\n\nvariants {names}\nheads -> variant '
+              f'{plan.head_variant}\nattnc {_version()}; source: {source or "(not recorded)"}'
+              f'\n{plan.schedule.text()}\n"""')
+    return _finish(header, blocks, schedule)
 
 
 def _version() -> str:
@@ -406,7 +573,7 @@ def _prepared(bm: BlockMaskIR, arithmetic: bool | None, dev) -> tuple:
     if key not in cache:
         src = kernel_source(bm, arithmetic)
         t = None
-        if "schedule: index lists" in src.split("\n", 1)[0]:
+        if "KV_IDX + " in src:
             csr = bm.materialize()
             t = {name: torch.as_tensor(getattr(csr, name), device=dev).contiguous()
                  for name in _CSR_NAMES}
@@ -478,12 +645,17 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
         side = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
     side = side.to(device=dev, dtype=torch.int32).contiguous()
     s_side_h = side.stride(0) if side.shape[0] > 1 else 0
+    if isinstance(bm, PlanMask):
+        pat = torch.tensor(bm.head_variant, dtype=torch.int32, device=dev)
+    else:
+        pat = side  # never read by a single-pattern kernel
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     upcast = bool(interpret and q.dtype != torch.float32)
     cfg = config or default_config(bm, D)
     args = (
         q, k, v, o, lse,
         t["kv_num_blocks"], t["kv_indices"], t["full_kv_num_blocks"], t["full_kv_indices"], side,
+        pat,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1),
@@ -535,5 +707,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
     return Output(L.out, L.lse)
 
 
-__all__ = ["Config", "Launch", "Output", "attention", "default_config", "fits_int32",
-           "kernel_source", "launch_args", "load_kernel"]
+__all__ = ["Config", "Launch", "Output", "PlanMask", "attention", "default_config", "fits_int32",
+           "kernel_source", "launch_args", "load_kernel", "plan_layer", "plan_source"]

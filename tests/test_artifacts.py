@@ -108,7 +108,8 @@ def test_second_compile_is_a_cache_hit(built, tmp_path):
     assert keys(first) == keys(again)
 
 
-def test_plan_writes_one_kernel_per_distinct_pattern(tmp_path):
+def test_plan_writes_one_kernel_per_layer(tmp_path):
+    """Layer 1 mixes two patterns: one plan kernel; layers with one pattern get plain ones."""
     f = tmp_path / "p.attn"
     f.write_text("plan tiny(layers = 3, heads = 2) {\n    layers 0: dense\n"
                  "    layers 1 heads 0: streaming(sink = 2, window = 16)\n"
@@ -119,8 +120,11 @@ def test_plan_writes_one_kernel_per_distinct_pattern(tmp_path):
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["plan"] == "tiny" and m["archs"] == []
     cells = {k["name"]: k["cells"] for k in m["kernels"]}
-    assert cells == {"dense": [[0, 0], [0, 1]], "streaming": [[1, 0]],
-                     "causal": [[1, 1], [2, 0], [2, 1]]}
+    assert cells == {"dense": [[0, 0], [0, 1]], "tiny-layer1": [[1, 0], [1, 1]],
+                     "causal": [[2, 0], [2, 1]]}
+    plan_kernel = next(k for k in m["kernels"] if k["name"] == "tiny-layer1")
+    src = (tmp_path / "out" / plan_kernel["source"]).read_text()
+    assert "pat = tl.load(PAT + h)" in src and "def attnc_block_1(" in src
     for k in m["kernels"]:
         assert (tmp_path / "out" / k["source"]).is_file() and k["binaries"] == []
 

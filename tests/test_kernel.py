@@ -206,3 +206,45 @@ def test_int32_predicates_only_where_values_fit():
     assert kernel.fits_int32(build(lower(lib, "p", {}), n=1000))
     assert not kernel.fits_int32(build(lower(lib, "p", {}), n=100_000))
     assert kernel.fits_int32(build(lower(LIB, "radial", {}), n=1 << 20, heads=16))
+
+
+PLAN = """
+plan mixed(layers = 2, heads = 6, kv_heads = 3) {
+    layers 0 kv_heads 0: streaming(sink = 3, window = 20)
+    layers 0 heads 2: radial(block = 8, dense = 2)
+    layers 0 heads 3: shards(stride = 3, block = 16, local = 10)
+    layers 0 heads 4: alibi(heads = 6)
+    default: causal
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plan_layer_runs_in_one_launch(dtype):
+    """Heads of one layer with different patterns (bias included, GQA, q_len < n): one kernel,
+    each head against the reference of its own pattern."""
+    prog = attnc.loads(PLAN)
+    plan = prog.plan("mixed")
+    n, q_len, D = 83, 70, 16
+    pm = kernel.plan_layer(plan, 0, n=n, q_len=q_len, schedule=Schedule(16, 16))
+    assert isinstance(pm, kernel.PlanMask) and len(pm.variants) == 5
+    src = kernel.kernel_source(pm)
+    assert src.count("def attnc_block_") == 5 and "pat = tl.load(PAT + h)" in src
+    seed = _fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 6, q_len, D, generator=g).to(dtype).to(DEVICE)
+    k = torch.randn(2, 3, n, D, generator=g).to(dtype).to(DEVICE)
+    v = torch.randn(2, 3, n, D, generator=g).to(dtype).to(DEVICE)
+    res = kernel.attention(q, k, v, pm, poison=True)
+    ev = reference.evaluate_plan(plan, layer=0, n=n, q_len=q_len)
+    (o64, lse64), (o_dt, _) = _ref(q.cpu(), k.cpu(), v.cpu(), ev.mask, ev.bias, D ** -0.5, dtype)
+    out = res.out.cpu().double()
+    assert not torch.isnan(out).any() and not torch.isnan(res.lse).any()
+    for h in range(6):
+        scale = o64[:, h].norm().item() or 1.0
+        ours = (out[:, h] - o64[:, h]).norm().item() / scale
+        torch_err = (o_dt[:, h] - o64[:, h]).norm().item() / scale
+        floor = 1e-6 if dtype == torch.float32 else 0.0
+        assert ours <= 2 * torch_err + floor, f"head {h}: {ours:.3e} vs {torch_err:.3e} ({seed})"
+    # A layer with one pattern is a plain kernel.
+    assert not isinstance(kernel.plan_layer(plan, 1, n=n), kernel.PlanMask)
