@@ -31,6 +31,7 @@ class TuneResult:
     study_name: str
     storage: str
     timings: dict[str, float] = field(default_factory=dict)
+    signals: object = None  # the Signals the search used
 
     def write(self, plan_path: str | Path, report_path: str | Path | None = None,
               figures: str | Path | None = None) -> list[Path]:
@@ -49,6 +50,19 @@ class TuneResult:
             out.append(pics.head_map(self.report, d / "heads.png"))
             out.append(pics.pareto(self.report, d / "pareto.png"))
         return out
+
+
+def expand_choice(result: TuneResult, choice) -> dict[tuple[int, int], Candidate]:
+    """(layer, query head) cells of a unit-level choice (candidate indices, as stored in the
+    report's front points) of a tuning result."""
+    rep = result.report
+    m = rep["model"]
+    units_per_layer = m["kv_heads"] if rep["granularity"] == "kv" else m["heads"]
+    cands = result.signals.candidates
+    unit = {(i // units_per_layer, i % units_per_layer): cands[int(c)]
+            for i, c in enumerate(choice)}
+    return expand(unit, heads=m["heads"], kv_heads=m["kv_heads"],
+                  granularity=rep["granularity"])
 
 
 def _bar(total: int, desc: str, on: bool):
@@ -214,7 +228,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     report = _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val,
                      validation_length, max_ppl_increase, latency_budget, timings, storage,
                      (L, H, G, D))
-    return TuneResult(text, cells, report, study_name, storage, timings)
+    return TuneResult(text, cells, report, study_name, storage, timings, sig)
 
 
 def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val, val_n,
@@ -252,4 +266,4 @@ def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val
     }
 
 
-__all__ = ["TuneResult", "apply", "autotune", "perplexity", "remove"]
+__all__ = ["TuneResult", "apply", "autotune", "expand_choice", "perplexity", "remove"]

@@ -59,6 +59,12 @@ class PlanMasks:
             self._bytes -= old.numel()
         return t
 
+    def layer_rows(self, layer: int, n: int, q_len: int, s: int, e: int,
+                   kend: int) -> torch.Tensor:
+        """[heads, e - s, kend] bool: rows s..e-1 of the layer's masks, keys below kend."""
+        return torch.stack([self._one(self.cells[(layer, h)], h, n, q_len)[s:e, :kend]
+                            for h in range(self.heads)])
+
     def layer(self, layer: int, n: int, q_len: int) -> torch.Tensor:
         """[heads, q_len, n] bool for one layer (queries are the last q_len positions)."""
         return torch.stack([self._one(self.cells[(layer, h)], h, n, q_len)
@@ -95,25 +101,29 @@ def _plan_info(plan) -> PlanInfo:
 def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
               **kwargs):
     """The registered attention function: masked attention per head with the plan's masks,
-    computed a chunk of queries at a time (CPU reference path)."""
+    computed a chunk of queries at a time over the keys up to the chunk's last query (every
+    plan mask is intersected with causal), on the CPU reference path."""
     masks: PlanMasks = module._attnc_masks
     B, H, Lq, D = query.shape
     n = key.shape[2]
     scale = scaling if scaling is not None else D ** -0.5
-    m = masks.layer(module.layer_idx, n, Lq).to(query.device)  # [H, Lq, n]
+    extra = None
     if attention_mask is not None and attention_mask.dim() == 4:
         extra = attention_mask[:, :, :, :n]
         extra = extra if extra.dtype == torch.bool else extra == 0
-        m = m.unsqueeze(0) & extra
-    else:
-        m = m.unsqueeze(0)
     gqa = key.shape[1] != H
     out = torch.empty_like(query)
     chunk = max(1, (1 << 24) // max(1, H * n))
+    q0 = n - Lq
     for s in range(0, Lq, chunk):
         e = min(Lq, s + chunk)
-        o = F.scaled_dot_product_attention(query[:, :, s:e], key, value,
-                                           attn_mask=m[:, :, s:e], scale=scale,
+        kend = q0 + e  # keys after the chunk's last query are masked for every head
+        m = masks.layer_rows(module.layer_idx, n, Lq, s, e, kend).to(query.device)
+        m = m.unsqueeze(0)
+        if extra is not None:
+            m = m & extra[:, :, s:e, :kend]
+        o = F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, :kend],
+                                           value[:, :, :kend], attn_mask=m, scale=scale,
                                            enable_gqa=gqa)
         out[:, :, s:e] = o
     return out.transpose(1, 2).contiguous(), None

@@ -59,9 +59,11 @@ class Problem:
         s = s.sum(3) if name == "influence" else s.mean(3)
         return s.reshape(Ls, nl * (H // g), C)
 
-    def loss(self, weights: dict[str, float], agg: str = "max") -> np.ndarray:
+    def loss(self, weights: dict[str, float], agg: str = "max",
+             power: float = 1.0) -> np.ndarray:
         """[U, C] weighted, normalised signal: each signal divided by its mean over the
-        non-dense finite options, combined over lengths by max or mean."""
+        non-dense finite options, raised to `power` (> 1 makes the knapsack fix the worst
+        heads first: losses compound across layers), combined over lengths by max or mean."""
         total = np.zeros(self.cost.shape)
         for name in SIGNALS:
             w = weights.get(name, 0.0)
@@ -75,7 +77,7 @@ class Problem:
             fin = np.isfinite(s)
             fin[:, 0] = False
             scale = float(s[fin].mean()) if fin.any() and s[fin].mean() > 0 else 1.0
-            total = total + w * s / scale
+            total = total + w * (s / scale) ** power
         total[~self.allowed] = np.inf
         total[:, 0] = 0.0
         return total
@@ -156,19 +158,30 @@ def _suggest(trial: optuna.Trial, prob: Problem, space: Space):
     tilt = trial.suggest_float("layer_tilt", -2.0, 2.0)
     split = trial.suggest_categorical("layer_split", ["global", "tilt"])
     fams = {f: trial.suggest_categorical(f"use_{f}", [True, False]) for f in prob.families()}
-    return target, w, agg, split, tilt, fams
+    power = trial.suggest_float("loss_power", 0.5, 3.0, log=True)
+    dense_top = trial.suggest_float("dense_top", 0.0, 0.4)
+    return target, w, agg, split, tilt, fams, power, dense_top
 
 
 def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "max",
            split: str = "global", tilt: float = 0.0,
-           families: dict[str, bool] | None = None) -> np.ndarray | None:
-    """The exact knapsack choice for one setting of the searched parameters."""
-    loss = prob.loss(weights, agg)
+           families: dict[str, bool] | None = None, power: float = 1.0,
+           dense_top: float = 0.0) -> np.ndarray | None:
+    """The exact knapsack choice for one setting of the searched parameters. `dense_top`
+    keeps that fraction of units dense first (DuoAttention's retrieval heads), ranked by
+    their mean loss over the sparse options; the knapsack then spends the rest."""
+    loss = prob.loss(weights, agg, power)
     allowed = prob.allowed.copy()
     if families:
         for ci, c in enumerate(prob.candidates):
             if not c.dense and not families.get(c.family, True):
                 allowed[:, ci] = False
+    k = int(round(dense_top * len(prob.units)))
+    if k > 0:
+        sparse = np.where(allowed[:, 1:] & np.isfinite(loss[:, 1:]), loss[:, 1:], np.nan)
+        rank = np.argsort(-np.nan_to_num(np.nanmean(sparse, axis=1), nan=np.inf),
+                          kind="stable")
+        allowed[rank[:k], 1:] = False
     budget = target * prob.dense_cost
     groups = []
     if split == "tilt" and prob.layers > 1:
@@ -197,19 +210,36 @@ def open_study(storage: str, study_name: str, *, sampler: str = "tpe", seed: int
                heartbeat: int = 60) -> optuna.Study:
     """A two-objective study (modelled latency fraction, calibration perplexity ratio), both
     minimised; created or resumed. SQLite or PostgreSQL URLs (anything SQLAlchemy takes)."""
+    import importlib.util
     import warnings
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    st = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat,
-                                    grace_period=2 * heartbeat,
-                                    engine_kwargs={"pool_pre_ping": True}
-                                    if not storage.startswith("sqlite") else None)
+    if storage.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        storage = "postgresql+psycopg2://" + storage[len("postgresql://"):]
     if sampler == "nsga2":
         smp = optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     else:
         smp = optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True)
-    return optuna.create_study(storage=st, study_name=study_name, sampler=smp,
-                               directions=["minimize", "minimize"], load_if_exists=True)
+    import random
+    import time
+
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(8):
+        # Workers starting together race to create the schema and the study; the loser of a
+        # race sees a duplicate-key error and simply tries again (then finds them made).
+        try:
+            st = optuna.storages.RDBStorage(
+                storage, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                engine_kwargs=None if storage.startswith("sqlite") else {"pool_pre_ping": True})
+            return optuna.create_study(storage=st, study_name=study_name, sampler=smp,
+                                       directions=["minimize", "minimize"], load_if_exists=True)
+        except (IntegrityError, OperationalError, ProgrammingError):
+            if attempt == 7:
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
 
 
 def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Study, *,
@@ -226,8 +256,8 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
     cache: dict[tuple, float] = {}
 
     def objective(trial: optuna.Trial):
-        target, w, agg, split, tilt, fams = _suggest(trial, prob, space)
-        choice = assign(prob, target, w, agg, split, tilt, fams)
+        target, w, agg, split, tilt, fams, power, dense_top = _suggest(trial, prob, space)
+        choice = assign(prob, target, w, agg, split, tilt, fams, power, dense_top)
         if choice is None:
             raise optuna.TrialPruned("no assignment meets this latency target")
         key = tuple(choice.tolist())
@@ -242,9 +272,13 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
     if not study.trials:
         lo, hi = target_range(prob, space)
         base = {"latency_target": min(hi, max(lo, 0.5)), "length_agg": "max", "layer_tilt": 0.0,
+                "loss_power": 1.0, "dense_top": 0.0,
                 "layer_split": "global", **{f"w_{s}": 1.0 for s in SIGNALS},
                 **{f"use_{f}": True for f in prob.families()}}
         study.enqueue_trial(base, skip_if_exists=True)
+        # A DuoAttention-like start: the heads the MoA signal ranks worst stay dense.
+        study.enqueue_trial({**base, "w_error": 0.0, "w_mass": 0.0, "loss_power": 2.0,
+                             "dense_top": 0.2}, skip_if_exists=True)
     left = trials - len(study.get_trials(deepcopy=False, states=done_states))
     if left <= 0:
         return study

@@ -82,9 +82,9 @@ class _Chronicle:
         self.day += 1
         for _ in range(r.randint(3, 6)):
             x = r.random()
-            if not self.facts or x < 0.3:
+            if not self.facts or x < 0.15:
                 out.append(self._intro())
-            elif x < 0.65:
+            elif x < 0.27:
                 out.append(self._recall())
             else:
                 out.append(self._event())
