@@ -224,27 +224,32 @@ def _arith_schedule(rules, block_n: int, suffix: str = "") -> str:
             "    sfz = tl.where(complete, tl.minimum(sfz, last_full), sfa - 1)",
             f"    soff = {P(st.offset)}",
         ]
-        # Gaps between the intervals: [gap_i, a_i - 1] for each i, then [end + 1, ...].
+        # Gaps between the intervals: [gap_i, a_i - 1] for each i, then [end + 1, ...]. Each
+        # gap runs as strided loops over its partial, full and partial parts (fixed bodies,
+        # so they pipeline like the interval loops).
         gaps = [(f"gap{i}", f"a{i} - 1") for i in range(R)] + [("end + 1", "sz")]
         for glo, ghi in gaps:
             L += [
                 f"    g_lo = tl.maximum({glo}, sa)",
                 f"    g_hi = tl.minimum({ghi}, sz)",
-                # Pattern block j = kb // ratio is kept when (j - soff) % step == 0.
-                f"    jb = g_lo // {ratio}",
-                f"    jb = jb + _mod(soff - jb, {st.step})",
+                "    g_fa = tl.maximum(sfa, g_lo)",
+                "    g_fz = tl.minimum(sfz, g_hi)",
+                "    e = g_fz < g_fa",
+                "    g_fa = tl.where(e, g_hi + 1, g_fa)",
+                "    g_fz = tl.where(e, g_hi, g_fz)",
             ]
-            inner = "    " if ratio == 1 else "        "
-            if ratio == 1:
-                L.append(f"    for kb in range(jb, g_hi + 1, {st.step}):")
-            else:
-                L.append(f"    for j0 in range(jb * {ratio}, g_hi + 1, {st.step * ratio}):")
-                L.append(f"        for kb in range(tl.maximum(j0, g_lo), "
-                         f"tl.minimum(j0 + {ratio}, g_hi + 1)):")
-            L.append(f"    {inner}if (kb >= sfa) & (kb <= sfz):")
-            L.append(f"    {inner}    acc, l_i, m_i = {_CALL.format(m='False', suffix=suffix)}")
-            L.append(f"    {inner}else:")
-            L.append(f"    {inner}    acc, l_i, m_i = {_CALL.format(m='True', suffix=suffix)}")
+            for lo, hi, masked in (("g_lo", "g_fa - 1", True), ("g_fa", "g_fz", False),
+                                   ("g_fz + 1", "g_hi", True)):
+                # Pattern block j = kb // ratio is kept when (j - soff) % step == 0.
+                L += [f"    jb = ({lo}) // {ratio}",
+                      f"    jb = jb + _mod(soff - jb, {st.step})"]
+                if ratio == 1:
+                    L += _loop("    ", f"for kb in range(jb, {hi} + 1, {st.step}):", masked,
+                               None, suffix)
+                else:
+                    L.append(f"    for j0 in range(jb * {ratio}, {hi} + 1, {st.step * ratio}):")
+                    L += _loop("        ", f"for kb in range(tl.maximum(j0, {lo}), "
+                               f"tl.minimum(j0 + {ratio}, {hi} + 1)):", masked, None, suffix)
     return "\n".join(L)
 
 
