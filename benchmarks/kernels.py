@@ -100,7 +100,8 @@ def run_case(label, pattern, args, n, H, Hkv, D, dtype, tune, rep, lib, out_rows
     useful = 4 * D * st.kept_pairs  # B = 1
     row["density"] = st.density
     if tune:
-        bm, cfg, rec = autotune(make_bm, q, k, v, rep_ms=rep, candidates=candidates)
+        bm, cfg, rec = autotune(make_bm, q, k, v, rep_ms=rep, candidates=candidates,
+                                pattern_key=nat.pattern.key)
         row["trials"] = "; ".join(
             f"{t.block_m}x{t.block_n}/w{t.num_warps}/s{t.num_stages}="
             + ("fail" if math.isinf(t.ms) else f"{t.ms:.3f}") for t in rec.trials)

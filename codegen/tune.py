@@ -103,8 +103,12 @@ def load_record(key: str, directory: Path | None = None) -> Record | None:
     path = (directory or record_dir()) / f"{key}.json"
     try:
         d = json.loads(path.read_text())
+        for flat in ("block_m", "block_n", "ms"):
+            d.pop(flat, None)
         d["best"] = Trial(**d["best"])
         d["trials"] = [Trial(**t) for t in d["trials"]]
+        for t in [d["best"], *d["trials"]]:
+            t.ms = math.inf if t.ms is None else t.ms
         rec = Record(**d)
     except (OSError, ValueError, TypeError, KeyError):
         return None  # absent or unreadable: tune again
@@ -118,6 +122,8 @@ def save_record(rec: Record, directory: Path | None = None) -> Path:
     d = asdict(rec)
     for t in [d["best"], *d["trials"]]:
         t["ms"] = None if math.isinf(t["ms"]) else t["ms"]
+    # The flat fields autotune.latency reads (one measurement per record).
+    d.update(block_m=rec.best.block_m, block_n=rec.best.block_n, ms=d["best"]["ms"])
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(d, indent=1, sort_keys=True) + "\n")
     return path
@@ -138,12 +144,14 @@ def _time(fn: Callable[[], object], rep_ms: float) -> float:
 def autotune(make_bm: Callable[[Schedule], BlockMaskIR], q: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, *, candidates: list[tuple[int, int, int, int]] | None = None,
              rep_ms: float = 50.0, directory: Path | None = None, use_record: bool = True,
+             pattern_key: str | None = None,
              ) -> tuple[BlockMaskIR, kernel.Config, Record]:
     """The fastest (block mask, launch config) among the candidates for this workload.
 
     make_bm(schedule) builds the block-mask IR for a schedule (the caller chooses pattern,
     arguments and layout). A stored record for the same workload is reused unless
-    use_record=False."""
+    use_record=False. pattern_key: the key the record is filed under for autotune.latency
+    (the pattern's own IR key; by default the block mask's, which differs under a layout)."""
     base = make_bm(Schedule())
     key = workload_key(base, q, k)
     if use_record:
@@ -172,7 +180,7 @@ def autotune(make_bm: Callable[[Schedule], BlockMaskIR], q: torch.Tensor, k: tor
                                                                       best.block_n))
     st = bm.stats(q.shape[3]) if math.isfinite(best.ms) else None
     rec = Record(
-        key=key, pattern=bm.pattern.name, pattern_key=bm.pattern.key,
+        key=key, pattern=bm.pattern.name, pattern_key=pattern_key or bm.pattern.key,
         layout=bm.layout.text() if bm.layout is not None else "(layout identity)",
         n=bm.n_var, q_len=q.shape[2], batch=q.shape[0], heads=q.shape[1], kv_heads=k.shape[1],
         head_dim=q.shape[3], dtype=str(q.dtype).replace("torch.", ""), device=_device_name(q),

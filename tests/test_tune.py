@@ -1,0 +1,78 @@
+"""Launch autotuning (codegen.tune) under the interpreter: failed candidates score infinitely
+slow, the winner is stored atomically as a tuning record that autotune.latency can read, and a
+stored record is reused without timing again."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from attnc.compiler.blockmask import Schedule, build
+from attnc.compiler.lower import lower
+
+import attnc
+
+tune = pytest.importorskip("attnc.codegen.tune")
+LIB = attnc.loads("")
+
+
+def _problem():
+    ir = lower(LIB, "streaming", {"sink": 2, "window": 12})
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    return ir, (lambda s: build(ir, n=40, heads=2, schedule=s)), q, k, v
+
+
+def test_failed_candidate_is_infinitely_slow_and_winner_is_recorded(tmp_path, monkeypatch):
+    ir, make_bm, q, k, v = _problem()
+    times = iter([3.0, 1.0])
+    monkeypatch.setattr(tune, "_time", lambda fn, rep: (fn(), next(times))[1])
+    # 24 is no power of two: Triton cannot build the tile, so that candidate must fail.
+    cands = [(16, 16, 4, 2), (24, 16, 4, 2), (32, 16, 4, 2)]
+    bm, cfg, rec = tune.autotune(make_bm, q, k, v, candidates=cands, directory=tmp_path,
+                                 pattern_key=ir.key)
+    by = {(t.block_m, t.block_n): t for t in rec.trials}
+    assert math.isinf(by[(24, 16)].ms) and by[(24, 16)].error
+    assert (rec.best.block_m, rec.best.block_n) == (32, 16) and rec.best.ms == 1.0
+    assert bm.schedule == Schedule(32, 16) and cfg == tune.kernel.Config(4, 2)
+    files = list(tmp_path.glob("*.json"))
+    assert [f.stem for f in files] == [rec.key]
+    d = json.loads(files[0].read_text())
+    assert d["ms"] == 1.0 and d["block_m"] == 32 and d["pattern_key"] == ir.key
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write left no temp file
+
+    latency = pytest.importorskip("attnc.autotune.latency")
+    recs = latency.load_records(tmp_path)
+    assert len(recs) == 1 and recs[0].ms == 1.0 and recs[0].visited_blocks == rec.visited_blocks
+
+
+def test_stored_record_is_reused_without_timing(tmp_path, monkeypatch):
+    _, make_bm, q, k, v = _problem()
+    monkeypatch.setattr(tune, "_time", lambda fn, rep: 2.0)
+    _, _, first = tune.autotune(make_bm, q, k, v, candidates=[(16, 16, 4, 2)],
+                                directory=tmp_path)
+
+    def no_timing(fn, rep):
+        raise AssertionError("a stored record must be reused")
+
+    monkeypatch.setattr(tune, "_time", no_timing)
+    bm, cfg, again = tune.autotune(make_bm, q, k, v, candidates=[(16, 16, 4, 2)],
+                                   directory=tmp_path)
+    assert again.key == first.key and again.best == first.best
+    # A different workload (another length) is a different key: it is tuned afresh.
+    assert tune.workload_key(make_bm(Schedule()), q, k) == first.key
+    q2 = torch.randn(1, 2, 40, 16, dtype=torch.float16)
+    assert tune.workload_key(make_bm(Schedule()), q2, k) != first.key
+
+
+def test_unreadable_record_means_tune_again(tmp_path, monkeypatch):
+    _, make_bm, q, k, v = _problem()
+    monkeypatch.setattr(tune, "_time", lambda fn, rep: 2.0)
+    _, _, rec = tune.autotune(make_bm, q, k, v, candidates=[(16, 16, 4, 2)],
+                              directory=tmp_path)
+    (tmp_path / f"{rec.key}.json").write_text("{ truncated")
+    assert tune.load_record(rec.key, tmp_path) is None
+    _, _, again = tune.autotune(make_bm, q, k, v, candidates=[(16, 16, 4, 2)],
+                                directory=tmp_path)
+    assert tune.load_record(again.key, tmp_path) is not None
