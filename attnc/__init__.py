@@ -11,3 +11,17 @@ from attnc.dsl.parser import parse
 __version__ = "0.1.0"
 
 __all__ = ["AttncError", "Kernel", "Library", "Program", "__version__", "load", "loads", "parse"]
+
+
+def __getattr__(name: str):
+    # The head tuner needs torch and transformers: attnc.autotune(model, calib_ids, ...) and
+    # attnc.apply(model, plan) load it on first use.
+    if name == "autotune":
+        import importlib
+
+        return importlib.import_module("attnc.autotune")
+    if name == "apply":
+        from attnc.tune_api import apply
+
+        return apply
+    raise AttributeError(f"module 'attnc' has no attribute {name!r}")

@@ -319,12 +319,14 @@ plan mixed(layers = 2, heads = 4, kv_heads = 2) {
 
 
 def _tune(model, tmp_path, trials, **kw):
-    from attnc.tune_api import autotune
+    import attnc
+    from attnc.tune_api import apply
 
+    assert attnc.apply is apply  # the public entry points
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, 256, (1200,), generator=g)
     held = torch.randint(0, 256, (400,), generator=g)
-    return autotune(model, calib, heldout_ids=held, lengths=(64, 128), validation_length=192,
+    return attnc.autotune(model, calib, heldout_ids=held, lengths=(64, 128), validation_length=192,
                     trials=trials, rows=32, block=16, workdir=tmp_path, name="tiny", **kw)
 
 
@@ -466,9 +468,17 @@ def test_search_assign_respects_families_and_split(tiny, ids):
                        families={f: f == "streaming" for f in prob.families()})
     assert ch is not None and prob.latency(ch) <= target + 1e-6
     assert {prob.candidates[i].family for i in ch} <= {"streaming", "causal"}
-    ch = search.assign(prob, 0.7, w, split="tilt", tilt=2.0)
+    ch = search.assign(prob, target, w, split="tilt", tilt=2.0)
+    assert ch is not None and prob.latency(ch) <= target + 1e-6
     per = len(prob.units) // 2
     for ly in range(2):
         units = np.arange(ly * per, (ly + 1) * per)
         assert prob.cost[units, ch[units]].sum() <= prob.cost[units, 0].sum() + 1e-9
     assert prob.latency(np.zeros(len(prob.units), dtype=np.int64)) == pytest.approx(1.0)
+    # dense_top keeps the units with the largest sparse losses dense.
+    ch = search.assign(prob, 1.0, w, dense_top=0.5)
+    loss = prob.loss(w)
+    worst = np.argsort(-np.nanmean(np.where(np.isfinite(loss[:, 1:]), loss[:, 1:], np.nan), 1),
+                       kind="stable")[:2]
+    assert (ch[worst] == 0).all()
+    assert search.assign(prob, 0.01, w) is None
