@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,7 @@ from attnc.compiler.rules import rewrite
 
 from . import builders as B
 from .expr import print_expr
+from .gate import BlockGate, eligible
 
 # Side-tensor layout: side[h, slot, i] (int32), one slot per distinct selector (kind and
 # parameters; the tested element does not matter), numbered in order of first appearance in
@@ -25,11 +27,16 @@ from .expr import print_expr
 #   in_diagonals  1 where diagonal offset i = q - k is selected        (i < n)
 #   top_blocks    1 at i = qb * nb + kb for kept (absolute query block, key block) pairs of the
 #                 selector's own block size, nb = ceil(n / block)
+#   gate          the same layout as top_blocks, for the blocks the learned gate keeps
 #   segment       the segment id of position i                         (i < n)
 # Out-of-range elements read as not selected (segment: -1), as in attnc.reference.
 
 _PARAM_NAMES = {"n": "n_var", "h": "h"}
-SUPPORTED = ("in_columns", "in_diagonals", "top_blocks", "segment")
+SUPPORTED = ("in_columns", "in_diagonals", "top_blocks", "gate", "segment")
+# The gate's block scores, as attnc.reference takes them ([H | 1, nb, nb] by absolute block, a
+# mapping block size -> tensor, a function of the block size), or a codegen.gate.BlockGate that
+# computes them from each batch element's q and k.
+GateInput = torch.Tensor | Mapping[int, torch.Tensor] | Callable[[int], torch.Tensor] | BlockGate
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ def _exprs(pattern: PatternIR) -> list[Node]:
 
 
 def slots(pattern: PatternIR) -> list[Slot]:
-    """The pattern's distinct selectors, in slot order. gate() is not supported here."""
+    """The pattern's distinct selectors, in slot order."""
     found: dict[tuple, Slot] = {}
     for e in _exprs(pattern):
         order: list[Sel] = []
@@ -69,11 +76,9 @@ def slots(pattern: PatternIR) -> list[Slot]:
                 kids = [v for _, v in x.params] + ([x.elem] if x.elem is not None else [])
                 stack.extend(reversed(kids))
         for s in order:
-            if s.kind not in SUPPORTED:
+            if s.kind not in SUPPORTED:  # pragma: no cover - every IR selector is supported
                 raise NotImplementedError(
-                    f"pattern '{pattern.name}': the {s.kind}() selector (a learned gate) has no "
-                    "index builder; dynamic kernels support top_columns, top_diagonals, "
-                    "top_blocks and segment")
+                    f"pattern '{pattern.name}': the {s.kind}() selector has no index builder")
             key = (s.kind, s.params)
             if key not in found:
                 found[key] = Slot(s.kind, s.params, len(found))
@@ -89,7 +94,7 @@ def selector_printer(pattern: PatternIR):
     def sel(x: Sel, elem: str | None) -> str:
         s = table[(x.kind, x.params)]
         base = f"SIDE + h * s_side_h + {s.index} * s_side_s"
-        if x.kind == "top_blocks":
+        if x.kind in ("top_blocks", "gate"):
             b = f"tl.maximum({print_expr(x.param('block'), _PARAM_NAMES)}, 1)"
             nb = f"(n_var + {b} - 1) // {b}"
             i = f"(q_pos // {b}) * ({nb}) + k_pos // {b}"
@@ -110,7 +115,8 @@ def selector_printer(pattern: PatternIR):
 @dataclass
 class IndexSets:
     """What the builders chose for one batch element: per slot its data (bool flags [H, n] for
-    columns and diagonals, [H, nb, nb] for top_blocks, int ids [n] for segment), the side tensor
+    columns and diagonals, [H, nb, nb] for top_blocks and gate, int ids [n] for segment), the
+    side tensor
     the kernel reads, and the block lists (FlexAttention's layout, no batch dimension: trimmed
     in `block_mask`, full width in `flex`)."""
 
@@ -135,6 +141,50 @@ def _per_head(e: Node, n: int, H: int, device) -> torch.Tensor:
                         device=device)
 
 
+def _per_head_float(e: Node, n: int, H: int, device) -> torch.Tensor:
+    """A float selector parameter (gate's threshold) as one float64 per head."""
+    vals = [num_eval(e, {"n": np.int64(n), "h": np.int64(h)}) for h in range(H)]
+    return torch.tensor([float(np.asarray(v).reshape(-1)[0]) for v in vals],
+                        dtype=torch.float64, device=device)
+
+
+def _gate_scores(gates: GateInput | None, q: torch.Tensor, k: torch.Tensor, q_start: int,
+                 blk: int, nb: int) -> torch.Tensor:
+    """The gate's block scores [H, nb, nb] for one batch element."""
+    H = q.shape[0]
+    if gates is None:
+        raise ValueError(f"gate() needs the gate's block scores: pass gates= ([heads, {nb}, "
+                         f"{nb}] for block {blk}, or a codegen.gate.BlockGate)")
+    if isinstance(gates, BlockGate):
+        g = gates(q, k, q_start=q_start)
+    elif isinstance(gates, torch.Tensor):
+        g = gates
+    elif isinstance(gates, Mapping):
+        g = gates.get(blk)
+    else:
+        g = gates(blk)
+    if g is None or g.dim() != 3 or g.shape[1:] != (nb, nb) or g.shape[0] not in (1, H):
+        got = None if g is None else list(g.shape)
+        raise ValueError(f"gate scores for block {blk} must have shape [{H}, {nb}, {nb}], "
+                         f"not {got}")
+    return g.to(device=q.device).expand(H, nb, nb)
+
+
+def _gate_keep(s: Slot, g: torch.Tensor, bm: BlockMaskIR, blk: int, Lq: int) -> torch.Tensor:
+    """attnc.reference's gate(): eligible blocks scoring >= threshold and, when topk > 0,
+    among the topk best eligible of their row (ties to the lower key block)."""
+    H, nb, _ = g.shape
+    dev = g.device
+    causal = bool(_uniform(s.param("causal"), bm.n_var, H, "gate's causal"))
+    el = eligible(nb, blk, bm.q_start, Lq, causal, dev)
+    topk = _per_head(s.param("topk"), bm.n_var, H, dev)
+    thr = _per_head_float(s.param("threshold"), bm.n_var, H, dev)
+    score = torch.where(el, g.float(), torch.full((), float("-inf"), device=dev))
+    ranked = B.keep_top(B.rank_keys(score), topk) | (topk == 0).view(H, 1, 1)
+    # The threshold is compared in float64, as the reference does.
+    return el & (g.double() >= thr.view(H, 1, 1)) & ranked
+
+
 def _uniform(e: Node, n: int, H: int, what: str) -> int:
     v = _per_head(e, n, H, "cpu")
     if bool((v != v[0]).any()):
@@ -143,7 +193,8 @@ def _uniform(e: Node, n: int, H: int, what: str) -> int:
 
 
 def _select(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, sl: list[Slot], sm_scale: float,
-            segments: torch.Tensor | None, extra: dict) -> list[torch.Tensor]:
+            segments: torch.Tensor | None, extra: dict,
+            gates: GateInput | None = None) -> list[torch.Tensor]:
     H, Lq, _ = q.shape
     n = k.shape[1]
     dev = q.device
@@ -178,6 +229,12 @@ def _select(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, sl: list[Slot], s
             full = torch.zeros(H, nb, nb, dtype=torch.bool, device=dev)
             full[:, qb0:] = kept
             out.append(full)
+        elif s.kind == "gate":
+            blk = max(_uniform(s.param("block"), bm.n_var, H, "gate's block"), 1)
+            nb = -(-n // blk)
+            g = _gate_scores(gates, q, k, bm.q_start, blk, nb)
+            extra[f"score{s.index}"] = g
+            out.append(_gate_keep(s, g, bm, blk, Lq))
         elif s.kind == "segment":
             if segments is None:
                 raise ValueError("segment() reads segment ids: pass segments= (one per key)")
@@ -291,7 +348,7 @@ class _Blocks:
             got = cnt[:, chi.reshape(-1)] - cnt[:, clo.reshape(-1)]
             got = got.view(self.H, self.QB, self.KB)
             return got > 0, got < (hi - lo + 1).view(1, self.QB, self.KB)
-        if e.kind == "top_blocks":
+        if e.kind in ("top_blocks", "gate"):
             blk = max(_uniform(e.param("block"), self.bm.n_var, self.H, "block"), 1)
             r0, r1 = self.tq0 // blk, self.tq1 // blk
             c0, c1 = self.tk0 // blk, self.tk1 // blk
@@ -362,14 +419,15 @@ def block_lists(bm: BlockMaskIR, H: int, n: int, sl: list[Slot], data, device,
 
 def build_index(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, *,
                 sm_scale: float | None = None, segments: torch.Tensor | None = None,
-                lists: bool = True) -> IndexSets:
-    """Run the pattern's index builders for one batch element: q [H, Lq, D], k [Hkv, n, D]."""
+                lists: bool = True, gates: GateInput | None = None) -> IndexSets:
+    """Run the pattern's index builders for one batch element: q [H, Lq, D], k [Hkv, n, D].
+    `gates`: the learned gate's block scores for gate() (see GateInput)."""
     H, Lq, D = q.shape
     n = k.shape[1]
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     sl = slots(bm.pattern)
     extra: dict[str, torch.Tensor] = {}
-    data = _select(q, k, bm, sl, sm_scale, segments, extra)
+    data = _select(q, k, bm, sl, sm_scale, segments, extra, gates)
     side = _side(sl, data, H, n, q.device)
     if lists:
         trimmed, flex = block_lists(bm, H, n, sl, data, q.device)
@@ -635,14 +693,17 @@ def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float,
 def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR, *,
                       sm_scale: float | None = None, segments: torch.Tensor | None = None,
                       poison: bool = False, fast: bool | None = None,
-                      return_index: bool = False, launch: dict | None = None):
+                      return_index: bool = False, launch: dict | None = None,
+                      gates: GateInput | None = None):
     """Index builders, then attention, for a dynamic pattern: q [B, H, Lq, D], k, v
     [B, Hkv, n, D]. Selections are made per batch element. With `fast` (the default where the
     mask is causal & (k in top_columns | q - k in top_diagonals)) the vertical-slash kernel
     visits diagonal ranges and gathered columns; otherwise the generated block kernel visits
     the builders' block lists. Returns the kernel's Output, and with return_index also the
     IndexSets of every batch element (for FlexAttention on the same sets). `launch`: Triton
-    launch options of the vertical-slash kernel (num_warps, num_stages)."""
+    launch options of the vertical-slash kernel (num_warps, num_stages). `gates`: gate()'s
+    block scores (a tensor, mapping or function as attnc.reference takes them, shared by the
+    batch; or a codegen.gate.BlockGate, run on each batch element's q and k)."""
     from .kernel import Output, attention
 
     if not bm.pattern.dynamic:
@@ -669,7 +730,7 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
     outs = []
     for b in range(Bsz):
         ix = build_index(q[b], k[b], bm, sm_scale=sm_scale, segments=segments,
-                         lists=not fast or return_index)
+                         lists=not fast or return_index, gates=gates)
         sets.append(ix)
         if fast:
             plan = vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm)
@@ -686,5 +747,5 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
     return (res, sets) if return_index else res
 
 
-__all__ = ["IndexSets", "Slot", "block_lists", "build_index", "dynamic_attention",
+__all__ = ["GateInput", "IndexSets", "Slot", "block_lists", "build_index", "dynamic_attention",
            "selector_printer", "slots", "vertical_slash_form", "vs_kernel_source", "vs_plan"]

@@ -1,0 +1,337 @@
+"""Distil learned block gates from a dense model's block-level attention maps (train_gate)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from attnc.codegen.gate import BlockGate, GateSet, eligible, pool3
+from attnc.compiler.ir import Const, Op, PatternIR, Sel, Var, free_vars
+from attnc.compiler.lower import lower_plan
+from attnc.compiler.rules import rewrite
+from attnc.dsl.check import PlanInfo
+
+from .capture import use_attention
+from .model import shape
+
+_CAPTURE = "attnc_gate_capture"
+FORMAT = "attnc-gates/1"
+
+
+# ---------------------------------------------------------------- identity and plan keys
+
+
+def model_id(model) -> str:
+    """A hash of the model's config and a weight checksum (per parameter: name, shape, sum and
+    sum of squares in float64), so weights trained for one model are refused for another."""
+    h = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "_attn_implementation",
+              "_attn_implementation_internal", "torch_dtype", "dtype"):
+        cfg.pop(k, None)  # where it was loaded from and how it attends do not change weights
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            x = p.detach().double()
+            h.update(f"{name}:{list(p.shape)}:{float(x.sum()):.9e}:"
+                     f"{float((x * x).sum()):.9e};".encode())
+    return h.hexdigest()[:32]
+
+
+def _gate_sels(e) -> list[Sel]:
+    out, stack = [], [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, Sel):
+            if x.kind == "gate":
+                out.append(x)
+            stack.extend(v for _, v in x.params)
+        elif isinstance(x, Op):
+            stack.extend(x.args)
+    return out
+
+
+def gate_block(sel: Sel) -> int:
+    """A gate selector's block size: a constant, or 0 for `block = n` (one block, DuoAttention)."""
+    b = sel.param("block")
+    if b == Var("n"):
+        return 0
+    if isinstance(b, Const) and not free_vars(b):
+        return max(int(b.value), 1)
+    raise NotImplementedError(f"gate block must be a constant or n, not {b}")
+
+
+def gate_cells(plan: PlanInfo) -> tuple[int | None, list[tuple[int, int]]]:
+    """(block, gated (layer, query head) cells) of a plan; block is None when no cell is gated.
+    Every gated cell must use one block size (one gate set serves the plan)."""
+    blocks: set[int] = set()
+    cells = []
+    for cell, ir in lower_plan(plan).items():
+        sels = _gate_sels(rewrite(ir.mask))
+        if sels:
+            blocks.update(gate_block(s) for s in sels)
+            cells.append(cell)
+    if len(blocks) > 1:
+        raise NotImplementedError(f"plan '{plan.name}' uses gates of block sizes "
+                                  f"{sorted(blocks)}; one gate set has one block size")
+    return (blocks.pop() if blocks else None), sorted(cells)
+
+
+def cells_key(block: int, cells: list[tuple[int, int]]) -> str:
+    """The structural key of a gate set's duty: its block size and its cells. The selection
+    parameters (topk, threshold) are not part of it: one trained gate serves any of them."""
+    text = f"block={block};cells=" + ",".join(f"{ly}.{h}" for ly, h in sorted(cells))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def pattern_is_gated(ir: PatternIR) -> bool:
+    return bool(_gate_sels(rewrite(ir.mask)))
+
+
+# ---------------------------------------------------------------- targets
+
+
+def block_targets(q: torch.Tensor, k: torch.Tensor, block: int, scale: float,
+                  rows: int = 512) -> torch.Tensor:
+    """The dense causal attention of q [H, L, D] over k [G, L, D] max-pooled to blocks and
+    renormalised per query block row: [H, nb, nb]. Computed a chunk of query rows at a time
+    over the keys up to the chunk's end (never L x L for all heads at once)."""
+    H, L, _ = q.shape
+    group = H // k.shape[0]
+    kx = k.repeat_interleave(group, dim=0) if group > 1 else k
+    nb = -(-L // block)
+    out = torch.zeros(H, nb, nb, dtype=torch.float32)
+    rows = max(block, rows // block * block)
+    for s in range(0, L, rows):
+        e = min(L, s + rows)
+        logits = torch.einsum("hqd,hkd->hqk", q[:, s:e].float(), kx[:, :e].float()) * scale
+        qpos = torch.arange(s, e).view(-1, 1)
+        logits.masked_fill_(torch.arange(e).view(1, -1) > qpos, float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        rb, kb = -(-(e - s) // block), -(-e // block)
+        p = F.pad(p, (0, kb * block - e, 0, rb * block - (e - s)))
+        pooled = p.view(H, rb, block, kb, block).amax(dim=(2, 4))
+        out[:, s // block:s // block + rb, :kb] = pooled
+    return out / out.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+@dataclass
+class LayerData:
+    pq: list[torch.Tensor] = field(default_factory=list)  # per sequence [H, nb, 3D]
+    pk: list[torch.Tensor] = field(default_factory=list)  # [G, nb, 3D]
+    target: list[torch.Tensor] = field(default_factory=list)  # [H, nb, nb]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.stack(self.pq), torch.stack(self.pk), torch.stack(self.target)
+
+
+class _Recorder:
+    """An attention function: dense causal SDPA (the model runs unchanged) that also records,
+    per wanted layer, the pooled Q and K and the block-level attention target."""
+
+    def __init__(self, block: int, layers: set[int]):
+        self.block, self.layers = block, layers
+        self.data: dict[int, LayerData] = {ly: LayerData() for ly in layers}
+
+    def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                 **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                             enable_gqa=key.shape[1] != query.shape[1])
+        if module.layer_idx in self.layers:
+            d = self.data[module.layer_idx]
+            for b in range(query.shape[0]):
+                q, k = query[b].detach().float(), key[b].detach().float()
+                d.pq.append(pool3(q, self.block))
+                d.pk.append(pool3(k, self.block))
+                d.target.append(block_targets(q, k, self.block, float(scale)))
+        return out.transpose(1, 2).contiguous(), None
+
+
+@torch.no_grad()
+def collect(model, sequences: list[torch.Tensor], block: int,
+            layers: list[int] | None = None) -> dict[int, LayerData]:
+    """Run the dense model on each sequence (ids [L], one length) and collect, per layer, the
+    pooled features and block targets the gates learn from."""
+    from transformers import AttentionInterface
+
+    L = shape(model)[0]
+    rec = _Recorder(block, set(range(L)) if layers is None else set(layers))
+    AttentionInterface.register(_CAPTURE, rec)
+    was_training = model.training
+    model.eval()
+    try:
+        with use_attention(model, _CAPTURE):
+            for ids in sequences:
+                model(ids.reshape(1, -1), use_cache=False)
+    finally:
+        model.train(was_training)
+    return rec.data
+
+
+# ---------------------------------------------------------------- training
+
+
+def kl_loss(gate: BlockGate, pq: torch.Tensor, pk: torch.Tensor, target: torch.Tensor,
+            heads: list[int] | None = None) -> torch.Tensor:
+    """Mean KL(target || gate) over the query block rows (with at least two eligible key
+    blocks: a row with one has nothing to choose) of the given heads."""
+    nb = pq.shape[-2]
+    el = eligible(nb, gate.block, 0, nb * gate.block)
+    lp = gate.log_probs(pq, pk, el)
+    t = target
+    if heads is not None:
+        lp, t = lp[..., heads, :, :], t[..., heads, :, :]
+    kl = torch.where(t > 0, t * (torch.log(t.clamp(min=1e-30)) - lp), torch.zeros_like(t))
+    rows = el.sum(-1) >= 2
+    return kl.sum(-1)[..., rows].mean()
+
+
+@dataclass
+class TrainResult:
+    gates: GateSet
+    history: list[float]  # mean KL over layers, before each step and after the last
+    heldout: tuple[float, float] | None  # held-out KL (before, after) when held-out ids given
+    seconds: dict[str, float]
+
+
+def fit(gates: dict[int, BlockGate], data: dict[int, LayerData],
+        heads: dict[int, list[int]], *, steps: int = 300, lr: float = 3e-3,
+        weight_decay: float = 0.0, log: Callable[[str], None] | None = None) -> list[float]:
+    """Adam on the sum over layers of each layer's KL (the layers are independent, so one
+    optimiser trains them all at once). Returns the mean layer loss before each step and after
+    the last."""
+    tensors = {ly: data[ly].stacked() for ly in gates}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: threads cost more than they save
+    try:
+        return _fit(gates, tensors, heads, steps, lr, weight_decay, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(gates, tensors, heads, steps, lr, weight_decay, log) -> list[float]:
+    params = [p for g in gates.values() for p in (g.wq, g.wk)]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    hist: list[float] = []
+
+    def total() -> torch.Tensor:
+        return sum(kl_loss(g, *tensors[ly], heads[ly]) for ly, g in gates.items()) / len(gates)
+
+    for step in range(steps):
+        opt.zero_grad()
+        loss = total()
+        loss.backward()
+        opt.step()
+        hist.append(loss.item())
+        if log and (step % 50 == 0):
+            log(f"step {step}: KL {hist[-1]:.4f}")
+    with torch.no_grad():
+        hist.append(float(total()))
+    return hist
+
+
+def _chunks(ids: torch.Tensor, length: int, count: int | None) -> list[torch.Tensor]:
+    ids = ids.reshape(-1)
+    k = ids.numel() // length
+    if k == 0:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than the training "
+                         f"length {length}")
+    k = k if count is None else min(k, count)
+    return [ids[i * length:(i + 1) * length] for i in range(k)]
+
+
+def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
+               d_gate: int = 64, length: int = 2048, sequences: int | None = 2,
+               steps: int = 300, lr: float = 3e-3, weight_decay: float = 0.0,
+               init: str = "pooled", seed: int = 0, heldout_ids: torch.Tensor | None = None,
+               log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train gates for `model` by distillation: the dense model runs on `sequences` chunks of
+    `length` calibration tokens; per layer and head the gate learns the attention probabilities
+    max-pooled to blocks (KL(target || gate)). With `plan` (a plan with gated cells: PlanInfo,
+    .attn path or text) the plan's gated cells and block size are trained; without, every head
+    of every layer with `block`. `heldout_ids` (one more chunk of `length`) measures held-out KL
+    before and after training."""
+    from .apply import _plan_info
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    L, H, G, D = shape(model)
+    if plan is not None:
+        info = _plan_info(plan)
+        if (info.layers, info.heads) != (L, H):
+            raise ValueError(f"the plan is for {info.layers} layers x {info.heads} heads; the "
+                             f"model has {L} x {H}")
+        pb, cells = gate_cells(info)
+        if pb is None:
+            raise ValueError(f"plan '{info.name}' has no gated cell")
+        block = pb
+    else:
+        cells = [(ly, h) for ly in range(L) for h in range(H)]
+    if block == 0:
+        raise NotImplementedError("training the one-block gate (gate(block = n), DuoAttention) "
+                                  "needs a per-head target; only block gates are distilled")
+    layers = sorted({ly for ly, _ in cells})
+    heads = {ly: sorted(h for c, h in cells if c == ly) for ly in layers}
+    seqs = _chunks(calib_ids, length, sequences)
+    data = collect(model, seqs, block, layers)
+    t1 = time.perf_counter()
+    gates = {ly: BlockGate(H, G, D, block, d_gate, init=init, seed=seed + ly) for ly in layers}
+    val = collect(model, _chunks(heldout_ids, length, 1), block, layers) \
+        if heldout_ids is not None else None
+
+    def val_kl() -> float:
+        with torch.no_grad():
+            return sum(float(kl_loss(g, *val[ly].stacked(), heads[ly]))
+                       for ly, g in gates.items()) / len(gates)
+
+    before = val_kl() if val is not None else None
+    t2 = time.perf_counter()
+    hist = fit(gates, data, heads, steps=steps, lr=lr, weight_decay=weight_decay, log=log)
+    t3 = time.perf_counter()
+    after = val_kl() if val is not None else None
+    meta = {"format": FORMAT, "model_id": model_id(model), "plan_key": cells_key(block, cells),
+            "block": str(block), "d_gate": str(d_gate), "heads": str(H), "kv_heads": str(G),
+            "head_dim": str(D), "layers": str(L),
+            "cells": json.dumps([list(c) for c in cells]),
+            "train": json.dumps({"length": length, "sequences": len(seqs), "steps": steps,
+                                 "lr": lr, "init": init, "seed": seed,
+                                 "kl_first": hist[0], "kl_last": hist[-1]})}
+    gs = GateSet(gates, cells, meta)
+    for p in gs.parameters():
+        p.requires_grad_(False)
+    secs = {"collect": t1 - t0, "fit": t3 - t2, "total": time.perf_counter() - t0}
+    return TrainResult(gs, hist, None if before is None else (before, after), secs)
+
+
+def random_kl(gs: GateSet, data: dict[int, LayerData], seed: int = 1) -> float:
+    """The KL of randomly initialised gates of the same shape (a baseline for a trained one)."""
+    out = []
+    for ly in gs.layers:
+        g = gs[ly]
+        r = BlockGate(g.heads, g.kv_heads, g.head_dim, g.block, g.d_gate, init="random",
+                      seed=seed + ly)
+        hs = sorted(h for c, h in gs.cells if c == ly)
+        with torch.no_grad():
+            out.append(float(kl_loss(r, *data[ly].stacked(), hs)))
+    return sum(out) / len(out)
+
+
+def evaluate_kl(gs: GateSet, data: dict[int, LayerData]) -> float:
+    """Mean KL of a gate set on collected data."""
+    out = []
+    for ly in gs.layers:
+        hs = sorted(h for c, h in gs.cells if c == ly)
+        with torch.no_grad():
+            out.append(float(kl_loss(gs[ly], *data[ly].stacked(), hs)))
+    return sum(out) / len(out)
+
+
+__all__ = ["FORMAT", "LayerData", "TrainResult", "block_targets", "cells_key", "collect",
+           "evaluate_kl", "fit", "gate_block", "gate_cells", "kl_loss", "model_id",
+           "pattern_is_gated", "random_kl", "train_gate"]

@@ -1,0 +1,145 @@
+"""SmolLM2-135M on the CPU: train learned block gates, held-out perplexity of dense vs gated vs
+streaming plans at one length, with densities and wall times (python benchmarks/gate.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def streaming_density(n: int, sink: int, window: int, block: int) -> tuple[float, float]:
+    """(element, block) density of streaming(sink, window) over the causal pairs / blocks."""
+    q = np.arange(n).reshape(-1, 1)
+    k = np.arange(n).reshape(1, -1)
+    m = ((k < sink) | (q - k < window)) & (k <= q)
+    nb = -(-n // block)
+    mp = np.zeros((nb * block, nb * block), dtype=bool)
+    mp[:n, :n] = m
+    blocks = mp.reshape(nb, block, nb, block).any(axis=(1, 3))
+    return float(m.sum()) / (n * (n + 1) / 2), float(blocks.sum()) / (nb * (nb + 1) / 2)
+
+
+def plan_text(layers: int, heads: int, kv: int, dense_layers: list[int], body: str) -> str:
+    lines = [f"plan bench(layers = {layers}, heads = {heads}, kv_heads = {kv}) {{"]
+    if dense_layers:
+        sel = ", ".join(str(x) for x in dense_layers)
+        lines.append(f"    layers {sel}: causal")
+    lines.append(f"    default: {body}")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--length", type=int, default=4096, help="evaluation length")
+    ap.add_argument("--train-length", type=int, default=None, help="default: --length")
+    ap.add_argument("--sequences", type=int, default=2, help="calibration chunks")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--d-gate", type=int, default=64)
+    ap.add_argument("--configs", nargs="+", default=["all:6", "0,1:6"],
+                    help="DENSE_LAYERS:TOPK, e.g. all:6 (every layer gated) or 0,1:5")
+    ap.add_argument("--sink", type=int, default=64)
+    ap.add_argument("--gates", help="reuse this gate file instead of training")
+    ap.add_argument("--out", default="/tmp/attnc-gate-bench", help="output folder")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    import transformers
+    from attnc.autotune.model import load, shape
+    from attnc.autotune.text import shipped
+
+    from attnc import gate_api as ga
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"device": f"CPU ({platform.processor() or platform.machine()}, "
+                           f"{torch.get_num_threads()} threads)",
+                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                              "python": platform.python_version()},
+                 "args": vars(a), "runs": []}
+    t = time.perf_counter()
+    model, tok = load("smollm2")
+    res["load_s"] = time.perf_counter() - t
+    L, H, G, _ = shape(model)
+    calib = torch.tensor(tok(shipped("calib.txt")).input_ids)
+    held = torch.tensor(tok(shipped("heldout.txt")).input_ids)
+    n = a.length
+    eval_ids = held[:n].view(1, -1)
+    gpath = out / "bench.gates.safetensors"
+    if a.gates:
+        gates = ga.load_gates(a.gates, model=model)
+        res["train"] = {"reused": a.gates}
+    else:
+        tl = a.train_length or n
+        r = ga.train_gate(model, calib, block=a.block, d_gate=a.d_gate, length=tl,
+                          sequences=a.sequences, steps=a.steps, lr=a.lr,
+                          heldout_ids=held[n:n + tl], log=print)
+        ga.save_gates(r, gpath)
+        gates = r.gates
+        res["train"] = {"length": tl, "sequences": a.sequences, "steps": a.steps,
+                        "kl_first": r.history[0], "kl_last": r.history[-1],
+                        "heldout_kl_before": r.heldout[0], "heldout_kl_after": r.heldout[1],
+                        "seconds": r.seconds}
+        print("train", json.dumps(res["train"]))
+    _flush(out, res)
+
+    def run(name: str, plan: str | None, g=None) -> dict:
+        t = time.perf_counter()
+        masks = None
+        if plan is not None:
+            masks = ga.apply(model, plan, gates=g, stats=True)
+        try:
+            ppl = ga.perplexity(model, eval_ids)
+        finally:
+            if plan is not None:
+                ga.remove(model)
+        row = {"name": name, "ppl": ppl, "seconds": time.perf_counter() - t}
+        if masks is not None:
+            row["density"], row["block_density"] = masks.density("all")
+            if masks.gated:
+                row["gated_density"], row["gated_block_density"] = masks.density("gated")
+            row["plan"] = plan
+        print(json.dumps(row))
+        res["runs"].append(row)
+        _flush(out, res)
+        return row
+
+    dense = run("dense", None)
+    for cfg in a.configs:
+        dl, topk = cfg.split(":")
+        dense_layers = [] if dl == "all" else [int(x) for x in dl.split(",")]
+        body = f"gated(block = {a.block}, topk = {topk})"
+        g = run(f"gated {cfg}", plan_text(L, H, G, dense_layers, body), gates)
+        # The streaming plan of the same block density (the largest window not above it).
+        best = None
+        for w in range(a.block, n, a.block // 2):
+            d, bd = streaming_density(n, a.sink, w, a.block)
+            nd = len(dense_layers)
+            tot = (bd * (L - nd) + nd) / L
+            if tot <= g["block_density"] + 1e-9:
+                best = w
+        if best is not None:
+            body = f"streaming(sink = {a.sink}, window = {best})"
+            run(f"streaming {cfg}", plan_text(L, H, G, dense_layers, body))
+    for row in res["runs"]:
+        row["ppl_ratio"] = row["ppl"] / dense["ppl"]
+    _flush(out, res)
+    print(json.dumps(res, indent=1))
+
+
+def _flush(out: Path, res: dict) -> None:
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Learned block gate (SeerAttention-style): pooled Q and K per block, per-head projections."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+NEG_INF = float("-inf")
+
+
+def pool3(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None) -> torch.Tensor:
+    """Average, max and min pooling of x [..., L, D] (positions start .. start + L - 1) over
+    absolute blocks of `block` positions: [..., nb, 3 * D]. Only present positions count (a
+    partial first or last block pools what it holds); blocks holding none are zero."""
+    *lead, L, D = x.shape
+    nb = -(-(start + L) // block) if nb is None else nb
+    pad_front = start - (start // block) * block
+    b0 = start // block
+    span = (nb - b0) * block
+    pad_back = span - pad_front - L
+    if pad_back < 0:
+        raise ValueError(f"{nb} blocks of {block} do not hold positions {start}..{start + L - 1}")
+    xf = x.float()
+    present = torch.zeros(span, dtype=torch.bool, device=x.device)
+    present[pad_front:pad_front + L] = True
+    present = present.view(nb - b0, block, 1)
+
+    def padded(fill: float) -> torch.Tensor:
+        return torch.nn.functional.pad(xf, (0, 0, pad_front, pad_back), value=fill).reshape(
+            *lead, nb - b0, block, D)
+
+    count = present.sum(-2).clamp(min=1).to(xf.dtype)  # [nb - b0, 1]
+    avg = padded(0.0).sum(-2) / count
+    mx = padded(NEG_INF).amax(-2)
+    mn = padded(float("inf")).amin(-2)
+    some = present.any(-2)  # [nb - b0, 1]
+    feats = torch.cat([avg, mx, mn], dim=-1)
+    feats = torch.where(some, feats, torch.zeros((), dtype=feats.dtype, device=feats.device))
+    if b0:
+        feats = torch.nn.functional.pad(feats, (0, 0, b0, 0))
+    return feats
+
+
+def eligible(nb: int, block: int, q_start: int, q_len: int, causal: bool = True,
+             device=None) -> torch.Tensor:
+    """[nb, nb] bool: the key blocks each absolute query block may select, as in
+    attnc.reference: under causality those holding a key at or before the block's last query;
+    query blocks without evaluated queries select nothing."""
+    qb = torch.arange(nb, device=device)
+    last = torch.clamp((qb + 1) * block - 1, max=q_start + q_len - 1)
+    has = (qb + 1) * block - 1 >= q_start
+    el = torch.ones(nb, nb, dtype=torch.bool, device=device)
+    if causal:
+        el = (qb * block).view(1, -1) <= last.view(-1, 1)
+    return el & has.view(-1, 1)
+
+
+class BlockGate(nn.Module):
+    """One layer's gate: for each query head h, block scores
+    (pool3(Q_h) Wq_h)(pool3(K_g(h)) Wk_h)^T / sqrt(d_gate) over absolute blocks, softmax over
+    the eligible key blocks of each query block row (SeerAttention's block distribution).
+
+    `block = 0` is the degenerate one-block gate (DuoAttention's `gate(block = n)`): one score
+    per head, sigmoid(logit + bias_h), where the softmax over a single block would always be 1.
+    """
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, block: int, d_gate: int = 64,
+                 *, init: str = "pooled", seed: int = 0):
+        super().__init__()
+        if heads % kv_heads:
+            raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.block, self.d_gate = block, d_gate
+        F = 3 * head_dim
+        g = torch.Generator().manual_seed(seed)
+        wq = torch.randn(heads, F, d_gate, generator=g) / math.sqrt(F)
+        wk = torch.randn(heads, F, d_gate, generator=g) / math.sqrt(F)
+        if init == "pooled":
+            # Start from the mean-pooled Q . K block score (top_blocks' heuristic): the average
+            # features map to the first min(D, d_gate) gate dimensions, with the attention
+            # scale split between the two sides; a little noise elsewhere breaks symmetry.
+            m = min(head_dim, d_gate)
+            s = (d_gate / head_dim) ** 0.25
+            wq = wq * 0.01
+            wk = wk * 0.01
+            eye = torch.eye(head_dim, m)
+            wq[:, :head_dim, :m] += s * eye
+            wk[:, :head_dim, :m] += s * eye
+        elif init != "random":
+            raise ValueError(f"init is 'pooled' or 'random', not '{init}'")
+        self.wq = nn.Parameter(wq)
+        self.wk = nn.Parameter(wk)
+        self.bias = nn.Parameter(torch.zeros(heads))
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    def block_size(self, n: int) -> int:
+        return n if self.block == 0 else self.block
+
+    def logits(self, pq: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
+        """pq [..., H, NQ, 3D], pk [..., G, NK, 3D] -> [..., H, NQ, NK] (unmasked)."""
+        pk = pk.repeat_interleave(self.group, dim=-3)
+        a = torch.einsum("...hqf,hfd->...hqd", pq, self.wq)
+        b = torch.einsum("...hkf,hfd->...hkd", pk, self.wk)
+        return a @ b.transpose(-1, -2) / math.sqrt(self.d_gate)
+
+    def log_probs(self, pq: torch.Tensor, pk: torch.Tensor, el: torch.Tensor) -> torch.Tensor:
+        """Log of the gate's block distribution per query block row, -inf where not eligible
+        (rows with nothing eligible are all -inf)."""
+        z = self.logits(pq, pk).masked_fill(~el, NEG_INF)
+        lp = torch.log_softmax(z, dim=-1)
+        return torch.nan_to_num(lp, nan=NEG_INF, posinf=NEG_INF)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, *, q_start: int | None = None,
+                causal: bool = True) -> torch.Tensor:
+        """Gate scores [H, nb, nb] for q [H, Lq, D] (the last Lq of n positions unless
+        q_start says otherwise) and k [G, n, D], indexed by absolute block as
+        attnc.reference's gates= expects: the block probabilities (0 where not eligible), or,
+        for the one-block gate, sigmoid scores [H, 1, 1]."""
+        H, Lq, _ = q.shape
+        n = k.shape[-2]
+        q_start = n - Lq if q_start is None else q_start
+        b = self.block_size(n)
+        nb = -(-n // b)
+        pq = pool3(q, b, start=q_start, nb=nb)
+        pk = pool3(k, b, nb=nb)
+        if self.block == 0:
+            z = self.logits(pq, pk) + self.bias.view(-1, 1, 1)
+            return torch.sigmoid(z)
+        el = eligible(nb, b, q_start, Lq, causal, q.device)
+        return self.log_probs(pq, pk, el).exp()
+
+
+def block_keep(scores: torch.Tensor, el: torch.Tensor, topk: torch.Tensor | int,
+               threshold: torch.Tensor | float) -> torch.Tensor:
+    """The gate selector's rule on scores [H, nb, nb]: eligible blocks with score >= threshold
+    that are, when topk > 0, among the topk best eligible of their row (ties to the lower key
+    block), exactly as attnc.reference's gate()."""
+    H, nb, _ = scores.shape
+    topk = torch.as_tensor(topk, dtype=torch.int64).reshape(-1).expand(H)
+    thr = torch.as_tensor(threshold, dtype=scores.dtype).reshape(-1).expand(H)
+    s = torch.where(el, scores, torch.tensor(NEG_INF, dtype=scores.dtype))
+    order = torch.sort(-s, dim=-1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(nb).expand_as(order).contiguous())
+    ranked = (rank < topk.view(H, 1, 1)) | (topk.view(H, 1, 1) == 0)
+    return el & (scores >= thr.view(H, 1, 1)) & ranked
+
+
+class GateSet(nn.Module):
+    """The gates of a model: one BlockGate per gated layer, all with one block size, and the
+    (layer, query head) cells they serve."""
+
+    def __init__(self, gates: dict[int, BlockGate], cells: list[tuple[int, int]],
+                 meta: dict[str, str] | None = None):
+        super().__init__()
+        if not gates:
+            raise ValueError("a gate set needs at least one layer")
+        first = next(iter(gates.values()))
+        for ly, g in gates.items():
+            if (g.heads, g.kv_heads, g.head_dim, g.block, g.d_gate) != (
+                    first.heads, first.kv_heads, first.head_dim, first.block, first.d_gate):
+                raise ValueError(f"layer {ly}: every gate of a set has the same shape and block")
+        missing = sorted({ly for ly, _ in cells} - set(gates))
+        if missing:
+            raise ValueError(f"cells of layers {missing} have no gate")
+        self.layer_gates = nn.ModuleDict({str(ly): g for ly, g in sorted(gates.items())})
+        self.cells = sorted(set(cells))
+        self.meta = dict(meta or {})
+
+    @property
+    def block(self) -> int:
+        return next(iter(self.layer_gates.values())).block
+
+    @property
+    def d_gate(self) -> int:
+        return next(iter(self.layer_gates.values())).d_gate
+
+    @property
+    def layers(self) -> list[int]:
+        return [int(x) for x in self.layer_gates]
+
+    def __getitem__(self, layer: int) -> BlockGate:
+        return self.layer_gates[str(layer)]
+
+    def __contains__(self, layer: object) -> bool:
+        return str(layer) in self.layer_gates
+
+
+__all__ = ["BlockGate", "GateSet", "block_keep", "eligible", "pool3"]

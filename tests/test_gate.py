@@ -1,0 +1,350 @@
+"""Learned gates: pooling, the gate module, selection against attnc.reference, distillation on a
+tiny Llama, safetensors weights and their checks, apply(), and the kernel path (interpreter)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from attnc.codegen.gate import BlockGate, block_keep, eligible, pool3
+from attnc.compiler.blockmask import Schedule, build
+from attnc.compiler.lower import lower
+
+import attnc
+from attnc import reference
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from attnc.autotune import gate_train as gt  # noqa: E402
+from attnc.autotune.model import tiny_llama  # noqa: E402
+
+from attnc import gate_api as ga  # noqa: E402
+
+LIB = attnc.loads("")
+SRC = """
+pattern gate_only(b: int = 16, t: int = 3, thr: float = 0.0) { mask gate(b, t, thr) }
+pattern gate_nc(b: int = 16, t: int = 3) { mask gate(b, t, 0.0, false) }
+"""
+PROG = attnc.loads(SRC)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- pooling and the module
+
+
+@pytest.mark.parametrize("start,L,block", [(0, 37, 8), (5, 30, 8), (16, 16, 16), (3, 1, 4)])
+def test_pool3_is_avg_max_min_over_absolute_blocks(start, L, block):
+    x = torch.randn(2, L, 5, generator=_gen(L))
+    nb = -(-(start + L) // block)
+    p = pool3(x, block, start=start)
+    assert p.shape == (2, nb, 15)
+    for b in range(nb):
+        lo, hi = max(b * block, start) - start, min((b + 1) * block, start + L) - start
+        if hi <= lo:
+            assert (p[:, b] == 0).all()
+            continue
+        seg = x[:, lo:hi]
+        torch.testing.assert_close(p[:, b], torch.cat([seg.mean(1), seg.amax(1), seg.amin(1)],
+                                                      -1))
+
+
+def test_gate_scores_are_a_distribution_over_eligible_blocks():
+    H, G, D, n, blk = 4, 2, 8, 70, 16
+    g = BlockGate(H, G, D, blk, d_gate=12, init="random", seed=3)
+    q = torch.randn(H, n, D, generator=_gen(1))
+    k = torch.randn(G, n, D, generator=_gen(2))
+    s = g(q, k)
+    nb = -(-n // blk)
+    assert s.shape == (H, nb, nb)
+    el = eligible(nb, blk, 0, n)
+    assert (s[:, ~el] == 0).all() and (s[:, el] > 0).all()
+    torch.testing.assert_close(s.sum(-1), torch.ones(H, nb))
+    # Decode-style queries (the last 20 of 70): rows without queries select nothing.
+    s2 = g(q[:, -20:], k)
+    assert (s2[:, : (n - 20) // blk] == 0).all()
+    torch.testing.assert_close(s2[:, -1], s[:, -1])  # the last block holds the same queries
+    # GQA: query heads share their KV head's pooled keys (same weights give the same scores).
+    with torch.no_grad():
+        g.wq[1] = g.wq[0]
+        g.wk[1] = g.wk[0]
+        g.wq[2] = g.wq[0]
+        g.wk[2] = g.wk[0]
+    q2 = q.clone()
+    q2[1] = q2[0]
+    q2[2] = q2[0]
+    s3 = g(q2, k)
+    torch.testing.assert_close(s3[0], s3[1])
+    assert not torch.allclose(s3[0], s3[2])  # head 2 reads KV head 1
+
+
+def test_pooled_init_is_the_mean_pooled_block_score():
+    H, D, n, blk = 2, 8, 64, 16
+    g = BlockGate(H, H, D, blk, d_gate=D, init="pooled")
+    with torch.no_grad():
+        g.wq.zero_()
+        g.wk.zero_()
+        g.wq[:, :D] = torch.eye(D)
+        g.wk[:, :D] = torch.eye(D)
+    q, k = torch.randn(H, n, D, generator=_gen(4)), torch.randn(H, n, D, generator=_gen(5))
+    qm, km = q.view(H, 4, blk, D).mean(2), k.view(H, 4, blk, D).mean(2)
+    logits = qm @ km.transpose(1, 2) / D ** 0.5
+    want = torch.softmax(logits.masked_fill(~eligible(4, blk, 0, n), float("-inf")), -1)
+    torch.testing.assert_close(g(q, k), want)
+
+
+def test_one_block_gate_is_a_per_head_scalar_for_duo():
+    H, D, n = 3, 8, 96
+    g = BlockGate(H, H, D, 0, d_gate=8, init="random", seed=1)
+    with torch.no_grad():
+        g.bias.copy_(torch.tensor([6.0, -6.0, 6.0]))
+    q, k = torch.randn(H, n, D, generator=_gen(6)), torch.randn(H, n, D, generator=_gen(7))
+    s = g(q, k)
+    assert s.shape == (H, 1, 1) and ((s > 0) & (s < 1)).all()
+    assert (s.view(-1) >= 0.5).tolist() == [True, False, True]
+    ev = reference.evaluate(LIB, "duo", n=n, heads=H, args={"sink": 4, "window": 8},
+                            gates={n: s})
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    streaming = reference.evaluate(LIB, "streaming", n=n, args={"sink": 4, "window": 8}).mask[0]
+    assert torch.equal(ev.mask[0], causal) and torch.equal(ev.mask[2], causal)
+    assert torch.equal(ev.mask[1], streaming & causal)
+
+
+# ---------------------------------------------------------------- selection = the reference
+
+
+def _expand(keep: torch.Tensor, n: int, blk: int, q_start: int) -> torch.Tensor:
+    qb = torch.arange(q_start, n) // blk
+    kb = torch.arange(n) // blk
+    return keep[:, qb.view(-1, 1), kb.view(1, -1)]
+
+
+@pytest.mark.parametrize("n,q_len,blk,topk,thr", [(100, 100, 16, 3, 0.0), (100, 37, 16, 2, 0.0),
+                                                  (64, 64, 8, 0, 0.12), (80, 80, 16, 4, 0.1)])
+def test_selection_equals_the_reference(n, q_len, blk, topk, thr):
+    H = 3
+    nb = -(-n // blk)
+    s = torch.rand(H, nb, nb, generator=_gen(n + topk))
+    s[:, :, 1] = s[:, :, 0]  # exact ties go to the lower key block
+    s[0, 3] = 0.5
+    ev = reference.evaluate(PROG, "gate_only", n=n, heads=H, q_len=q_len,
+                            args={"b": blk, "t": topk, "thr": thr}, gates=s)
+    el = eligible(nb, blk, n - q_len, q_len)
+    ours = _expand(block_keep(s, el, topk, thr), n, blk, n - q_len)
+    assert torch.equal(ours, ev.mask)
+    assert ev.mask.any()
+
+
+def test_selection_without_causality():
+    n, H, blk = 64, 2, 16
+    s = torch.rand(H, 4, 4, generator=_gen(9))
+    ev = reference.evaluate(PROG, "gate_nc", n=n, heads=H, args={"b": blk, "t": 2}, gates=s)
+    ours = _expand(block_keep(s, eligible(4, blk, 0, n, causal=False), 2, 0.0), n, blk, 0)
+    assert torch.equal(ours, ev.mask)
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny Llama whose attention is peaked (scaled Q/K projections), so block maps carry
+    structure a gate can learn, and token ids for it."""
+    torch.manual_seed(0)
+    m = tiny_llama(layers=2, heads=4, kv_heads=2, hidden=64)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12)
+            layer.self_attn.k_proj.weight.mul_(12)
+    ids = torch.randint(0, 256, (1024,), generator=_gen(0))
+    return m, ids
+
+
+@pytest.fixture(scope="module")
+def trained(tiny):
+    m, ids = tiny
+    return gt.train_gate(m, ids[:768], block=16, d_gate=16, length=256, sequences=3, steps=60,
+                         lr=1e-2, heldout_ids=ids[768:])
+
+
+def test_block_targets_are_max_pooled_and_renormalised():
+    H, n, D, blk = 2, 48, 8, 16
+    q, k = torch.randn(H, n, D, generator=_gen(11)), torch.randn(1, n, D, generator=_gen(12))
+    t = gt.block_targets(q, k, blk, 0.5, rows=16)
+    logits = (q @ k[0].T * 0.5).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(),
+                                           float("-inf"))
+    p = torch.softmax(logits, -1).view(H, 3, blk, 3, blk).amax(dim=(2, 4))
+    torch.testing.assert_close(t, p / p.sum(-1, keepdim=True))
+
+
+def test_training_reduces_kl_and_beats_random(tiny, trained):
+    m, ids = tiny
+    hist = trained.history
+    assert len(hist) == 61 and hist[-1] < hist[0]
+    before, after = trained.heldout
+    held = gt.collect(m, [ids[768:1024]], 16)
+    kl = gt.evaluate_kl(trained.gates, held)
+    assert abs(kl - after) < 1e-5
+    assert kl < gt.random_kl(trained.gates, held)
+    assert trained.gates.cells == [(ly, h) for ly in range(2) for h in range(4)]
+
+
+def test_train_for_a_plan_trains_its_gated_cells(tiny):
+    m, ids = tiny
+    plan = ("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    layers 1 kv_heads 1: "
+            "gated(block = 32, topk = 2)\n    default: causal\n}\n")
+    r = gt.train_gate(m, ids, plan=plan, length=256, sequences=1, steps=3)
+    assert r.gates.block == 32 and r.gates.cells == [(1, 2), (1, 3)] and r.gates.layers == [1]
+    duo = "plan p(layers = 2, heads = 4, kv_heads = 2) {\n    default: duo(window = 32)\n}\n"
+    with pytest.raises(NotImplementedError, match="one-block"):
+        gt.train_gate(m, ids, plan=duo, length=256, sequences=1, steps=1)
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_safetensors_round_trip_and_refusals(tiny, trained, tmp_path):
+    m, _ = tiny
+    plan_path = tmp_path / "p.attn"
+    plan_path.write_text("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    default: "
+                         "gated(block = 16, topk = 3)\n}\n")
+    path = ga.save_gates(trained, ga.gates_path(plan_path))
+    assert path.name == "p.gates.safetensors"
+    gs = ga.load_gates(path, model=m, plan=str(plan_path))
+    for ly in gs.layers:
+        for name in ("wq", "wk", "bias"):
+            assert torch.equal(getattr(gs[ly], name), getattr(trained.gates[ly], name))
+    assert gs.meta == trained.gates.meta and gs.block == 16 and gs.d_gate == 16
+    other = tiny_llama(layers=2, heads=4, kv_heads=2, hidden=64, seed=1)
+    with pytest.raises(attnc.AttncError, match="trained for model") as e:
+        ga.load_gates(path, model=other)
+    assert "\n" not in str(e.value)
+    wrong_block = ("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    default: "
+                   "gated(block = 32)\n}\n")
+    with pytest.raises(attnc.AttncError, match="block 16, plan 'p' uses block 32"):
+        ga.load_gates(path, model=m, plan=wrong_block)
+    bad = tmp_path / "x.safetensors"
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(1)}, str(bad))
+    with pytest.raises(attnc.AttncError, match="not an attnc gate file"):
+        ga.load_gates(bad)
+    with pytest.raises(attnc.AttncError, match="no gate weights"):
+        ga.load_gates(tmp_path / "missing.safetensors")
+
+
+def test_plan_key_ignores_selection_parameters_but_not_cells(tiny, trained, tmp_path):
+    m, _ = tiny
+    path = ga.save_gates(trained, tmp_path / "g.safetensors")
+    sub = ("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    layers 1: gated(block = 16, "
+           "topk = 1, threshold = 0.2)\n    default: causal\n}\n")
+    assert ga.load_gates(path, model=m, plan=sub).cells == trained.gates.cells
+    part = gt.train_gate(m, torch.arange(256) % 256, block=16, d_gate=8, length=256,
+                         sequences=1, steps=1, plan=sub)
+    p2 = ga.save_gates(part, tmp_path / "part.safetensors")
+    full = ("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    default: gated(block = 16)\n}"
+            "\n")
+    with pytest.raises(attnc.AttncError, match="do not cover plan 'p' \\(layer 0 head 0"):
+        ga.load_gates(p2, model=m, plan=full)
+
+
+# ---------------------------------------------------------------- apply
+
+
+def test_apply_with_gates(tiny, trained, tmp_path):
+    m, ids = tiny
+    x = ids[:200].view(1, -1)
+    with torch.no_grad():
+        dense = m(x).logits
+    plan = ("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    layers 1: gated(block = 16, "
+            "topk = 2)\n    default: streaming(sink = 4, window = 32)\n}\n")
+    masks = ga.apply(m, plan, gates=trained, stats=True)
+    try:
+        with torch.no_grad():
+            out = m(x).logits
+    finally:
+        ga.remove(m)
+    assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-3)
+    d_all, b_all = masks.density("all")
+    d_g, b_g = masks.density("gated")
+    assert 0 < d_g < 1 and 0 < b_g < 1 and 0 < d_all < 1
+    # Gated rows keep the top 2 blocks of 16 and their own block: at most 48 keys per query.
+    kept = max(masks.stats[(1, h)][0] for h in range(4))
+    assert kept <= 200 * 48
+    # A gate keeping every block is dense attention; remove() restores the model.
+    plan_file = tmp_path / "all.attn"
+    plan_file.write_text("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    default: "
+                         "gated(block = 16, topk = 0)\n}\n")
+    ga.save_gates(trained, ga.gates_path(plan_file))
+    ga.apply(m, str(plan_file))  # weights found next to the plan
+    try:
+        with torch.no_grad():
+            full = m(x).logits
+    finally:
+        ga.remove(m)
+    torch.testing.assert_close(full, dense, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, dense)
+
+
+def test_apply_refuses_gates_of_another_model(trained):
+    other = tiny_llama(layers=2, heads=4, kv_heads=2, hidden=64, seed=2)
+    plan = "plan p(layers = 2, heads = 4, kv_heads = 2) {\n    default: gated(block = 16)\n}\n"
+    with pytest.raises(attnc.AttncError, match="another model"):
+        ga.apply(other, plan, gates=trained)
+
+
+# ---------------------------------------------------------------- kernel path
+
+
+def _kernel_case(device: str, dtype=torch.float32):
+    from attnc.codegen import dynamic as dyn
+
+    H, Hkv, n, q_len, D, blk = 4, 2, 96, 80, 16, 16
+    g = _gen(21)
+    q = torch.randn(1, H, q_len, D, generator=g).to(dtype)
+    k = torch.randn(1, Hkv, n, D, generator=g).to(dtype)
+    v = torch.randn(1, Hkv, n, D, generator=g).to(dtype)
+    gate = BlockGate(H, Hkv, D, blk, d_gate=8, init="random", seed=4)
+    with torch.no_grad():
+        scores = gate(q[0].float(), k[0].float())
+    args = {"block": blk, "topk": 2}
+    bm = build(lower(LIB, "gated", args), n=n, heads=H, q_len=q_len,
+               schedule=Schedule(16, 16))
+    res, sets = dyn.dynamic_attention(q.to(device), k.to(device), v.to(device), bm,
+                                      gates=gate.to(device), return_index=True, poison=True)
+    ev = reference.evaluate(LIB, "gated", n=n, heads=H, q_len=q_len, args=args, gates=scores)
+    el = eligible(6, blk, n - q_len, q_len)
+    assert torch.equal(sets[0].of("gate").cpu(), block_keep(scores, el, 2, 0.0))
+    kk = k[0].double().repeat_interleave(H // Hkv, 0)
+    vv = v[0].double().repeat_interleave(H // Hkv, 0)
+    logits = (q[0].double() @ kk.transpose(1, 2)) * D ** -0.5
+    p = torch.softmax(logits.masked_fill(~ev.mask, float("-inf")), -1)
+    want = p @ vv
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(res.out[0].cpu().double(), want, atol=tol, rtol=tol)
+    # Scores as a tensor give the same selection as the module.
+    _, sets2 = dyn.dynamic_attention(q.to(device), k.to(device), v.to(device), bm,
+                                     gates=scores.to(device), return_index=True)
+    assert torch.equal(sets2[0].of("gate"), sets[0].of("gate"))
+    src = dyn.selector_printer(bm.pattern)
+    assert src is not None
+    with pytest.raises(ValueError, match="gates="):
+        dyn.dynamic_attention(q.to(device), k.to(device), v.to(device), bm)
+
+
+def test_kernel_path_matches_the_reference():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU run uses the Triton interpreter")
+    _kernel_case("cpu")
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_path_matches_the_reference():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("set TRITON_INTERPRET=0 to compile for the GPU")
+    _kernel_case("cuda", torch.float16)
