@@ -27,7 +27,7 @@ from attnc.compiler.ir import PatternIR, free_vars
 from attnc.compiler.lower import lower_plan
 from attnc.compiler.numeric import evaluate as num_eval
 from attnc.compiler.rules import rewrite
-from attnc.dsl.check import PlanInfo
+from attnc.dsl.check import PlanInfo, Program
 from attnc.dsl.errors import AttncError
 
 NAME = "attnc_gate"
@@ -261,15 +261,25 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 
 
 def apply(model, plan, *, gates: GateSet | TrainResult | str | Path | None = None,
-          stats: bool = False) -> _Masks:
-    """Make `model` attend with a plan that may contain gated cells. `gates`: a GateSet (or
+          stats: bool = False, **kwargs):
+    """Make `model` attend with `plan`, which may contain gated cells. `gates`: a GateSet (or
     train_gate's result) or the path of its safetensors file; by default the file next to the
     plan (plan.gates.safetensors) when the plan is a path. Weights are checked against the
     model and the plan. With `stats`, kept / causal pairs per (layer, head) are accumulated in
-    the returned object's `stats`. Undo with remove(model)."""
+    the returned object's `stats`. Plans without gated cells (and the per-cell mappings of
+    attnc.autotune.apply) go to attnc.autotune.apply.apply unless stats are asked for.
+    Undo with remove(model)."""
     from transformers import AttentionInterface
 
+    from attnc.autotune import apply as static
+
+    if gates is None and not stats and not isinstance(plan, (str, Path, PlanInfo, Program)):
+        return static.apply(model, plan, **kwargs)
     info = _plan_info(plan)
+    if gates is None and not stats and gate_cells(info)[0] is None:
+        return static.apply(model, info, **kwargs)
+    if kwargs:
+        raise TypeError(f"unexpected arguments {sorted(kwargs)} for a gated plan")
     L, H, _, _ = shape(model)
     if (info.layers, info.heads) != (L, H):
         raise ValueError(f"the plan is for {info.layers} layers x {info.heads} heads; the model "
