@@ -15,16 +15,13 @@ __all__ = ["AttncError", "Kernel", "Library", "Program", "__version__", "load", 
 
 def __getattr__(name: str):
     # The head tuner needs torch and transformers: attnc.autotune(model, calib_ids, ...) and
-    # attnc.apply(model, plan[, gates=]) and attnc.train_gate(model, calib_ids) load it on
-    # first use.
+    # attnc.apply(model, plan) and attnc.train_gate(model, calib_ids) load it on first use.
     if name == "autotune":
         import importlib
 
         return importlib.import_module("attnc.autotune")
     if name == "apply":
-        # gate_api.apply takes gates= for gated plans and hands every other plan to
-        # attnc.tune_api's (autotune.apply's) apply unchanged.
-        from attnc.gate_api import apply
+        from attnc.tune_api import apply
 
         return apply
     if name == "train_gate":
