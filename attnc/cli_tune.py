@@ -53,6 +53,11 @@ def register(sub) -> None:
     p.add_argument("--worker", action="store_true",
                    help="only run trials of the shared study (no validation or output)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--train-gate", action="store_true",
+                   help="also distil learned block gates for every head from the calibration "
+                        "text and write them next to the plan (PLAN.gates.safetensors)")
+    p.add_argument("--gate-block", type=int, default=64, help="gate block size (default 64)")
+    p.add_argument("--gate-steps", type=int, default=300, help="gate training steps")
     p.set_defaults(func=cmd_tune)
 
 
@@ -100,6 +105,14 @@ def cmd_tune(args) -> int:
           f"x{ch['heldout_ppl_ratio']:.4f}, mean density {ch['density']:.3f}"
           + ("" if res.report["budget_met"] else " (budget NOT met: the closest front point)"))
     print("wrote " + ", ".join(str(p) for p in paths[1:]))
+    if args.train_gate:
+        from attnc.gate_api import gates_path, save_gates, train_gate
+
+        tg = train_gate(model, calib_ids, block=args.gate_block, length=max(lengths),
+                        steps=args.gate_steps, seed=args.seed)
+        gp = save_gates(tg, gates_path(out))
+        print(f"gates {gp}: KL {tg.history[0]:.4f} -> {tg.history[-1]:.4f} in "
+              f"{tg.seconds['total']:.0f} s")
     return 0 if res.report["budget_met"] else 1
 
 
