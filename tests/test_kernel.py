@@ -248,3 +248,39 @@ def test_plan_layer_runs_in_one_launch(dtype):
         assert ours <= 2 * torch_err + floor, f"head {h}: {ours:.3e} vs {torch_err:.3e} ({seed})"
     # A layer with one pattern is a plain kernel.
     assert not isinstance(kernel.plan_layer(plan, 1, n=n), kernel.PlanMask)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_head_dims_64_and_128(D):
+    name, args, n, H, Hkv = "streaming", {"sink": 3, "window": 20}, 45, 2, 1
+    seed = _fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, H, n, D, generator=g).to(torch.bfloat16).to(DEVICE)
+    k = torch.randn(1, Hkv, n, D, generator=g).to(torch.bfloat16).to(DEVICE)
+    v = torch.randn(1, Hkv, n, D, generator=g).to(torch.bfloat16).to(DEVICE)
+    bm = build(lower(LIB, name, args), n=n, heads=H, schedule=Schedule(16, 16))
+    res = kernel.attention(q, k, v, bm, poison=True)
+    _check(q, k, v, res, name, args, n, n, H, torch.bfloat16, seed)
+
+
+@pytest.mark.gpu
+def test_offsets_beyond_int32():
+    """B * H * n * D > 2**31 elements: every offset must be 64-bit (n = 1M, 16 heads)."""
+    if DEVICE != "cuda":
+        pytest.skip("needs a GPU (4 GiB per tensor)")
+    n, H, D = 1 << 20, 16, 128
+    q = torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    bm = build(lower(LIB, "window", {"size": 64}), n=n, heads=H)
+    res = kernel.attention(q, k, v, bm)
+    # Check the last head's last rows (the largest offsets) against dense attention there.
+    rows = torch.arange(n - 64, n, device="cuda")
+    qq, kk, vv = q[0, -1, rows].float(), k[0, -1, n - 127:].float(), v[0, -1, n - 127:].float()
+    s = (qq @ kk.T) * D ** -0.5
+    pos = torch.arange(n - 127, n, device="cuda")
+    d = rows[:, None] - pos[None, :]
+    s = s.masked_fill(~((d >= 0) & (d < 64)), float("-inf"))
+    ref = torch.softmax(s, -1) @ vv
+    err = (res.out[0, -1, rows].float() - ref).norm() / ref.norm()
+    assert err < 2e-2, err
+    assert torch.isfinite(res.lse).all()
