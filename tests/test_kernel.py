@@ -284,3 +284,45 @@ def test_offsets_beyond_int32():
     err = (res.out[0, -1, rows].float() - ref).norm() / ref.norm()
     assert err < 2e-2, err
     assert torch.isfinite(res.lse).all()
+
+
+@pytest.mark.parametrize("arithmetic", [True, False], ids=["ranges", "index-lists"])
+@pytest.mark.parametrize(("name", "args"), [
+    ("streaming", {"sink": 3, "window": 20}),
+    ("a_shape", {"sink": 5, "local": 17}),
+    ("shards", {"stride": 3, "block": 16, "local": 10}),
+    ("radial", {"block": 16, "dense": 1}),
+    ("band", {"before": 6, "after": 4}),
+])
+def test_empty_blocks_are_never_touched(name, args, arithmetic):
+    """One query block (the last rows): K and V are NaN in every key block its block mask does
+    not visit, so touching any of them would poison the output."""
+    n, H, D, B = 150, 2, 16, 16
+    bm = build(lower(LIB, name, args), n=n, heads=H, q_len=B, schedule=Schedule(B, B))
+    if arithmetic and kernel.arithmetic_rules(bm) is None:
+        pytest.skip("this pattern runs on index lists")
+    csr = bm.materialize()
+    seed = _fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, H, B, D, generator=g)
+    k = torch.randn(1, H, n, D, generator=g)
+    v = torch.randn(1, H, n, D, generator=g)
+    visited = set()
+    for h in range(H):
+        hh = h if csr.kv_num_blocks.shape[0] > 1 else 0
+        visited |= set(csr.kv_indices[hh, 0, : csr.kv_num_blocks[hh, 0]].tolist())
+        visited |= set(csr.full_kv_indices[hh, 0, : csr.full_kv_num_blocks[hh, 0]].tolist())
+    empty = [kb for kb in range(-(-n // B)) if kb not in visited]
+    assert empty, "the case must leave some key block empty"
+    for kb in empty:
+        k[:, :, kb * B:(kb + 1) * B] = float("nan")
+        v[:, :, kb * B:(kb + 1) * B] = float("nan")
+    res = kernel.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), bm, poison=True,
+                           arithmetic=arithmetic)
+    assert torch.isfinite(res.out).all(), f"an empty key block was read (seed {seed})"
+    ev = reference.evaluate(LIB, name, n=n, heads=H, q_len=B, args=args)
+    kk, vv = k.nan_to_num(0.0).double(), v.nan_to_num(0.0).double()
+    s = (q.double() @ kk.transpose(-1, -2)) * D ** -0.5
+    o64 = torch.softmax(s.masked_fill(~ev.mask, float("-inf")), -1).nan_to_num(0.0) @ vv
+    err = (res.out.cpu().double() - o64).norm() / o64.norm()
+    assert err < 1e-5, f"{err} (seed {seed})"
