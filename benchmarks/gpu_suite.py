@@ -1,0 +1,79 @@
+"""Everything a GPU lease should run, in one call: the GPU tests, then the kernel, dynamic and
+autotune-latency benchmarks, each stage with its own time limit, logs written as they go.
+
+    python benchmarks/gpu_suite.py --out $OUT                      # all stages
+    python benchmarks/gpu_suite.py --out $OUT --stages tests,kernels --budget 540
+
+Stages run in the order given; a stage that times out or fails is reported and the next one
+runs. Each stage's output goes to OUT/<stage>.log (the tail of each is printed at the end), so a
+lease that ends early still returns what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# name -> (command, share of the budget)
+STAGES: dict[str, tuple[list[str], float]] = {
+    "tests": ([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernel.py",
+               "tests/test_dynamic.py", "tests/test_artifacts.py", "tests/test_tune.py"], 0.2),
+    "kernels": ([sys.executable, os.path.join(HERE, "kernels.py"), "--n", "8192,32768,131072",
+                 "--candidates", "128x128x8x3,128x64x8x3,64x64x4x3", "--rep", "40"], 0.55),
+    "dynamic": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--quick"], 0.25),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for the logs and tables")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds for all stages")
+    a = ap.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    names = [s for s in a.stages.split(",") if s]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        print(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}",
+              file=sys.stderr)
+        return 1
+    t_start = time.monotonic()
+    summary = []
+    for i, name in enumerate(names):
+        cmd, share = STAGES[name]
+        left = a.budget - (time.monotonic() - t_start)
+        # Later stages get their share of what is left, so an early finish helps them.
+        rest = sum(STAGES[s][1] for s in names[i:])
+        limit = max(10.0, left * share / rest if rest else left)
+        if name == "kernels":
+            cmd = cmd + ["--log", os.path.join(a.out, "kernels.txt"),
+                         "--out", os.path.join(a.out, "kernels.md")]
+        log = os.path.join(a.out, f"{name}.log")
+        t0 = time.monotonic()
+        with open(log, "w") as f:
+            try:
+                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                    timeout=limit).returncode
+                status = f"rc {rc}"
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {limit:.0f} s"
+        summary.append(f"{name}: {status} in {time.monotonic() - t0:.0f} s")
+    for name in names:
+        log = os.path.join(a.out, f"{name}.log")
+        with open(log) as f:
+            lines = [x for x in f.read().splitlines() if "warn" not in x.lower()]
+        print(f"===== {name} (last lines)")
+        print("\n".join(lines[-25:]))
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
