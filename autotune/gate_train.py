@@ -198,42 +198,68 @@ class TrainResult:
     history: list[float]  # mean KL over layers, before each step and after the last
     heldout: tuple[float, float] | None  # held-out KL (before, after) when held-out ids given
     seconds: dict[str, float]
+    val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out KL)
+    best_step: int | None = None  # the step whose weights were kept (early stopping)
 
 
 def fit(gates: dict[int, BlockGate], data: dict[int, LayerData],
         heads: dict[int, list[int]], *, steps: int = 300, lr: float = 3e-3,
-        weight_decay: float = 0.0, log: Callable[[str], None] | None = None) -> list[float]:
+        weight_decay: float = 0.0, val: dict[int, LayerData] | None = None,
+        check_every: int = 25, log: Callable[[str], None] | None = None
+        ) -> tuple[list[float], list[tuple[int, float]], int | None]:
     """Adam on the sum over layers of each layer's KL (the layers are independent, so one
-    optimiser trains them all at once). Returns the mean layer loss before each step and after
-    the last."""
+    optimiser trains them all at once). With `val`, the held-out KL is checked every
+    `check_every` steps and the best weights are kept (the gates overfit a few calibration
+    chunks). Returns the mean training KL before each step and after the last, the held-out
+    curve [(step, KL)] and the step whose weights were kept (None without `val`)."""
     tensors = {ly: data[ly].stacked() for ly in gates}
+    vt = {ly: val[ly].stacked() for ly in gates} if val is not None else None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors: threads cost more than they save
     try:
-        return _fit(gates, tensors, heads, steps, lr, weight_decay, log)
+        return _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(gates, tensors, heads, steps, lr, weight_decay, log) -> list[float]:
+def _mean_kl(gates, tensors, heads) -> torch.Tensor:
+    return sum(kl_loss(g, *tensors[ly], heads[ly]) for ly, g in gates.items()) / len(gates)
+
+
+def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log):
     params = [p for g in gates.values() for p in (g.wq, g.wk)]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     hist: list[float] = []
+    curve: list[tuple[int, float]] = []
+    best: tuple[float, int, list[torch.Tensor]] | None = None
 
-    def total() -> torch.Tensor:
-        return sum(kl_loss(g, *tensors[ly], heads[ly]) for ly, g in gates.items()) / len(gates)
+    def check(step: int) -> None:
+        nonlocal best
+        with torch.no_grad():
+            v = float(_mean_kl(gates, vt, heads))
+        curve.append((step, v))
+        if best is None or v < best[0]:
+            best = (v, step, [p.detach().clone() for p in params])
 
     for step in range(steps):
+        if vt is not None and step % check_every == 0:
+            check(step)
         opt.zero_grad()
-        loss = total()
+        loss = _mean_kl(gates, tensors, heads)
         loss.backward()
         opt.step()
         hist.append(loss.item())
         if log and (step % 50 == 0):
-            log(f"step {step}: KL {hist[-1]:.4f}")
+            log(f"step {step}: KL {hist[-1]:.4f}"
+                + (f", held-out {curve[-1][1]:.4f}" if curve else ""))
+    if vt is not None:
+        check(steps)
+        with torch.no_grad():
+            for p, b in zip(params, best[2], strict=True):
+                p.copy_(b)
     with torch.no_grad():
-        hist.append(float(total()))
-    return hist
+        hist.append(float(_mean_kl(gates, tensors, heads)))
+    return hist, curve, (best[1] if best is not None else None)
 
 
 def _chunks(ids: torch.Tensor, length: int, count: int | None) -> list[torch.Tensor]:
@@ -250,13 +276,15 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                d_gate: int = 64, length: int = 2048, sequences: int | None = 2,
                steps: int = 300, lr: float = 3e-3, weight_decay: float = 0.0,
                init: str = "pooled", seed: int = 0, heldout_ids: torch.Tensor | None = None,
-               log: Callable[[str], None] | None = None) -> TrainResult:
+               early_stop: bool = True, log: Callable[[str], None] | None = None
+               ) -> TrainResult:
     """Train gates for `model` by distillation: the dense model runs on `sequences` chunks of
     `length` calibration tokens; per layer and head the gate learns the attention probabilities
     max-pooled to blocks (KL(target || gate)). With `plan` (a plan with gated cells: PlanInfo,
     .attn path or text) the plan's gated cells and block size are trained; without, every head
-    of every layer with `block`. `heldout_ids` (one more chunk of `length`) measures held-out KL
-    before and after training."""
+    of every layer with `block`. `heldout_ids` (one more chunk of `length`, not calibration
+    text) measures held-out KL before and after training and, with `early_stop`, keeps the
+    weights of the step with the lowest held-out KL (checked every 25 steps)."""
     from .apply import _plan_info
 
     t0 = time.perf_counter()
@@ -284,15 +312,16 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     gates = {ly: BlockGate(H, G, D, block, d_gate, init=init, seed=seed + ly) for ly in layers}
     val = collect(model, _chunks(heldout_ids, length, 1), block, layers) \
         if heldout_ids is not None else None
+    vt = {ly: val[ly].stacked() for ly in layers} if val is not None else None
 
     def val_kl() -> float:
         with torch.no_grad():
-            return sum(float(kl_loss(g, *val[ly].stacked(), heads[ly]))
-                       for ly, g in gates.items()) / len(gates)
+            return float(_mean_kl(gates, vt, heads))
 
     before = val_kl() if val is not None else None
     t2 = time.perf_counter()
-    hist = fit(gates, data, heads, steps=steps, lr=lr, weight_decay=weight_decay, log=log)
+    hist, curve, best = fit(gates, data, heads, steps=steps, lr=lr, weight_decay=weight_decay,
+                            val=val if early_stop else None, log=log)
     t3 = time.perf_counter()
     after = val_kl() if val is not None else None
     meta = {"format": FORMAT, "model_id": model_id(model), "plan_key": cells_key(block, cells),
@@ -301,12 +330,14 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
             "cells": json.dumps([list(c) for c in cells]),
             "train": json.dumps({"length": length, "sequences": len(seqs), "steps": steps,
                                  "lr": lr, "init": init, "seed": seed,
-                                 "kl_first": hist[0], "kl_last": hist[-1]})}
+                                 "kl_first": hist[0], "kl_last": hist[-1],
+                                 "heldout_kl": after, "best_step": best})}
     gs = GateSet(gates, cells, meta)
     for p in gs.parameters():
         p.requires_grad_(False)
     secs = {"collect": t1 - t0, "fit": t3 - t2, "total": time.perf_counter() - t0}
-    return TrainResult(gs, hist, None if before is None else (before, after), secs)
+    return TrainResult(gs, hist, None if before is None else (before, after), secs, curve,
+                       best)
 
 
 def random_kl(gs: GateSet, data: dict[int, LayerData], seed: int = 1) -> float:

@@ -89,6 +89,7 @@ def main() -> None:
         res["train"] = {"length": tl, "sequences": a.sequences, "steps": a.steps,
                         "kl_first": r.history[0], "kl_last": r.history[-1],
                         "heldout_kl_before": r.heldout[0], "heldout_kl_after": r.heldout[1],
+                        "heldout_curve": r.val_curve, "best_step": r.best_step,
                         "seconds": r.seconds}
         print("train", json.dumps(res["train"]))
     _flush(out, res)

@@ -169,7 +169,7 @@ def tiny():
 def trained(tiny):
     m, ids = tiny
     return gt.train_gate(m, ids[:768], block=16, d_gate=16, length=256, sequences=3, steps=60,
-                         lr=1e-2, heldout_ids=ids[768:])
+                         lr=1e-2, heldout_ids=ids[768:], early_stop=False)
 
 
 def test_block_targets_are_max_pooled_and_renormalised():
@@ -192,6 +192,18 @@ def test_training_reduces_kl_and_beats_random(tiny, trained):
     assert abs(kl - after) < 1e-5
     assert kl < gt.random_kl(trained.gates, held)
     assert trained.gates.cells == [(ly, h) for ly in range(2) for h in range(4)]
+
+
+def test_early_stopping_keeps_the_best_held_out_step(tiny):
+    m, ids = tiny
+    r = gt.train_gate(m, ids[:512], block=16, d_gate=16, length=256, sequences=2, steps=50,
+                      lr=3e-2, heldout_ids=ids[768:])
+    steps = [s for s, _ in r.val_curve]
+    assert steps == [0, 25, 50]
+    best = min(r.val_curve, key=lambda sv: sv[1])
+    assert r.best_step == best[0]
+    assert r.heldout[0] == pytest.approx(r.val_curve[0][1], rel=1e-6)
+    assert r.heldout[1] == pytest.approx(best[1], rel=1e-5)
 
 
 def test_train_for_a_plan_trains_its_gated_cells(tiny):
@@ -348,3 +360,11 @@ def test_gpu_kernel_path_matches_the_reference():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("set TRITON_INTERPRET=0 to compile for the GPU")
     _kernel_case("cuda", torch.float16)
+
+
+def test_tune_cli_has_the_train_gate_flag():
+    from attnc.cli import build_parser
+
+    a = build_parser().parse_args(["tune", "--model", "m", "--train-gate", "--gate-block", "32"])
+    assert a.train_gate and a.gate_block == 32 and a.gate_steps == 300
+    assert not build_parser().parse_args(["tune", "--model", "m"]).train_gate
