@@ -379,20 +379,27 @@ class BlockMaskIR:
         element predicate on partial blocks only."""
         csr = self.materialize()
         BM, BN = self.schedule.block_m, self.schedule.block_n
+        QB = csr.num_q_blocks
+        rows = np.minimum((np.arange(QB) + 1) * BM, self.q_len) - np.arange(QB) * BM
         kept = 0
-        order = sorted((h, c) for c in self.classes for h in c.heads)
-        for i, (h, c) in enumerate(order):
-            for qb in range(csr.num_q_blocks):
-                r0 = qb * BM
-                r1 = min(r0 + BM, self.q_len)
-                for kb in csr.full_kv_indices[i, qb, : csr.full_kv_num_blocks[i, qb]]:
-                    kb = int(kb)
-                    kept += (r1 - r0) * (min((kb + 1) * BN, self.n) - kb * BN)
-            p_q = np.repeat(np.arange(csr.num_q_blocks), csr.kv_num_blocks[i])
-            p_k = np.concatenate([csr.kv_indices[i, qb, : csr.kv_num_blocks[i, qb]]
-                                  for qb in range(csr.num_q_blocks)]) if p_q.size else p_q
+        order = sorted((h, id(c)) for c in self.classes for h in c.heads)
+        row_of = {h: i for i, (h, _) in enumerate(order)}
+        # Heads of one class share their rows: count one head, multiply by the class size.
+        for c in self.classes:
+            h = min(c.heads)
+            i = row_of[h]
+            nf = csr.full_kv_num_blocks[i]
+            valid = np.arange(csr.full_kv_indices.shape[2]) < nf[:, None]
+            qb_f, j = np.nonzero(valid)
+            kb = csr.full_kv_indices[i, qb_f, j].astype(np.int64)
+            cols = np.minimum((kb + 1) * BN, self.n) - kb * BN
+            here = int((rows[qb_f] * cols).sum())
+            p_q = np.repeat(np.arange(QB), csr.kv_num_blocks[i])
             if p_q.size and not self.pattern.dynamic:
-                kept += _count_kept(c.mask, p_q, p_k, h, self)
+                validp = np.arange(csr.kv_indices.shape[2]) < csr.kv_num_blocks[i][:, None]
+                p_k = csr.kv_indices[i][validp]
+                here += _count_kept(c.mask, p_q, p_k, h, self)
+            kept += here * len(c.heads)
         partial = int(csr.kv_num_blocks.sum())
         full = int(csr.full_kv_num_blocks.sum())
         if self.layout is not None and self.layout.moves_queries():
