@@ -26,7 +26,7 @@ class PlanMasks:
     demand per (pattern, head, n, q_len) and kept in a bounded cache shared across layers."""
 
     def __init__(self, cells: Mapping[tuple[int, int], PatternIR], layers: int, heads: int,
-                 cache_bytes: int = 2 << 30):
+                 cache_bytes: int = 1 << 30):
         self.layers, self.heads = layers, heads
         self.cells = {}
         for cell, ir in cells.items():
@@ -163,6 +163,9 @@ def apply(model, plan, *, layers: int | None = None, heads: int | None = None) -
 def remove(model) -> None:
     """Undo apply(): the model's previous attention implementation."""
     before = getattr(model, "_attnc_before", None)
+    for mod in model.modules():
+        if hasattr(mod, "_attnc_masks"):
+            del mod._attnc_masks  # frees the mask cache
     if before is not None:
         model.set_attn_implementation(before)
         del model._attnc_before

@@ -63,6 +63,36 @@ def passkey_accuracy(model, trials) -> tuple[float, list[bool]]:
     return sum(hits) / len(hits), hits
 
 
+def _tune(tune_api, model, calib, held, args, out):
+    res = tune_api.autotune(model, calib, heldout_ids=held, lengths=args.lengths,
+                            validation_length=args.validation_length, trials=args.trials,
+                            rows=args.rows, max_ppl_increase=args.max_ppl_increase,
+                            latency_budget=args.latency_budget, workdir=out, progress=True,
+                            name="smollm2_tuned")
+    res.write(out / "plan.attn", out / "report.json", out)
+    return res
+
+
+def _from_report(d: Path):
+    """A tuning result rebuilt from a saved report.json and plan.attn (comparisons only)."""
+    import json as _json
+    from types import SimpleNamespace
+
+    from attnc.autotune.candidates import Candidate
+
+    rep = _json.loads((d / "report.json").read_text())
+    cands = []
+    for text in rep["candidates"]:
+        if "(" not in text:
+            cands.append(Candidate(text))
+            continue
+        fam, rest = text.split("(", 1)
+        args = tuple(tuple(a.split(" = ", 1)) for a in rest[:-1].split(", "))
+        cands.append(Candidate(fam, args))
+    return SimpleNamespace(report=rep, signals=SimpleNamespace(candidates=cands),
+                           plan_text=(d / "plan.attn").read_text(), timings=rep["timings"])
+
+
 def _families(res, choice) -> dict[str, int]:
     cells = res.signals.candidates
     out: dict[str, int] = {}
@@ -83,6 +113,8 @@ def main() -> None:
     ap.add_argument("--passkey-tokens", type=int, default=4096)
     ap.add_argument("--passkeys", type=int, default=4)
     ap.add_argument("--out", default="bench-autotune")
+    ap.add_argument("--from-report", metavar="DIR",
+                    help="skip tuning: compare the front of a saved report.json")
     args = ap.parse_args()
 
     import optuna
@@ -102,13 +134,12 @@ def main() -> None:
     held = torch.tensor(tok(shipped("heldout.txt")).input_ids)
 
     t0 = time.perf_counter()
-    res = tune_api.autotune(model, calib, heldout_ids=held, lengths=args.lengths,
-                            validation_length=args.validation_length, trials=args.trials,
-                            rows=args.rows, max_ppl_increase=args.max_ppl_increase,
-                            latency_budget=args.latency_budget, workdir=out, progress=True,
-                            name="smollm2_tuned")
-    tune_s = time.perf_counter() - t0
-    res.write(out / "plan.attn", out / "report.json", out)
+    if args.from_report:
+        res = _from_report(Path(args.from_report))
+        tune_s = res.report["timings"]["total_s"]
+    else:
+        res = _tune(tune_api, model, calib, held, args, out)
+        tune_s = time.perf_counter() - t0
     rep = res.report
     n_val = args.validation_length
     val = held[:n_val]
