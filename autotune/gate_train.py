@@ -340,6 +340,31 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                        best)
 
 
+def calibrate_threshold(gs: GateSet, data: dict[int, LayerData], density: float) -> float:
+    """The smallest gate threshold whose block density on `data` (kept blocks, with each query
+    block's own block always kept as `gated` does, over causal blocks, all of the set's cells)
+    is at most `density`: a per-head adaptive budget (peaked rows keep few blocks, flat rows
+    many) in place of a fixed top-k."""
+    scores = []
+    with torch.no_grad():
+        for ly in gs.layers:
+            g = gs[ly]
+            pq, pk, _ = data[ly].stacked()
+            nb = pq.shape[-2]
+            el = eligible(nb, g.block, 0, nb * g.block)
+            hs = sorted(h for c, h in gs.cells if c == ly)
+            s = g.log_probs(pq, pk, el).exp()[..., hs, :, :]
+            diag = torch.eye(nb, dtype=torch.bool)
+            # The own block is kept anyway: rank it above every threshold.
+            scores.append(torch.where(diag, torch.tensor(2.0), s)[..., el].reshape(-1))
+    flat = torch.sort(torch.cat(scores), descending=True).values
+    keep = int(density * flat.numel())
+    if keep >= flat.numel():
+        return 0.0
+    # Scores strictly above the (keep + 1)-th largest: a threshold just above it.
+    return float(torch.nextafter(flat[keep], torch.tensor(float("inf"))))
+
+
 def random_kl(gs: GateSet, data: dict[int, LayerData], seed: int = 1) -> float:
     """The KL of randomly initialised gates of the same shape (a baseline for a trained one)."""
     out = []
@@ -363,6 +388,6 @@ def evaluate_kl(gs: GateSet, data: dict[int, LayerData]) -> float:
     return sum(out) / len(out)
 
 
-__all__ = ["FORMAT", "LayerData", "TrainResult", "block_targets", "cells_key", "collect",
-           "evaluate_kl", "fit", "gate_block", "gate_cells", "kl_loss", "model_id",
-           "pattern_is_gated", "random_kl", "train_gate"]
+__all__ = ["FORMAT", "LayerData", "TrainResult", "block_targets", "calibrate_threshold",
+           "cells_key", "collect", "evaluate_kl", "fit", "gate_block", "gate_cells", "kl_loss",
+           "model_id", "pattern_is_gated", "random_kl", "train_gate"]

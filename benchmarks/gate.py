@@ -44,8 +44,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--d-gate", type=int, default=64)
-    ap.add_argument("--configs", nargs="+", default=["all:6", "0,1:6"],
-                    help="DENSE_LAYERS:TOPK, e.g. all:6 (every layer gated) or 0,1:5")
+    ap.add_argument("--configs", nargs="+", default=["all:6", "all:d0.19"],
+                    help="DENSE_LAYERS:TOPK, e.g. all:6 (every layer gated) or 0,1:5, or "
+                         "DENSE_LAYERS:dDENSITY: the threshold whose block density on an unused "
+                         "calibration chunk is DENSITY (e.g. all:d0.19)")
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--gates", help="reuse this gate file instead of training")
     ap.add_argument("--out", default="/tmp/attnc-gate-bench", help="output folder")
@@ -116,10 +118,23 @@ def main() -> None:
         return row
 
     dense = run("dense", None)
+    cal = None
     for cfg in a.configs:
-        dl, topk = cfg.split(":")
+        dl, sel = cfg.split(":")
         dense_layers = [] if dl == "all" else [int(x) for x in dl.split(",")]
-        body = f"gated(block = {a.block}, topk = {topk})"
+        if sel.startswith("d"):
+            if cal is None:  # the chunk after the training chunks: not used for training
+                from attnc.autotune import gate_train as gt
+
+                tl = a.train_length or n
+                cal = gt.collect(model, [calib[a.sequences * tl:(a.sequences + 1) * tl]],
+                                 a.block)
+            # Dense layers count fully: the gated layers get what is left of the budget.
+            want = (float(sel[1:]) * L - len(dense_layers)) / (L - len(dense_layers))
+            thr = gt.calibrate_threshold(gates, cal, want)
+            body = f"gated(block = {a.block}, topk = 0, threshold = {thr:.6g})"
+        else:
+            body = f"gated(block = {a.block}, topk = {sel})"
         g = run(f"gated {cfg}", plan_text(L, H, G, dense_layers, body), gates)
         # The streaming plan of the same block density (the largest window not above it).
         best = None

@@ -206,6 +206,24 @@ def test_early_stopping_keeps_the_best_held_out_step(tiny):
     assert r.heldout[1] == pytest.approx(best[1], rel=1e-5)
 
 
+@pytest.mark.parametrize("density", [0.3, 0.6])
+def test_calibrated_threshold_meets_the_block_density(tiny, trained, density):
+    m, ids = tiny
+    data = gt.collect(m, [ids[768:1024]], 16)
+    thr = gt.calibrate_threshold(trained.gates, data, density)
+    kept = total = 0
+    for ly in trained.gates.layers:
+        g = trained.gates[ly]
+        pq, pk, _ = data[ly].stacked()
+        el = eligible(16, 16, 0, 256)
+        with torch.no_grad():
+            s = g.log_probs(pq[0], pk[0], el).exp()
+        keep = block_keep(s, el, 0, thr) | torch.eye(16, dtype=torch.bool)
+        kept += int(keep.sum())
+        total += int(el.sum()) * 4
+    assert kept / total <= density and kept / total > density - 0.05
+
+
 def test_train_for_a_plan_trains_its_gated_cells(tiny):
     m, ids = tiny
     plan = ("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    layers 1 kv_heads 1: "
