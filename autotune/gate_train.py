@@ -340,20 +340,23 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                        best)
 
 
-def calibrate_threshold(gs: GateSet, data: dict[int, LayerData], density: float) -> float:
+def calibrate_threshold(gs: GateSet, data: dict[int, LayerData], density: float, *,
+                        oracle: bool = False) -> float:
     """The smallest gate threshold whose block density on `data` (kept blocks, with each query
     block's own block always kept as `gated` does, over causal blocks, all of the set's cells)
     is at most `density`: a per-head adaptive budget (peaked rows keep few blocks, flat rows
-    many) in place of a fixed top-k."""
+    many) in place of a fixed top-k. With `oracle`, the threshold for the data's true block
+    targets instead of the gate's scores."""
     scores = []
     with torch.no_grad():
         for ly in gs.layers:
             g = gs[ly]
-            pq, pk, _ = data[ly].stacked()
+            pq, pk, target = data[ly].stacked()
             nb = pq.shape[-2]
             el = eligible(nb, g.block, 0, nb * g.block)
             hs = sorted(h for c, h in gs.cells if c == ly)
-            s = g.log_probs(pq, pk, el).exp()[..., hs, :, :]
+            s = target if oracle else g.log_probs(pq, pk, el).exp()
+            s = s[..., hs, :, :]
             diag = torch.eye(nb, dtype=torch.bool)
             # The own block is kept anyway: rank it above every threshold.
             scores.append(torch.where(diag, torch.tensor(2.0), s)[..., el].reshape(-1))

@@ -25,6 +25,21 @@ def streaming_density(n: int, sink: int, window: int, block: int) -> tuple[float
     return float(m.sum()) / (n * (n + 1) / 2), float(blocks.sum()) / (nb * (nb + 1) / 2)
 
 
+def oracle_gates(gates):
+    """A GateSet of the same cells whose scores are the true block targets of the dense
+    attention (attnc.autotune.gate_train.block_targets): what a perfect gate would say."""
+    from attnc.autotune.gate_train import block_targets
+    from attnc.codegen.gate import BlockGate, GateSet
+
+    class Oracle(BlockGate):
+        def forward(self, q, k, *, q_start=None, causal=True):
+            return block_targets(q, k, self.block, self.head_dim ** -0.5)
+
+    g0 = gates[gates.layers[0]]
+    return GateSet({ly: Oracle(g0.heads, g0.kv_heads, g0.head_dim, g0.block, 8)
+                    for ly in gates.layers}, gates.cells, {})
+
+
 def plan_text(layers: int, heads: int, kv: int, dense_layers: list[int], body: str) -> str:
     lines = [f"plan bench(layers = {layers}, heads = {heads}, kv_heads = {kv}) {{"]
     if dense_layers:
@@ -52,6 +67,9 @@ def main() -> None:
     ap.add_argument("--gates", help="reuse this gate file instead of training")
     ap.add_argument("--out", default="/tmp/attnc-gate-bench", help="output folder")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--oracle", action="store_true",
+                    help="also run each gated config with the oracle gate: the true block "
+                         "targets (max-pooled dense attention) as scores, an upper bound")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -136,6 +154,12 @@ def main() -> None:
         else:
             body = f"gated(block = {a.block}, topk = {sel})"
         g = run(f"gated {cfg}", plan_text(L, H, G, dense_layers, body), gates)
+        if a.oracle:
+            obody = body
+            if sel.startswith("d"):
+                othr = gt.calibrate_threshold(gates, cal, want, oracle=True)
+                obody = f"gated(block = {a.block}, topk = 0, threshold = {othr:.6g})"
+            run(f"oracle {cfg}", plan_text(L, H, G, dense_layers, obody), oracle_gates(gates))
         # The streaming plan of the same block density (the largest window not above it).
         best = None
         for w in range(a.block, n, a.block // 2):
