@@ -222,6 +222,12 @@ def test_calibrated_threshold_meets_the_block_density(tiny, trained, density):
         kept += int(keep.sum())
         total += int(el.sum()) * 4
     assert kept / total <= density and kept / total > density - 0.05
+    # The oracle's threshold does the same on the true block targets.
+    othr = gt.calibrate_threshold(trained.gates, data, density, oracle=True)
+    el = eligible(16, 16, 0, 256)
+    okept = sum(int((block_keep(data[ly].target[0], el, 0, othr)
+                     | torch.eye(16, dtype=torch.bool)).sum()) for ly in (0, 1))
+    assert density - 0.05 < okept / total <= density
 
 
 def test_train_for_a_plan_trains_its_gated_cells(tiny):
