@@ -511,16 +511,7 @@ def vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b, n_var, qk_sc
     if APPLY_MASK:
         keep = keep & ({mask})
     s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
+    return attnc_update(acc, l_i, m_i, s, v, True, IEEE)
 
 
 @triton.jit

@@ -31,6 +31,25 @@ def _mod(a, b):
 
 
 @triton.jit
+def attnc_update(acc, l_i, m_i, s, v, SAFE: tl.constexpr, IEEE: tl.constexpr):
+    # One online-softmax step in base 2 over a tile of scores s (masked entries -inf). SAFE:
+    # rows may have seen nothing yet (m = -inf), so exp2 gets a finite shift.
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SAFE:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _log2i(x):
     x = tl.maximum(x, 1)
     r = tl.floor(tl.log2(x.to(tl.float64))).to(tl.int64)

@@ -324,20 +324,8 @@ def attnc_block{suffix}(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
         else:
             k_pos = offs_n[None, :]
         s = tl.where(col_ok[None, :] & ({mask}), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with nothing kept so far keep m = -inf; exp2 must see a finite shift.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = m_new
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
+    # Full blocks keep every score, so their rows always have a finite maximum.
+    return attnc_update(acc, l_i, m_i, s, v, APPLY_MASK, IEEE)
 """
 
 

@@ -295,13 +295,13 @@ def test_segments_and_batches():
     assert not torch.equal(sets[0].of("in_columns"), sets[1].of("in_columns"))
 
 
-def test_gate_is_refused_clearly():
+def test_gate_without_scores_is_refused_clearly():
+    """gate() runs from the learned gate's scores (tests/test_gate.py); without them the call
+    says what to pass."""
     bm = build(lower(attnc.loads(""), "gated", {}), n=128, heads=1)
     q = torch.zeros(1, 1, 128, 16)
-    with pytest.raises(NotImplementedError, match="gate"):
+    with pytest.raises(ValueError, match="gate's block scores"):
         dyn.dynamic_attention(q, q, q, bm)
-    with pytest.raises(NotImplementedError, match="gate"):
-        dyn.selector_printer(bm.pattern)
 
 
 @pytest.mark.gpu
