@@ -21,7 +21,8 @@ def __getattr__(name: str):
 
         return importlib.import_module("attnc.autotune")
     if name == "apply":
-        from attnc.tune_api import apply
+        # Gated plans need their gate weights; every other plan goes on to autotune.apply.
+        from attnc.gate_api import apply
 
         return apply
     if name == "train_gate":

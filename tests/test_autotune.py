@@ -320,9 +320,9 @@ plan mixed(layers = 2, heads = 4, kv_heads = 2) {
 
 def _tune(model, tmp_path, trials, **kw):
     import attnc
-    from attnc.tune_api import apply
+    from attnc.gate_api import apply
 
-    assert attnc.apply is apply  # the public entry points
+    assert attnc.apply is apply  # the public entry point (gated plans too)
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, 256, (1200,), generator=g)
     held = torch.randint(0, 256, (400,), generator=g)
