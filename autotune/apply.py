@@ -40,6 +40,31 @@ class PlanMasks:
         self.cache: OrderedDict = OrderedDict()
         self.cache_bytes = cache_bytes
         self._bytes = 0
+        # Kernel path: None = on CUDA tensors, True = always (tests: the interpreter on CPU).
+        self.kernels: bool | None = None
+        self._launch: dict[tuple[int, int, int], object] = {}
+
+    def layer_kernel(self, layer: int, n: int, q_len: int):
+        """The generated kernel's input for one layer (codegen.kernel): one plan kernel for the
+        layer's heads, each head's mask intersected with causal as on the reference path."""
+        key = (layer, n, q_len)
+        if key not in self._launch:
+            from attnc.codegen import kernel
+            from attnc.compiler.blockmask import Schedule, build
+            from attnc.compiler.ir import Op, Var
+
+            causal = Op("le", (Var("k"), Var("q")))
+            irs = [self.cells[(layer, h)] for h in range(self.heads)]
+            keys = list(dict.fromkeys(ir.key for ir in irs))
+            first = {ir.key: ir for ir in reversed(irs)}
+            sched = Schedule(64, 64)
+            variants = [build(PatternIR(first[k].name, rewrite(Op("and", (first[k].mask,
+                                                                          causal)))),
+                              n=n, heads=self.heads, q_len=q_len, schedule=sched)
+                        for k in keys]
+            self._launch[key] = variants[0] if len(variants) == 1 else kernel.PlanMask(
+                variants, [keys.index(ir.key) for ir in irs])
+        return self._launch[key]
 
     def _one(self, ir: PatternIR, h: int, n: int, q_len: int) -> torch.Tensor:
         hk = h if "h" in free_vars(ir.mask) else -1
@@ -111,6 +136,15 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     if attention_mask is not None and attention_mask.dim() == 4:
         extra = attention_mask[:, :, :, :n]
         extra = extra if extra.dtype == torch.bool else extra == 0
+    use_kernels = masks.kernels if masks.kernels is not None else query.is_cuda
+    if use_kernels and (extra is None or _only_causal(extra, n, Lq)):
+        # The generated kernel runs the layer's heads in one launch; a padding mask (not
+        # expressible in the plan) sends the batch to the reference path below.
+        from attnc.codegen import kernel
+
+        res = kernel.attention(query, key, value, masks.layer_kernel(module.layer_idx, n, Lq),
+                               sm_scale=scale)
+        return res.out.transpose(1, 2).contiguous(), None
     gqa = key.shape[1] != H
     out = torch.empty_like(query)
     chunk = max(1, (1 << 24) // max(1, H * n))
@@ -129,16 +163,28 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
+def _only_causal(extra: torch.Tensor, n: int, q_len: int) -> bool:
+    """True when a 4D boolean mask allows every causal pair (no padding): the plan's own masks,
+    which are causal, then say everything."""
+    q = torch.arange(n - q_len, n, device=extra.device).view(-1, 1)
+    k = torch.arange(n, device=extra.device).view(1, -1)
+    return bool((extra | (k > q)).all())
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, attention)
 
 
-def apply(model, plan, *, layers: int | None = None, heads: int | None = None) -> PlanMasks:
+def apply(model, plan, *, layers: int | None = None, heads: int | None = None,
+          kernels: bool | None = None) -> PlanMasks:
     """Make `model` attend with `plan` (see plan_masks for what a plan may be). Every attention
     module gets the plan's masks; the model's attention implementation becomes "attnc" until
-    remove(model). The plan's shape must match the model's layers and query heads."""
+    remove(model). The plan's shape must match the model's layers and query heads.
+    kernels: run attention through the generated Triton kernels (one launch per layer) -- by
+    default when the inputs are on a CUDA device; True also under TRITON_INTERPRET=1 on the
+    CPU; False always takes the reference path."""
     cfg = model.config
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     pm = plan if isinstance(plan, PlanMasks) else plan_masks(
@@ -146,6 +192,7 @@ def apply(model, plan, *, layers: int | None = None, heads: int | None = None) -
     if (pm.layers, pm.heads) != (L, H):
         raise ValueError(f"the plan is for {pm.layers} layers x {pm.heads} heads; the model "
                          f"has {L} x {H}")
+    pm.kernels = kernels
     _register()
     found = 0
     for mod in model.modules():

@@ -482,3 +482,33 @@ def test_search_assign_respects_families_and_split(tiny, ids):
                        kind="stable")[:2]
     assert (ch[worst] == 0).all()
     assert search.assign(prob, 0.01, w) is None
+
+
+def test_apply_through_the_generated_kernels(tiny, ids, monkeypatch):
+    """kernels=True runs each layer's heads in one generated kernel (the interpreter here, the
+    GPU there): the logits equal the reference path's."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plan = loads("""
+plan mixed(layers = 2, heads = 4, kv_heads = 2) {
+    layers 0 kv_heads 1: shards(stride = 4, step = 1, block = 8, local = 8)
+    layers 1 heads 0: dilated(window = 8, dilation = 2)
+    default: streaming(sink = 4, window = 16)
+}
+""").plan("mixed")
+    short = ids[:, :45]
+    with torch.no_grad():
+        ap.apply(tiny, plan, kernels=False)
+        try:
+            want = tiny(short).logits
+        finally:
+            ap.remove(tiny)
+        pm = ap.apply(tiny, plan, kernels=True)
+        try:
+            got = tiny(short).logits
+        finally:
+            ap.remove(tiny)
+    from attnc.codegen import kernel
+
+    assert sorted(pm._launch) == [(0, 45, 45), (1, 45, 45)]  # both layers ran the kernels
+    assert isinstance(pm.layer_kernel(0, 45, 45), kernel.PlanMask)  # two patterns, one launch
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
