@@ -24,7 +24,7 @@ ROOT = os.path.dirname(HERE)
 STAGES: dict[str, tuple[list[str], float]] = {
     "tests": ([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernel.py",
                "tests/test_dynamic.py", "tests/test_artifacts.py", "tests/test_tune.py",
-               "tests/test_gate.py", "-m", "gpu or not gpu"], 0.2),
+               "tests/test_gate.py"], 0.2),
     "kernels": ([sys.executable, os.path.join(HERE, "kernels.py"), "--n", "8192,32768,131072",
                  "--candidates", "128x128x8x3,128x64x8x3,64x64x4x3", "--rep", "40"], 0.55),
     "dynamic": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--quick"], 0.25),
