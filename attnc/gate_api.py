@@ -6,7 +6,6 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,9 +22,8 @@ from attnc.autotune.gate_train import (
 )
 from attnc.autotune.model import shape
 from attnc.codegen.gate import BlockGate, GateSet
-from attnc.compiler.ir import PatternIR, free_vars
+from attnc.compiler.ir import PatternIR
 from attnc.compiler.lower import lower_plan
-from attnc.compiler.numeric import evaluate as num_eval
 from attnc.compiler.rules import rewrite
 from attnc.dsl.check import PlanInfo, Program
 from attnc.dsl.errors import AttncError
@@ -155,23 +153,9 @@ class _Masks:
         return tot[0] / max(tot[1], 1), tot[2] / max(tot[3], 1)
 
     def static(self, ly: int, h: int, n: int, q_len: int) -> torch.Tensor:
-        ir = self.cells[(ly, h)]
-        hk = h if "h" in free_vars(ir.mask) else -1
-        key = (ir.key, hk, n, q_len)
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.cache.move_to_end(key)
-            return hit
-        q = np.arange(n - q_len, n, dtype=np.int64).reshape(-1, 1)
-        k = np.arange(n, dtype=np.int64).reshape(1, -1)
-        m = num_eval(ir.mask, {"q": q, "k": k, "h": np.int64(max(hk, 0)), "n": np.int64(n)})
-        t = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(m, (q_len, n)) & (k <= q)))
-        self.cache[key] = t
-        self._bytes += t.numel()
-        while self._bytes > self.cache_bytes and len(self.cache) > 1:
-            _, old = self.cache.popitem(last=False)
-            self._bytes -= old.numel()
-        return t
+        from attnc.autotune.apply import static_mask
+
+        return static_mask(self, self.cells[(ly, h)], h, n, q_len)
 
     def scores(self, ly: int, q: torch.Tensor, k: torch.Tensor) -> dict[int, torch.Tensor]:
         """The gate's block scores of the layer's gated heads, keyed by block size as

@@ -67,22 +67,7 @@ class PlanMasks:
         return self._launch[key]
 
     def _one(self, ir: PatternIR, h: int, n: int, q_len: int) -> torch.Tensor:
-        hk = h if "h" in free_vars(ir.mask) else -1
-        key = (ir.key, hk, n, q_len)
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.cache.move_to_end(key)
-            return hit
-        q = np.arange(n - q_len, n, dtype=np.int64).reshape(-1, 1)
-        k = np.arange(n, dtype=np.int64).reshape(1, -1)
-        m = num_eval(ir.mask, {"q": q, "k": k, "h": np.int64(max(hk, 0)), "n": np.int64(n)})
-        t = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(m, (q_len, n)) & (k <= q)))
-        self.cache[key] = t
-        self._bytes += t.numel()
-        while self._bytes > self.cache_bytes and len(self.cache) > 1:
-            _, old = self.cache.popitem(last=False)
-            self._bytes -= old.numel()
-        return t
+        return static_mask(self, ir, h, n, q_len)
 
     def layer_rows(self, layer: int, n: int, q_len: int, s: int, e: int,
                    kend: int) -> torch.Tensor:
@@ -94,6 +79,28 @@ class PlanMasks:
         """[heads, q_len, n] bool for one layer (queries are the last q_len positions)."""
         return torch.stack([self._one(self.cells[(layer, h)], h, n, q_len)
                             for h in range(self.heads)])
+
+
+def static_mask(store, ir: PatternIR, h: int, n: int, q_len: int) -> torch.Tensor:
+    """[q_len, n] bool: a static pattern's mask (queries are the last q_len positions) and
+    causal, from a bounded LRU cache on `store` (its cache, cache_bytes and _bytes), keyed by
+    (pattern, head if the mask uses h, n, q_len)."""
+    hk = h if "h" in free_vars(ir.mask) else -1
+    key = (ir.key, hk, n, q_len)
+    hit = store.cache.get(key)
+    if hit is not None:
+        store.cache.move_to_end(key)
+        return hit
+    q = np.arange(n - q_len, n, dtype=np.int64).reshape(-1, 1)
+    k = np.arange(n, dtype=np.int64).reshape(1, -1)
+    m = num_eval(ir.mask, {"q": q, "k": k, "h": np.int64(max(hk, 0)), "n": np.int64(n)})
+    t = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(m, (q_len, n)) & (k <= q)))
+    store.cache[key] = t
+    store._bytes += t.numel()
+    while store._bytes > store.cache_bytes and len(store.cache) > 1:
+        _, old = store.cache.popitem(last=False)
+        store._bytes -= old.numel()
+    return t
 
 
 def plan_masks(plan, *, layers: int | None = None, heads: int | None = None) -> PlanMasks:
@@ -226,4 +233,5 @@ def perplexity(model, ids: torch.Tensor) -> float:
     return math.exp(float(out.loss))
 
 
-__all__ = ["NAME", "PlanMasks", "apply", "attention", "perplexity", "plan_masks", "remove"]
+__all__ = ["NAME", "PlanMasks", "apply", "attention", "perplexity", "plan_masks", "remove",
+           "static_mask"]
