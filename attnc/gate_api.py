@@ -253,8 +253,6 @@ def apply(model, plan, *, gates: GateSet | TrainResult | str | Path | None = Non
     the returned object's `stats`. Plans without gated cells (and the per-cell mappings of
     attnc.autotune.apply) go to attnc.autotune.apply.apply unless stats are asked for.
     Undo with remove(model)."""
-    from transformers import AttentionInterface
-
     from attnc.autotune import apply as static
 
     if gates is None and not stats and not isinstance(plan, (str, Path, PlanInfo, Program)):
@@ -288,17 +286,7 @@ def apply(model, plan, *, gates: GateSet | TrainResult | str | Path | None = Non
     masks = _Masks(info, gates)
     if stats:
         masks.stats = {}
-    AttentionInterface.register(NAME, attention)
-    found = 0
-    for mod in model.modules():
-        if hasattr(mod, "layer_idx") and hasattr(mod, "o_proj"):
-            mod._attnc_gate_masks = masks
-            found += 1
-    if found != L:
-        raise ValueError(f"found {found} attention modules, expected {L}")
-    if not hasattr(model, "_attnc_before"):
-        model._attnc_before = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
+    static.install(model, "_attnc_gate_masks", masks, attention)
     return masks
 
 

@@ -178,12 +178,6 @@ def _only_causal(extra: torch.Tensor, n: int, q_len: int) -> bool:
     return bool((extra | (k > q)).all())
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(NAME, attention)
-
-
 def apply(model, plan, *, layers: int | None = None, heads: int | None = None,
           kernels: bool | None = None) -> PlanMasks:
     """Make `model` attend with `plan` (see plan_masks for what a plan may be). Every attention
@@ -200,18 +194,27 @@ def apply(model, plan, *, layers: int | None = None, heads: int | None = None,
         raise ValueError(f"the plan is for {pm.layers} layers x {pm.heads} heads; the model "
                          f"has {L} x {H}")
     pm.kernels = kernels
-    _register()
+    install(model, "_attnc_masks", pm, attention)
+    return pm
+
+
+def install(model, attr: str, masks, fn) -> None:
+    """Register fn as the attention function NAME, give every attention module `attr` = masks
+    and switch the model to NAME (remove() switches back)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, fn)
+    L = model.config.num_hidden_layers
     found = 0
     for mod in model.modules():
         if hasattr(mod, "layer_idx") and hasattr(mod, "o_proj"):
-            mod._attnc_masks = pm
+            setattr(mod, attr, masks)
             found += 1
     if found != L:
         raise ValueError(f"found {found} attention modules, expected {L}")
     if not hasattr(model, "_attnc_before"):
-        model._attnc_before = cfg._attn_implementation
+        model._attnc_before = model.config._attn_implementation
     model.set_attn_implementation(NAME)
-    return pm
 
 
 def remove(model) -> None:

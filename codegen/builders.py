@@ -26,6 +26,21 @@ def _flags(x: torch.Tensor) -> tuple[bool, bool]:
 
 
 @triton.jit
+def _last_rows(Q, LQ, sq_h, sq_m, h, ROWS, Q_ABS0, BLOCK_R: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """The last rows of head h: row and dim offsets, which rows this head has (its own
+    last_q), their absolute positions, and their queries."""
+    r = tl.arange(0, BLOCK_R)
+    d = tl.arange(0, HEAD_DIM)
+    lq = tl.load(LQ + h)
+    row_ok = (r < ROWS) & (r >= ROWS - lq)
+    q_abs = (Q_ABS0 + r).to(tl.int64)
+    q = tl.load(Q + h * sq_h + r[:, None].to(tl.int64) * sq_m + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    return r, d, row_ok, q_abs, q
+
+
+@triton.jit
 def _rows_lse_kernel(Q, K, M_OUT, L_OUT, LQ, sq_h, sq_m, sk_h, sk_n, s_o_h, s_o_c,
                      N_CTX, Q_ABS0, ROWS, qk_scale, GROUP, CHUNK,
                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -34,13 +49,7 @@ def _rows_lse_kernel(Q, K, M_OUT, L_OUT, LQ, sq_h, sq_m, sk_h, sk_n, s_o_h, s_o_
     h = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64)
     hk = h // GROUP
-    r = tl.arange(0, BLOCK_R)
-    d = tl.arange(0, HEAD_DIM)
-    lq = tl.load(LQ + h)
-    row_ok = (r < ROWS) & (r >= ROWS - lq)
-    q_abs = (Q_ABS0 + r).to(tl.int64)
-    q = tl.load(Q + h * sq_h + r[:, None].to(tl.int64) * sq_m + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    r, d, row_ok, q_abs, q = _last_rows(Q, LQ, sq_h, sq_m, h, ROWS, Q_ABS0, BLOCK_R, HEAD_DIM)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -78,13 +87,7 @@ def _rows_probs_kernel(Q, K, LSE2, LQ, P, COL, sq_h, sq_m, sk_h, sk_n, s_p_h, s_
     h = tl.program_id(0).to(tl.int64)
     kb = tl.program_id(1).to(tl.int64)
     hk = h // GROUP
-    r = tl.arange(0, BLOCK_R)
-    d = tl.arange(0, HEAD_DIM)
-    lq = tl.load(LQ + h)
-    row_ok = (r < ROWS) & (r >= ROWS - lq)
-    q_abs = (Q_ABS0 + r).to(tl.int64)
-    q = tl.load(Q + h * sq_h + r[:, None].to(tl.int64) * sq_m + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    r, d, row_ok, q_abs, q = _last_rows(Q, LQ, sq_h, sq_m, h, ROWS, Q_ABS0, BLOCK_R, HEAD_DIM)
     lse2 = tl.load(LSE2 + h * BLOCK_R + r)
     kk = kb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = kk < N_CTX

@@ -53,3 +53,16 @@ def block_truth(ref, rows: int, cols: int, bm: int, bn: int):
     masked = (~r & v).any(axis=(2, 4))
     padded = (~v).any(axis=(1, 3))[None]
     return kept, masked, padded
+
+
+def assert_within_torch_error(out, o64, o_dt, dtype, note: str = "") -> None:
+    """The kernels' accuracy bar: relative Frobenius error against the float64 truth o64 at
+    most 2x that of the same computation in the input precision through PyTorch (o_dt), plus
+    a small floor for float32."""
+    import torch
+
+    scale = o64.norm().item() or 1.0
+    ours = (out - o64).norm().item() / scale
+    torch_err = (o_dt - o64).norm().item() / scale
+    floor = 1e-6 if dtype == torch.float32 else 0.0
+    assert ours <= 2 * torch_err + floor, f"error {ours:.3e} vs PyTorch {torch_err:.3e} {note}"
