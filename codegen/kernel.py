@@ -108,7 +108,6 @@ def _loop(indent: str, header: str, masked: bool, index: str | None = None,
     out = [f"{indent}{header}"]
     if index is not None:
         out.append(f"{indent}    kb = {index}")
-    # Wrapped at commas so the generated source stays readable.
     out.append(f"{indent}    acc, l_i, m_i = {call}")
     return out
 
