@@ -209,6 +209,53 @@ def dense_times(n: int, H: int, D: int, reps: int) -> dict:
     return out
 
 
+def profile_vs(n: int, H: int, D: int) -> None:
+    """Where vertical-slash's time goes: torch.profiler's CUDA time per kernel over three
+    calls, and the plan's size (diagonal groups, band width, gathered columns per query
+    block, key tiles visited against causal)."""
+    from attnc.codegen import dynamic as dyn
+    from attnc.compiler.blockmask import Schedule, build
+    from attnc.compiler.lower import lower
+    from torch.profiler import ProfilerActivity, profile
+
+    import attnc
+
+    ir = lower(attnc.loads(""), "vertical_slash", {"vertical": 1000, "slash": 6096,
+                                                   "last_q": 64})
+    q, k, v = inputs(n, H, D)
+    bm = build(ir, n=n, heads=H, schedule=Schedule(128, 64))
+    launch = {"num_warps": 4, "num_stages": 3}
+    for _ in range(2):  # compile and warm up
+        dyn.dynamic_attention(q, k, v, bm, launch=launch)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            dyn.dynamic_attention(q, k, v, bm, launch=launch)
+        torch.cuda.synchronize()
+    print(f"== vertical_slash n={n}: per-kernel time over 3 calls")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22,
+                                    max_name_column_width=60))
+    t_all = bench(lambda: dyn.dynamic_attention(q, k, v, bm, launch=launch), 5)
+    ix = dyn.build_index(q[0], k[0], bm, lists=False)
+    t_ix = bench(lambda: dyn.build_index(q[0], k[0], bm, lists=False), 5)
+    cols, diags = ix.of("in_columns"), ix.of("in_diagonals")
+    t_plan = bench(lambda: dyn.vs_plan(cols, diags, bm), 5)
+    plan = dyn.vs_plan(cols, diags, bm)
+    band = (plan["ghi"].long() - plan["glo"].long() + 1).clamp(min=0)
+    ng = plan["ngroups"]
+    valid = torch.arange(band.shape[1], device=band.device).view(1, -1) < ng.view(-1, 1)
+    band = (band * valid).sum(-1)
+    qb = plan["ncols"].shape[1]
+    tiles = (band.double().mean() / 64 + 2 * plan["ngroups"].double().mean()
+             + plan["ncols"].double().mean() / 64)
+    causal_tiles = (n / 64) / 2
+    print(f"total {t_all:.2f} ms; build_index {t_ix:.2f} ms; vs_plan {t_plan:.2f} ms; "
+          f"groups/head mean {ng.float().mean():.1f} max {int(ng.max())};"
+          f" band width/head mean {band.double().mean():.0f}; gathered columns per query block "
+          f"mean {plan['ncols'].double().mean():.0f} ({qb} blocks); ~key tiles per query block "
+          f"{tiles:.0f} vs causal {causal_tiles:.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="*", default=[32768, 131072])
@@ -216,6 +263,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--patterns", default="vertical_slash,block_topk")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, one launch")
+    ap.add_argument("--profile", action="store_true",
+                    help="vertical-slash only: per-kernel CUDA times and the plan's shape")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/dynamic.py needs a CUDA device")
@@ -226,6 +275,10 @@ def main() -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
     t0 = time.time()
+    if a.profile:
+        for n in a.n:
+            profile_vs(n, a.heads, a.dim)
+        return
     flex_fn = torch.compile(flex_attention, dynamic=False)
     reps = 3 if a.quick else 10
     launches = [(128, 64, 4, 3)] if a.quick else [(128, 64, 4, 3), (128, 64, 8, 3),

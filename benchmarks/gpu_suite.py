@@ -3,6 +3,7 @@ autotune-latency benchmarks, each stage with its own time limit, logs written as
 
     python benchmarks/gpu_suite.py --out $OUT                      # all stages
     python benchmarks/gpu_suite.py --out $OUT --stages tests,kernels --budget 540
+    python benchmarks/gpu_suite.py --out $OUT --stages vsprofile,kernels --kernel-n 32768
 
 Stages run in the order given; a stage that times out or fails is reported and the next one
 runs. Each stage's output goes to OUT/<stage>.log (the tail of each is printed at the end), so a
@@ -26,8 +27,10 @@ STAGES: dict[str, tuple[list[str], float]] = {
                "tests/test_dynamic.py", "tests/test_artifacts.py", "tests/test_tune.py",
                "tests/test_gate.py"], 0.2),
     "kernels": ([sys.executable, os.path.join(HERE, "kernels.py"), "--n", "8192,32768,131072",
-                 "--candidates", "128x128x8x3,128x64x8x3,64x64x4x3", "--rep", "40"], 0.55),
+                 "--candidates", "128x128x8x3,128x64x8x3,64x64x4x3,64x64x4x4", "--rep", "40"], 0.55),
     "dynamic": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--quick"], 0.25),
+    "vsprofile": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--profile", "--n", "32768",
+                   "131072"], 0.1),
 }
 
 
@@ -36,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the logs and tables")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all stages")
+    ap.add_argument("--kernel-n", default=None, help="lengths for the kernels stage (8192,...)")
+    ap.add_argument("--patterns", default=None, help="cases for the kernels stage")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -54,6 +59,10 @@ def main(argv=None) -> int:
         rest = sum(STAGES[s][1] for s in names[i:])
         limit = max(10.0, left * share / rest if rest else left)
         if name == "kernels":
+            if a.kernel_n:
+                cmd = [a.kernel_n if c == "8192,32768,131072" else c for c in cmd]
+            if a.patterns:
+                cmd = cmd + ["--patterns", a.patterns]
             cmd = cmd + ["--log", os.path.join(a.out, "kernels.txt"),
                          "--out", os.path.join(a.out, "kernels.md")]
         log = os.path.join(a.out, f"{name}.log")

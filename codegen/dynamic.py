@@ -503,15 +503,15 @@ def vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b, n_var, qk_sc
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k))
     k_pos = k_idx[None, :]
     keep = k_ok[None, :] & row_ok[:, None]
     if APPLY_MASK:
         keep = keep & ({mask})
     s = tl.where(keep, s, float("-inf"))
-    return attnc_update(acc, l_i, m_i, s, v, True, IEEE)
+    return attnc_update(acc, l_i, m_i, s, v, qk_scale, True, IEEE)
 
 
 @triton.jit

@@ -31,15 +31,17 @@ def _mod(a, b):
 
 
 @triton.jit
-def attnc_update(acc, l_i, m_i, s, v, SAFE: tl.constexpr, IEEE: tl.constexpr):
-    # One online-softmax step in base 2 over a tile of scores s (masked entries -inf). SAFE:
-    # rows may have seen nothing yet (m = -inf), so exp2 gets a finite shift.
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def attnc_update(acc, l_i, m_i, s, v, scale, SAFE: tl.constexpr, IEEE: tl.constexpr):
+    # One online-softmax step in base 2 over a tile of raw scores s (masked entries -inf),
+    # scaled by `scale` inside the max and the exponent (one fused multiply-add per score, as
+    # the scale is positive). SAFE: rows may have seen nothing yet (m = -inf), so exp2 gets a
+    # finite shift.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
     if SAFE:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE:

@@ -54,7 +54,9 @@ def attnc_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr, LAYOUT: tl.constexpr, POS32: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Last query blocks first: under causal-like masks they visit the most keys, so the final
+    # wave of programs holds short ones (less tail).
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -155,6 +157,19 @@ def arithmetic_rules(bm: BlockMaskIR):
     return rules
 
 
+def _segments_loop(segs: list[tuple[str, str]], tag: str, masked: bool, suffix: str) -> list[str]:
+    """One loop over the concatenation of segments (start, count): the block index of step t
+    is the start of the last segment whose offset t has reached, plus the rest."""
+    L = [f"    {tag}o0 = tl.zeros([], tl.int64)"]
+    for j, (_, cnt) in enumerate(segs):
+        L.append(f"    {tag}o{j + 1} = {tag}o{j} + tl.maximum({cnt}, 0)")
+    L += [f"    for t in range(0, {tag}o{len(segs)}):", f"        kb = {segs[0][0]} + t"]
+    for j in range(1, len(segs)):
+        L.append(f"        kb = tl.where(t >= {tag}o{j}, {segs[j][0]} + (t - {tag}o{j}), kb)")
+    call = _CALL.format(m="True" if masked else "False", suffix=suffix)
+    return L + [f"        acc, l_i, m_i = {call}"]
+
+
 def _arith_schedule(rules, block_n: int, suffix: str = "") -> str:
     """Key-block ranges from the rules' closed forms. Interval rules are sorted by their first
     block and trimmed so that none overlaps an earlier one (each block is processed once);
@@ -207,9 +222,14 @@ def _arith_schedule(rules, block_n: int, suffix: str = "") -> str:
             f"    gap{i} = end + 1",
             f"    end = tl.maximum(end, z{i})",
         ]
-        L += _loop("    ", f"for kb in range(a{i}, fa{i}):", True, None, suffix)
-        L += _loop("    ", f"for kb in range(fa{i}, fz{i} + 1):", False, None, suffix)
-        L += _loop("    ", f"for kb in range(fz{i} + 1, z{i} + 1):", True, None, suffix)
+    # All intervals' full blocks run in one loop and all their partial blocks in another: the
+    # loop index walks the segments one after another (the block index is a few scalar selects
+    # of it), so each program restarts the software pipeline twice, not three times per rule.
+    full = [(f"fa{i}", f"fz{i} - fa{i} + 1") for i in range(R)]
+    part = [seg for i in range(R) for seg in ((f"a{i}", f"fa{i} - a{i}"),
+                                             (f"fz{i} + 1", f"z{i} - fz{i}"))]
+    L += _segments_loop(full, "f", False, suffix)
+    L += _segments_loop(part, "p", True, suffix)
     for r in strided:
         st = r.stride
         ratio = st.block // block_n  # key blocks per pattern block
@@ -315,7 +335,6 @@ def attnc_block{suffix}(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale
 {bias}
     if APPLY_MASK:
         if POS32:
@@ -324,7 +343,7 @@ def attnc_block{suffix}(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
             k_pos = offs_n[None, :]
         s = tl.where(col_ok[None, :] & ({mask}), s, float("-inf"))
     # Full blocks keep every score, so their rows always have a finite maximum.
-    return attnc_update(acc, l_i, m_i, s, v, APPLY_MASK, IEEE)
+    return attnc_update(acc, l_i, m_i, s, v, scale, APPLY_MASK, IEEE)
 """
 
 
@@ -339,10 +358,12 @@ def _variant(bm: BlockMaskIR, arithmetic: bool | None, suffix: str) -> tuple[str
     mask_src = print_expr(mask, _NAMES, sel)
     if bm.pattern.bias is not None:
         bias = rewrite(bm.pattern.bias)
+        # A bias adds to scaled scores: scale here and let the update multiply by one.
         bias_src = (f"    k_pos = offs_n[None, :]\n"
-                    f"    s = s + ({print_expr(bias, _NAMES, sel)}) * LOG2E")
+                    f"    s = s * qk_scale + ({print_expr(bias, _NAMES, sel)}) * LOG2E\n"
+                    f"    scale = 1.0")
     else:
-        bias_src = "    pass"
+        bias_src = "    scale = qk_scale"
     rules = arithmetic_rules(bm)
     use_arith = rules is not None if arithmetic is None else (arithmetic and rules is not None)
     schedule = (_arith_schedule(rules, bm.schedule.block_n, suffix) if use_arith
