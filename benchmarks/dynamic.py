@@ -144,7 +144,8 @@ def run_case(kind: str, n: int, H: int, D: int, reps: int, flex_fn, rows: list, 
     def builder():
         ix = dyn.build_index(q[0], k[0], bm, lists=False)
         if kind == "vertical_slash":
-            dyn.vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm)
+            dyn.vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm,
+                        max_cols=dyn.vs_max_columns(bm, H))
         return ix
 
     t_build = bench(builder, reps)
@@ -239,8 +240,9 @@ def profile_vs(n: int, H: int, D: int) -> None:
     ix = dyn.build_index(q[0], k[0], bm, lists=False)
     t_ix = bench(lambda: dyn.build_index(q[0], k[0], bm, lists=False), 5)
     cols, diags = ix.of("in_columns"), ix.of("in_diagonals")
-    t_plan = bench(lambda: dyn.vs_plan(cols, diags, bm), 5)
-    plan = dyn.vs_plan(cols, diags, bm)
+    mc = dyn.vs_max_columns(bm, H)
+    t_plan = bench(lambda: dyn.vs_plan(cols, diags, bm, max_cols=mc), 5)
+    plan = dyn.vs_plan(cols, diags, bm, max_cols=mc)
     band = (plan["ghi"].long() - plan["glo"].long() + 1).clamp(min=0)
     ng = plan["ngroups"]
     valid = torch.arange(band.shape[1], device=band.device).view(1, -1) < ng.view(-1, 1)
@@ -263,6 +265,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--patterns", default="vertical_slash,block_topk")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, one launch")
+    ap.add_argument("--launches", default=None,
+                    help="vertical-slash kernel launches to try, BMxBNxWARPSxSTAGES,...")
     ap.add_argument("--profile", action="store_true",
                     help="vertical-slash only: per-kernel CUDA times and the plan's shape")
     a = ap.parse_args()
@@ -281,8 +285,11 @@ def main() -> None:
         return
     flex_fn = torch.compile(flex_attention, dynamic=False)
     reps = 3 if a.quick else 10
-    launches = [(128, 64, 4, 3)] if a.quick else [(128, 64, 4, 3), (128, 64, 8, 3),
-                                                  (128, 128, 8, 2)]
+    if a.launches:
+        launches = [tuple(int(x) for x in c.split("x")) for c in a.launches.split(",")]
+    else:
+        launches = [(128, 64, 4, 3)] if a.quick else [(128, 64, 4, 3), (128, 64, 8, 3),
+                                                      (128, 128, 8, 2)]
     rows: list = []
     for n in a.n:
         dense = dense_times(n, a.heads, a.dim, reps)

@@ -27,10 +27,14 @@ STAGES: dict[str, tuple[list[str], float]] = {
                "tests/test_dynamic.py", "tests/test_artifacts.py", "tests/test_tune.py",
                "tests/test_gate.py"], 0.2),
     "kernels": ([sys.executable, os.path.join(HERE, "kernels.py"), "--n", "8192,32768,131072",
-                 "--candidates", "128x128x8x3,128x64x8x3,64x64x4x3,64x64x4x4", "--rep", "40"], 0.55),
-    "dynamic": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--quick"], 0.25),
-    "vsprofile": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--profile", "--n", "32768",
+                 "--candidates", "128x128x8x3,128x64x8x3,64x64x4x3,64x64x4x4", "--rep", "40"],
+                0.55),
+    "dynamic": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--quick", "--launches",
+                 "128x64x4x3,128x128x8x2,128x64x8x3"], 0.25),
+    "vsprofile": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--profile", "--n",
                    "131072"], 0.1),
+    "dyntests": ([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_dynamic.py",
+                  "tests/test_kernel.py"], 0.1),
 }
 
 

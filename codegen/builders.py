@@ -131,8 +131,9 @@ def last_rows_scores(q: torch.Tensor, k: torch.Tensor, last_q: torch.Tensor, q_s
     diagonal sums [H, n] by offset q - k), float32."""
     H, Lq, D = q.shape
     Hkv, n, _ = k.shape
-    lq = last_q.to(device=q.device, dtype=torch.int32).clamp(0, Lq).contiguous()
-    rows = int(lq.max().item()) if H else 0
+    lq = last_q.to(dtype=torch.int32).clamp(0, Lq).contiguous()
+    rows = int(lq.max().item()) if H else 0  # free for a host last_q (the builders pass one)
+    lq = to_device(lq, q.device)
     col = torch.zeros(H, n, device=q.device, dtype=torch.float32)
     diag = torch.zeros(H, n, device=q.device, dtype=torch.float32)
     if rows == 0 or n == 0:
@@ -269,11 +270,22 @@ def rank_keys(score: torch.Tensor) -> torch.Tensor:
     return key * 4294967296 + (4294967295 - idx)
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on the device without waiting for the device's queue (pinned
+    staging, asynchronous copy)."""
+    dev = torch.device(device)
+    if x.device.type == "cpu" and dev.type == "cuda":
+        return x.pin_memory().to(dev, non_blocking=True)
+    return x.to(dev)
+
+
 def keep_top(keys: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Boolean [..., m]: per row the `count` (per leading row, broadcast) largest keys."""
+    """Boolean [..., m]: per row the `count` (per leading row, broadcast) largest keys. A host
+    `count` (the builders pass one) costs no wait for the device."""
     m = keys.shape[-1]
-    count = count.to(device=keys.device, dtype=torch.int64).clamp(0, m)
+    count = count.to(torch.int64).clamp(0, m)
     kmax = int(count.max().item()) if count.numel() else 0
+    count = to_device(count, keys.device)
     out = torch.zeros(keys.shape, device=keys.device, dtype=torch.bool)
     if kmax == 0 or m == 0:
         return out
@@ -284,4 +296,5 @@ def keep_top(keys: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["block_keys", "keep_top", "last_rows_scores", "pool_blocks", "rank_keys"]
+__all__ = ["block_keys", "keep_top", "last_rows_scores", "pool_blocks", "rank_keys",
+           "to_device"]

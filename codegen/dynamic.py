@@ -134,11 +134,11 @@ class IndexSets:
         raise KeyError(kind)
 
 
-def _per_head(e: Node, n: int, H: int, device) -> torch.Tensor:
-    """A selector parameter (an expression of n and h) as one int64 per head."""
+def _per_head(e: Node, n: int, H: int, device=None) -> torch.Tensor:
+    """A selector parameter (an expression of n and h) as one int64 per head, evaluated on the
+    host and kept there: the builders read maxima from it without waiting for the device."""
     vals = [num_eval(e, {"n": np.int64(n), "h": np.int64(h)}) for h in range(H)]
-    return torch.tensor([int(np.asarray(v).reshape(-1)[0]) for v in vals], dtype=torch.int64,
-                        device=device)
+    return torch.tensor([int(np.asarray(v).reshape(-1)[0]) for v in vals], dtype=torch.int64)
 
 
 def _per_head_float(e: Node, n: int, H: int, device) -> torch.Tensor:
@@ -177,10 +177,10 @@ def _gate_keep(s: Slot, g: torch.Tensor, bm: BlockMaskIR, blk: int, Lq: int) -> 
     dev = g.device
     causal = bool(_uniform(s.param("causal"), bm.n_var, H, "gate's causal"))
     el = eligible(nb, blk, bm.q_start, Lq, causal, dev)
-    topk = _per_head(s.param("topk"), bm.n_var, H, dev)
+    topk = _per_head(s.param("topk"), bm.n_var, H)
     thr = _per_head_float(s.param("threshold"), bm.n_var, H, dev)
     score = torch.where(el, g.float(), torch.full((), float("-inf"), device=dev))
-    ranked = B.keep_top(B.rank_keys(score), topk) | (topk == 0).view(H, 1, 1)
+    ranked = B.keep_top(B.rank_keys(score), topk) | B.to_device(topk == 0, dev).view(H, 1, 1)
     # The threshold is compared in float64, as the reference does.
     return el & (g.double() >= thr.view(H, 1, 1)) & ranked
 
@@ -202,25 +202,24 @@ def _select(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, sl: list[Slot], s
     out = []
     for s in sl:
         if s.kind in ("in_columns", "in_diagonals"):
-            last_q = _per_head(s.param("last_q"), bm.n_var, H, dev)
+            last_q = _per_head(s.param("last_q"), bm.n_var, H)
             key = tuple(last_q.tolist())
             if key not in scores:
                 scores[key] = B.last_rows_scores(q, k, last_q, bm.q_start, sm_scale)
             col, diag = scores[key]
             score = col if s.kind == "in_columns" else diag
             keep_name = "keep_first" if s.kind == "in_columns" else "keep_near"
-            keep = _per_head(s.param(keep_name), bm.n_var, H, dev)
+            keep = B.to_device(_per_head(s.param(keep_name), bm.n_var, H), dev)
             first = torch.arange(n, device=dev).view(1, -1) < keep.view(-1, 1)
             score = torch.where(first, torch.full_like(score, float("inf")), score)
             extra[f"score{s.index}"] = score
-            out.append(B.keep_top(B.rank_keys(score), _per_head(s.param("count"), bm.n_var, H,
-                                                                 dev)))
+            out.append(B.keep_top(B.rank_keys(score), _per_head(s.param("count"), bm.n_var, H)))
         elif s.kind == "top_blocks":
             blk = max(_uniform(s.param("block"), bm.n_var, H, "top_blocks' block"), 1)
             causal = bool(_uniform(s.param("causal"), bm.n_var, H, "top_blocks' causal"))
             keys, qb0 = B.block_keys(q, k, bm.q_start, blk, causal, sm_scale)
             nb = keys.shape[-1]
-            count = _per_head(s.param("count"), bm.n_var, H, dev)
+            count = _per_head(s.param("count"), bm.n_var, H)
             kept = B.keep_top(keys, count)
             if causal:
                 last = torch.clamp((torch.arange(qb0, nb, device=dev) + 1) * blk - 1,
@@ -489,10 +488,12 @@ import triton.language as tl
 {prelude}
 
 @triton.jit
-def vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b, n_var, qk_scale,
+def vs_tile(acc, l_i, m_i, q, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, n_var, qk_scale,
             K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, SIDE, s_side_h, s_side_s,
-            APPLY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
-            IEEE: tl.constexpr):
+            HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # The loads and the product do not depend on `full` (a run-time flag), so the loops that
+    # call this keep one body and Triton software-pipelines their loads; only the predicate
+    # (selector reads) sits behind the branch.
     offs_d = tl.arange(0, HEAD_DIM)
     kk = tl.where(k_ok, k_idx, 0)
     k = tl.load(K + b * sk_b + hk * sk_h + kk[:, None] * sk_n + offs_d[None, :],
@@ -506,11 +507,10 @@ def vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b, n_var, qk_sc
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    k_pos = k_idx[None, :]
-    keep = k_ok[None, :] & row_ok[:, None]
-    if APPLY_MASK:
-        keep = keep & ({mask})
-    s = tl.where(keep, s, float("-inf"))
+    if not full:
+        k_pos = k_idx[None, :]
+        keep = k_ok[None, :] & row_ok[:, None] & ({mask})
+        s = tl.where(keep, s, float("-inf"))
     return attnc_update(acc, l_i, m_i, s, v, qk_scale, True, IEEE)
 
 
@@ -521,7 +521,8 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, SIDE,
               sm_scale, Q_LEN, N_VAR, Q_START, H, GROUP,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
+    # Last query blocks first (they visit the most keys): less tail in the last wave.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -559,36 +560,24 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, SIDE,
             # selected (prefix counts of the selected offsets).
             d_lo = q0 - (t0 + BLOCK_N - 1)
             d_hi = q1 - t0
-            full = complete & (t0 + BLOCK_N - 1 <= hi) & (d_lo >= 0)
-            if full:
-                c_hi = tl.load(DCOUNT + h * s_gf_h + d_hi + 1)
-                c_lo = tl.load(DCOUNT + h * s_gf_h + tl.maximum(d_lo, 0))
-                full = (c_hi - c_lo) == (d_hi - d_lo + 1)
-            if full:
-                acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b,
-                                        n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h,
-                                        sv_n, SIDE, s_side_h, s_side_s, False, HEAD_DIM,
-                                        UPCAST, IEEE)
-            else:
-                acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b,
-                                        n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h,
-                                        sv_n, SIDE, s_side_h, s_side_s, True, HEAD_DIM,
-                                        UPCAST, IEEE)
+            c_hi = tl.load(DCOUNT + h * s_gf_h + d_hi + 1)
+            c_lo = tl.load(DCOUNT + h * s_gf_h + tl.maximum(d_lo, 0))
+            full = complete & (t0 + BLOCK_N - 1 <= hi) & (d_lo >= 0) & \
+                ((c_hi - c_lo) == (d_hi - d_lo + 1))
+            acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, full, q_pos, row_ok, h, hk,
+                                    b, n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h,
+                                    sv_n, SIDE, s_side_h, s_side_s, HEAD_DIM, UPCAST, IEEE)
     # Selected columns outside every diagonal range, gathered BLOCK_N at a time (ascending).
     n_cols = tl.load(NCOLS + h * s_nc_h + pid_m)
     for c0 in range(0, n_cols, BLOCK_N):
         i = c0 + offs_n
         k_ok = i < n_cols
         k_idx = tl.load(COLS + h * s_c_h + pid_m * s_c_m + i, mask=k_ok, other=0).to(tl.int64)
-        below = tl.max(tl.where(k_ok, k_idx, 0), 0) <= q0
-        if below & complete:
-            acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b,
-                                    n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                    SIDE, s_side_h, s_side_s, False, HEAD_DIM, UPCAST, IEEE)
-        else:
-            acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, q_pos, row_ok, h, hk, b,
-                                    n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                    SIDE, s_side_h, s_side_s, True, HEAD_DIM, UPCAST, IEEE)
+        full = complete & (c0 + BLOCK_N <= n_cols) & \
+            (tl.max(tl.where(k_ok, k_idx, 0), 0) <= q0)
+        acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, full, q_pos, row_ok, h, hk, b,
+                                n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                SIDE, s_side_h, s_side_s, HEAD_DIM, UPCAST, IEEE)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out = tl.where(empty[:, None], 0.0, out)
@@ -607,10 +596,25 @@ def vs_kernel_source(pattern: PatternIR) -> str:
     return VS_TEMPLATE.format(key=pattern.key, prelude=PRELUDE, mask=mask)
 
 
-def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR) -> dict[str, torch.Tensor]:
+def _compact(flags: torch.Tensor, width: int, fill: int) -> torch.Tensor:
+    """Per row, the indices of the set flags in ascending order, in `width` slots (the rest
+    `fill`): a prefix sum and a scatter, no sort and no wait for the device."""
+    H, n = flags.shape
+    pos = flags.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1
+    # Unset flags (and any beyond the width) write to a spare last slot, dropped after.
+    pos = torch.where(flags & (pos < width), pos, width).to(torch.int64)
+    out = torch.full((H, width + 1), fill, dtype=torch.int32, device=flags.device)
+    idx = torch.arange(n, device=flags.device, dtype=torch.int32).expand(H, n)
+    out.scatter_(1, pos, idx)
+    return out[:, :width].contiguous()
+
+
+def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR,
+            max_cols: int | None = None) -> dict[str, torch.Tensor]:
     """From column / diagonal flags [H, n]: the diagonal groups (offsets [dlo, dhi]), prefix
     counts of the selected offsets (full tiles), and per query block the columns outside every
-    group's key range."""
+    group's key range. `max_cols` bounds the selected columns per head (the selector's count;
+    measured on the device, with a wait, when not given)."""
     H, n = diags.shape
     dev = diags.device
     BM = bm.schedule.block_m
@@ -623,22 +627,22 @@ def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR) -> dict[st
     above = cnt[:, (idx + BM + 1).clamp(max=n)] - cnt[:, idx + 1]
     starts, ends = diags & (below == 0), diags & (above == 0)
     ng = starts.sum(-1, dtype=torch.int32)
-    G = max(int(ng.max().item()) if H else 0, 1)
-    glo = torch.sort(torch.where(starts, idx, n), dim=-1).values[:, :G]
-    ghi = torch.sort(torch.where(ends, idx, n), dim=-1).values[:, :G]
-    if glo.shape[1] < G:
-        glo = torch.nn.functional.pad(glo, (0, G - glo.shape[1]), value=n)
-        ghi = torch.nn.functional.pad(ghi, (0, G - ghi.shape[1]), value=n)
+    # Groups are more than BM apart: at most ceil(n / (BM + 1)) of them, a bound known on the
+    # host (no wait for the device to size the lists).
+    G = max(-(-n // (BM + 1)), 1)
+    glo, ghi = _compact(starts, G, n), _compact(ends, G, n)
     valid = torch.arange(G, device=dev).view(1, -1) < ng.view(-1, 1)
-    glo_c, ghi_c = glo.clamp(max=n - 1), ghi.clamp(max=n - 1)
+    glo_c, ghi_c = glo.clamp(max=n - 1).to(torch.int64), ghi.clamp(max=n - 1)
     # ahi[x]: dhi of the group with the largest dlo <= x (or -1).
-    ahi = torch.full((H, n), -1, dtype=torch.int64, device=dev)
+    ahi = torch.full((H, n), -1, dtype=torch.int32, device=dev)
     ahi.scatter_(1, glo_c, torch.where(valid, ghi_c, torch.full_like(ghi_c, -1)))
-    ahi = ahi.cummax(-1).values.to(torch.int32).contiguous()
-    ncols = cols.sum(-1, dtype=torch.int32).contiguous()
-    C = max(int(ncols.max().item()) if H else 0, 1)
-    col_list = torch.sort(torch.where(cols, idx, n), dim=-1).values[:, :C].to(torch.int32)
-    col_list = col_list.contiguous()
+    ahi = ahi.cummax(-1).values.contiguous()
+    ncols = cols.sum(-1, dtype=torch.int32)
+    if max_cols is None:
+        max_cols = int(ncols.max().item()) if H else 0
+    C = max(min(max_cols, n), 1)
+    ncols = ncols.clamp(max=C).contiguous()  # never read past a row's C slots
+    col_list = _compact(cols, C, n)
     QB = -(-bm.q_len // BM)
     out = torch.empty(H, QB, C, dtype=torch.int32, device=dev)
     nout = torch.empty(H, QB, dtype=torch.int32, device=dev)
@@ -646,19 +650,29 @@ def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR) -> dict[st
     _vs_columns_kernel[(H, QB)](col_list, ncols, ahi, out, nout, col_list.stride(0),
                                 ahi.stride(0), out.stride(0), out.stride(1), nout.stride(0),
                                 bm.q_start, bm.q_len, BLOCK_M=BM, CHUNK=chunk)
-    return {"glo": glo.to(torch.int32).contiguous(), "ghi": ghi.to(torch.int32).contiguous(),
-            "dcount": cnt.contiguous(), "ngroups": ng.contiguous(),
+    return {"glo": glo, "ghi": ghi, "dcount": cnt.contiguous(), "ngroups": ng.contiguous(),
             "cols": out, "ncols": nout}
+
+
+def vs_max_columns(bm: BlockMaskIR, H: int) -> int:
+    """The most columns top_columns keeps for any head (its count), from the pattern."""
+    col = next(s for s in slots(bm.pattern) if s.kind == "in_columns")
+    return int(_per_head(col.param("count"), bm.n_var, H).max())
 
 
 def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float, b: int,
                   launch: dict | None = None):
     from .kernel import load_kernel
 
-    fn = load_kernel(vs_kernel_source(bm.pattern))
+    # One kernel per pattern: printing and hashing its source on every call costs host time
+    # that the device would otherwise overlap.
+    cache = bm.__dict__.setdefault("_vs_kernel", {})
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if interp not in cache:
+        cache[interp] = load_kernel(vs_kernel_source(bm.pattern))
+    fn = cache[interp]
     _, H, Lq, D = q.shape
     Hkv = k.shape[1]
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
     upcast = bool(interp and q.dtype != torch.float32)
     s_side_h = side.stride(0) if side.shape[0] > 1 else 0
     qb_, kb_, vb_, ob_ = q[b:b + 1], k[b:b + 1], v[b:b + 1], o[b:b + 1]
@@ -724,7 +738,8 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
                          lists=not fast or return_index, gates=gates)
         sets.append(ix)
         if fast:
-            plan = vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm)
+            plan = vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm,
+                           max_cols=vs_max_columns(bm, H))
             ix.extra.update({f"vs_{name}": t for name, t in plan.items()})
             _vs_attention(q, k, v, o, lse, bm, plan, ix.side, sm_scale, b, launch)
         else:
@@ -739,4 +754,5 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
 
 
 __all__ = ["GateInput", "IndexSets", "Slot", "block_lists", "build_index", "dynamic_attention",
-           "selector_printer", "slots", "vertical_slash_form", "vs_kernel_source", "vs_plan"]
+           "selector_printer", "slots", "vertical_slash_form", "vs_kernel_source",
+           "vs_max_columns", "vs_plan"]

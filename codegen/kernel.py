@@ -42,6 +42,22 @@ def attnc_orig(p, N, SEG, LD, LBLK, LAYOUT: tl.constexpr, IS_KEY: tl.constexpr):
         return p
 
 
+@triton.jit
+def attnc_orig_block(p0, offs, SEG, LD, LBLK, LAYOUT: tl.constexpr, IS_KEY: tl.constexpr):
+    # attnc_orig for the block of grid positions p0 + offs. A layout's segment is a multiple
+    # of the block sizes, so the class (and the block's start in it) is one scalar division
+    # per block instead of an int64 division per row.
+    if LAYOUT == 1:
+        cls = p0 // SEG
+        return (p0 - cls * SEG + offs) * LD + cls
+    elif LAYOUT == 2 and IS_KEY:
+        cls = p0 // SEG
+        idx = p0 - cls * SEG + offs
+        return ((idx // LBLK) * LD + cls) * LBLK + idx % LBLK
+    else:
+        return p0 + offs
+
+
 {blocks}
 
 @triton.jit
@@ -315,7 +331,8 @@ def attnc_block{suffix}(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    rows = attnc_orig(offs_n, N_ORIG, SEG, LD, LBLK, LAYOUT, True)
+    rows = attnc_orig_block(kb * BLOCK_N, tl.arange(0, BLOCK_N).to(tl.int64), SEG, LD, LBLK,
+                            LAYOUT, True)
     k_ptr = K + b * sk_b + hk * sk_h + rows[:, None] * sk_n + offs_d[None, :]
     v_ptr = V + b * sv_b + hk * sv_h + rows[:, None] * sv_n + offs_d[None, :]
     if APPLY_MASK:
@@ -609,6 +626,16 @@ class Launch:
 
 
 _CSR_NAMES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+_PLACEHOLDERS: dict[str, torch.Tensor] = {}
+
+
+def _placeholder(dev) -> torch.Tensor:
+    """A [1, 1, 1] int32 zero per device for arguments a kernel never reads (made once: a
+    fresh one per launch would add a fill kernel to every call)."""
+    key = str(dev)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
+    return _PLACEHOLDERS[key]
 
 
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR, *,
@@ -640,7 +667,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
     else:
         src, t, pos32 = _prepared(bm, arithmetic, dev)
     if t is None:  # arithmetic ranges: the index-list arguments are never read
-        dummy = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
+        dummy = _placeholder(dev)
         t = {name: dummy for name in _CSR_NAMES}
     elif t["kv_num_blocks"].shape[-1] != num_q_blocks or \
             t["kv_num_blocks"].shape[0] not in (1, H):
@@ -655,7 +682,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
         o.fill_(float("nan"))
         lse.fill_(float("nan"))
     if side is None:
-        side = torch.zeros((1, 1, 1), device=dev, dtype=torch.int32)
+        side = _placeholder(dev)
     side = side.to(device=dev, dtype=torch.int32).contiguous()
     s_side_h = side.stride(0) if side.shape[0] > 1 else 0
     if isinstance(bm, PlanMask):
