@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -134,11 +135,18 @@ class IndexSets:
         raise KeyError(kind)
 
 
+@functools.lru_cache(maxsize=1024)
+def _per_head_values(e: Node, n: int, H: int) -> tuple[int, ...]:
+    # IR nodes are frozen (hashable): a parameter is evaluated once per (n, heads), not on
+    # every call (host time the device would wait for).
+    vals = [num_eval(e, {"n": np.int64(n), "h": np.int64(h)}) for h in range(H)]
+    return tuple(int(np.asarray(v).reshape(-1)[0]) for v in vals)
+
+
 def _per_head(e: Node, n: int, H: int, device=None) -> torch.Tensor:
     """A selector parameter (an expression of n and h) as one int64 per head, evaluated on the
     host and kept there: the builders read maxima from it without waiting for the device."""
-    vals = [num_eval(e, {"n": np.int64(n), "h": np.int64(h)}) for h in range(H)]
-    return torch.tensor([int(np.asarray(v).reshape(-1)[0]) for v in vals], dtype=torch.int64)
+    return torch.tensor(_per_head_values(e, n, H), dtype=torch.int64)
 
 
 def _per_head_float(e: Node, n: int, H: int, device) -> torch.Tensor:
@@ -482,18 +490,22 @@ def _vs_columns_kernel(COLS, NCOLS, AHI, OUT, NOUT, s_c_h, s_a_h, s_o_h, s_o_m, 
     tl.store(NOUT + h * s_no_h + qb, base)
 
 
+VS_PAD = 256  # bit of diagonal offset d in the packed flags: d + VS_PAD (offsets >= -VS_PAD)
+
 VS_TEMPLATE = '''"""attnc vertical-slash kernel: diagonal ranges and gathered columns. key {key}"""
 import triton
 import triton.language as tl
 {prelude}
+VS_PAD: tl.constexpr = {pad}
 
 @triton.jit
-def vs_tile(acc, l_i, m_i, q, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, n_var, qk_scale,
-            K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, SIDE, s_side_h, s_side_s,
-            HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+def vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, qk_scale,
+            K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, DBITS, CFLAGS, s_db_h, s_cf_h,
+            BAND: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+            UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # The loads and the product do not depend on `full` (a run-time flag), so the loops that
     # call this keep one body and Triton software-pipelines their loads; only the predicate
-    # (selector reads) sits behind the branch.
+    # sits behind the branch.
     offs_d = tl.arange(0, HEAD_DIM)
     kk = tl.where(k_ok, k_idx, 0)
     k = tl.load(K + b * sk_b + hk * sk_h + kk[:, None] * sk_n + offs_d[None, :],
@@ -508,16 +520,30 @@ def vs_tile(acc, l_i, m_i, q, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, n_var,
     else:
         s = tl.dot(q, tl.trans(k))
     if not full:
-        k_pos = k_idx[None, :]
-        keep = k_ok[None, :] & row_ok[:, None] & ({mask})
+        # The mask is causal & (k in columns | q - k in diagonals) (vertical_slash_form).
+        keep = k_ok[None, :] & row_ok[:, None] & (k_idx[None, :] <= q_pos)
+        if BAND:
+            # Keys t0 + j: offset q - t0 - j. Row q needs the bits of offsets
+            # [q - t0 - BLOCK_N + 1, q - t0]: a few packed words per row, not a load per pair.
+            bit0 = (q_pos - t0 - (BLOCK_N - 1) + VS_PAD).to(tl.int32)  # [BM, 1]
+            w = bit0 >> 5
+            bb = (bit0 & 31) + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]  # [BM, BN]
+            sel = bb >> 5
+            word = tl.zeros_like(bb)
+            for i in tl.static_range((BLOCK_N + 30) // 32 + 1):
+                wi = tl.load(DBITS + h * s_db_h + w + i)
+                word = tl.where(sel == i, wi, word)
+            diag = ((word >> (bb & 31)) & 1) != 0
+            col = tl.load(CFLAGS + h * s_cf_h + kk, mask=k_ok, other=0) != 0
+            keep = keep & (diag | col[None, :])
         s = tl.where(keep, s, float("-inf"))
     return attnc_update(acc, l_i, m_i, s, v, qk_scale, True, IEEE)
 
 
 @triton.jit
-def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, SIDE,
+def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CFLAGS,
               sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sl_b, sl_h,
-              s_g_h, s_gf_h, s_c_h, s_c_m, s_nc_h, s_side_h, s_side_s,
+              s_g_h, s_gf_h, s_c_h, s_c_m, s_nc_h, s_db_h, s_cf_h,
               sm_scale, Q_LEN, N_VAR, Q_START, H, GROUP,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -532,7 +558,6 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, SIDE,
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     row_ok = offs_m < Q_LEN
     q_pos = (Q_START + offs_m).to(tl.int64)[:, None]
-    n_var = N_VAR.to(tl.int64)
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None].to(tl.int64) * sq_m + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     if UPCAST:
@@ -564,9 +589,10 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, SIDE,
             c_lo = tl.load(DCOUNT + h * s_gf_h + tl.maximum(d_lo, 0))
             full = complete & (t0 + BLOCK_N - 1 <= hi) & (d_lo >= 0) & \
                 ((c_hi - c_lo) == (d_hi - d_lo + 1))
-            acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, full, q_pos, row_ok, h, hk,
-                                    b, n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h,
-                                    sv_n, SIDE, s_side_h, s_side_s, HEAD_DIM, UPCAST, IEEE)
+            acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h,
+                                    hk, b, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                    DBITS, CFLAGS, s_db_h, s_cf_h, True, BLOCK_N, HEAD_DIM,
+                                    UPCAST, IEEE)
     # Selected columns outside every diagonal range, gathered BLOCK_N at a time (ascending).
     n_cols = tl.load(NCOLS + h * s_nc_h + pid_m)
     for c0 in range(0, n_cols, BLOCK_N):
@@ -575,9 +601,11 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, SIDE,
         k_idx = tl.load(COLS + h * s_c_h + pid_m * s_c_m + i, mask=k_ok, other=0).to(tl.int64)
         full = complete & (c0 + BLOCK_N <= n_cols) & \
             (tl.max(tl.where(k_ok, k_idx, 0), 0) <= q0)
-        acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, k_idx, k_ok, full, q_pos, row_ok, h, hk, b,
-                                n_var, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                SIDE, s_side_h, s_side_s, HEAD_DIM, UPCAST, IEEE)
+        # Gathered columns are selected: only causality can drop a pair.
+        acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, c0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b,
+                                qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                                DBITS, CFLAGS, s_db_h, s_cf_h, False, BLOCK_N, HEAD_DIM,
+                                UPCAST, IEEE)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out = tl.where(empty[:, None], 0.0, out)
@@ -589,24 +617,64 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, SIDE,
 
 
 def vs_kernel_source(pattern: PatternIR) -> str:
+    """The vertical-slash kernel for a pattern of vertical_slash_form (its predicate is that
+    form, evaluated from the packed flags)."""
     from .expr import PRELUDE
 
-    names = {"q": "q_pos", "k": "k_pos", "h": "h", "n": "n_var"}
-    mask = print_expr(rewrite(pattern.mask), names, selector_printer(pattern))
-    return VS_TEMPLATE.format(key=pattern.key, prelude=PRELUDE, mask=mask)
+    if vertical_slash_form(pattern) is None:
+        raise ValueError(f"pattern '{pattern.name}' is not causal & (columns | diagonals)")
+    return VS_TEMPLATE.format(key=pattern.key, prelude=PRELUDE, pad=VS_PAD)
+
+
+_SCAN_CHUNK = 1024
+
+
+def _scan(x: torch.Tensor, op: str) -> torch.Tensor:
+    """Inclusive int32 prefix sum ("sum") or maximum ("max") along the last dim of [H, n], in
+    two levels (chunks of 1024, then the chunks' totals): one scan over few long rows runs on
+    few thread blocks (0.17 ms for a 16 x 131072 cumsum on an H200, measured)."""
+    H, n = x.shape
+    x = x.to(torch.int32)
+    C = _SCAN_CHUNK
+    if n <= 4 * C:
+        return x.cumsum(-1, dtype=torch.int32) if op == "sum" else x.cummax(-1).values
+    m = -(-n // C) * C
+    fill = 0 if op == "sum" else torch.iinfo(torch.int32).min
+    xp = torch.nn.functional.pad(x, (0, m - n), value=fill).view(H, m // C, C)
+    if op == "sum":
+        loc = xp.cumsum(-1, dtype=torch.int32)
+        carry = loc[:, :, -1].cumsum(-1, dtype=torch.int32)
+        loc[:, 1:, :] += carry[:, :-1, None]
+    else:
+        loc = xp.cummax(-1).values
+        carry = loc[:, :, -1].cummax(-1).values
+        loc[:, 1:, :] = torch.maximum(loc[:, 1:, :], carry[:, :-1, None])
+    return loc.view(H, m)[:, :n]
 
 
 def _compact(flags: torch.Tensor, width: int, fill: int) -> torch.Tensor:
     """Per row, the indices of the set flags in ascending order, in `width` slots (the rest
     `fill`): a prefix sum and a scatter, no sort and no wait for the device."""
     H, n = flags.shape
-    pos = flags.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1
+    pos = _scan(flags, "sum") - 1
     # Unset flags (and any beyond the width) write to a spare last slot, dropped after.
     pos = torch.where(flags & (pos < width), pos, width).to(torch.int64)
     out = torch.full((H, width + 1), fill, dtype=torch.int32, device=flags.device)
     idx = torch.arange(n, device=flags.device, dtype=torch.int32).expand(H, n)
     out.scatter_(1, pos, idx)
     return out[:, :width].contiguous()
+
+
+def _pack_bits(flags: torch.Tensor, pad: int) -> torch.Tensor:
+    """[H, n] flags as int32 words, bit (i + pad) % 32 of word (i + pad) // 32 for flag i, with
+    `pad` zero bits before and enough zero words after for any row of a tile to read."""
+    H, n = flags.shape
+    words = -(-(n + pad) // 32) + 16
+    bits = torch.zeros(H, words * 32, dtype=torch.int64, device=flags.device)
+    bits[:, pad:pad + n] = flags
+    shift = torch.arange(32, device=flags.device, dtype=torch.int64)
+    w = (bits.view(H, words, 32) << shift).sum(-1)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).contiguous()
 
 
 def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR,
@@ -618,8 +686,7 @@ def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR,
     H, n = diags.shape
     dev = diags.device
     BM = bm.schedule.block_m
-    d32 = diags.to(torch.int32)
-    cnt = torch.nn.functional.pad(d32.cumsum(-1, dtype=torch.int32), (1, 0))  # [H, n + 1]
+    cnt = torch.nn.functional.pad(_scan(diags, "sum"), (1, 0))  # [H, n + 1]
     idx = torch.arange(n, device=dev)
     # A selected offset starts a group when no selected offset lies within BM below it (two
     # runs merge when their key ranges touch in a full query block), and ends one likewise.
@@ -636,7 +703,7 @@ def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR,
     # ahi[x]: dhi of the group with the largest dlo <= x (or -1).
     ahi = torch.full((H, n), -1, dtype=torch.int32, device=dev)
     ahi.scatter_(1, glo_c, torch.where(valid, ghi_c, torch.full_like(ghi_c, -1)))
-    ahi = ahi.cummax(-1).values.contiguous()
+    ahi = _scan(ahi, "max").contiguous()
     ncols = cols.sum(-1, dtype=torch.int32)
     if max_cols is None:
         max_cols = int(ncols.max().item()) if H else 0
@@ -651,7 +718,8 @@ def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR,
                                 ahi.stride(0), out.stride(0), out.stride(1), nout.stride(0),
                                 bm.q_start, bm.q_len, BLOCK_M=BM, CHUNK=chunk)
     return {"glo": glo, "ghi": ghi, "dcount": cnt.contiguous(), "ngroups": ng.contiguous(),
-            "cols": out, "ncols": nout}
+            "cols": out, "ncols": nout, "dbits": _pack_bits(diags, VS_PAD),
+            "cflags": cols.contiguous().view(torch.int8)}
 
 
 def vs_max_columns(bm: BlockMaskIR, H: int) -> int:
@@ -674,19 +742,18 @@ def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float,
     _, H, Lq, D = q.shape
     Hkv = k.shape[1]
     upcast = bool(interp and q.dtype != torch.float32)
-    s_side_h = side.stride(0) if side.shape[0] > 1 else 0
     qb_, kb_, vb_, ob_ = q[b:b + 1], k[b:b + 1], v[b:b + 1], o[b:b + 1]
     lb_ = lse[b:b + 1]
     BM, BN = bm.schedule.block_m, bm.schedule.block_n
     grid = (-(-Lq // BM), H)
     fn[grid](qb_, kb_, vb_, ob_, lb_, plan["glo"], plan["ghi"], plan["dcount"], plan["ngroups"],
-             plan["cols"], plan["ncols"], side,
+             plan["cols"], plan["ncols"], plan["dbits"], plan["cflags"],
              qb_.stride(0), qb_.stride(1), qb_.stride(2), kb_.stride(0), kb_.stride(1),
              kb_.stride(2), vb_.stride(0), vb_.stride(1), vb_.stride(2), ob_.stride(0),
              ob_.stride(1), ob_.stride(2), lb_.stride(0), lb_.stride(1),
              plan["glo"].stride(0), plan["dcount"].stride(0), plan["cols"].stride(0),
-             plan["cols"].stride(1),
-             plan["ncols"].stride(0), s_side_h, side.stride(1),
+             plan["cols"].stride(1), plan["ncols"].stride(0), plan["dbits"].stride(0),
+             plan["cflags"].stride(0),
              sm_scale, Lq, bm.n_var, bm.q_start, H, H // Hkv,
              BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
              IEEE=bool(q.dtype == torch.float32 or upcast), **(launch or {}))
@@ -722,7 +789,10 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
                          f"fit the block mask (q_len {bm.q_len}, n {bm.n})")
     slots(bm.pattern)  # refuses unsupported selectors early
     vs = vertical_slash_form(bm.pattern)
-    fast = vs is not None if fast is None else (fast and vs is not None)
+    # The packed diagonal flags cover offsets down to -VS_PAD: tiles up to that size.
+    vs_fits = bm.schedule.block_m + bm.schedule.block_n <= VS_PAD + 2
+    fast = (vs is not None and vs_fits) if fast is None else (fast and vs is not None
+                                                               and vs_fits)
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     sets: list[IndexSets] = []

@@ -225,6 +225,8 @@ ATT_CASES = [  # (pattern, args, n, q_len, H, Hkv, D, BM, BN, fast)
     ("vs2", {"v": 6, "s": 40, "l": 8}, 150, 67, 4, 2, 32, 16, 32, True),
     ("vs2", {"v": 6, "s": 9, "l": 8}, 131, 131, 2, 1, 16, 16, 16, False),
     ("vs2", {"v": 4, "s": 90, "l": 8, "near": 80}, 200, 200, 2, 2, 16, 16, 16, True),  # full
+    ("vs2", {"v": 5, "s": 70, "l": 8}, 301, 250, 2, 1, 16, 64, 64, True),  # 3 packed words
+    ("vs2", {"v": 5, "s": 70, "l": 8}, 290, 290, 2, 2, 16, 128, 128, True),  # 5 packed words
     ("block_topk", {"topk": 2, "block": 16}, 123, 123, 2, 1, 16, 16, 16, False),
     ("mixed", {}, 100, 70, 2, 2, 16, 32, 16, False),
 ]
@@ -261,7 +263,9 @@ def test_vertical_slash_kernel_is_chosen_for_the_library_pattern():
     assert dyn.vertical_slash_form(bm.pattern) is not None
     assert dyn.vertical_slash_form(_bm("mixed", {}, 64, 1, 64).pattern) is None
     src = dyn.vs_kernel_source(bm.pattern)
-    assert "SIDE + h * s_side_h + 0 * s_side_s" in src and "1 * s_side_s" in src
+    assert bm.pattern.key in src and "DBITS" in src
+    with pytest.raises(ValueError, match="not causal"):
+        dyn.vs_kernel_source(_bm("mixed", {}, 64, 1, 64).pattern)
 
 
 def test_rows_with_nothing_kept_give_zero_and_minus_inf():
@@ -316,3 +320,21 @@ def test_gpu_block_topk_bf16():
         pytest.skip("set TRITON_INTERPRET=0 to compile for the GPU")
     case = ("block_topk", {"topk": 8, "block": 64}, 2048, 2048, 4, 4, 128, 64, 64, False)
     _check_attention(case, torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("n", [7, 4096, 5000, 9000])
+def test_two_level_scans_equal_torch(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(3, n, generator=g) < 0.3
+    assert torch.equal(dyn._scan(x, "sum"), x.to(torch.int32).cumsum(-1, dtype=torch.int32))
+    y = torch.randint(-5, 1000, (3, n), dtype=torch.int32, generator=g)
+    assert torch.equal(dyn._scan(y, "max"), y.cummax(-1).values)
+
+
+def test_packed_diagonal_bits_round_trip():
+    g = torch.Generator().manual_seed(1)
+    flags = torch.rand(2, 100, generator=g) < 0.4
+    words = dyn._pack_bits(flags, dyn.VS_PAD)
+    bits = torch.stack([(words >> i) & 1 for i in range(32)], -1).reshape(2, -1).bool()
+    assert torch.equal(bits[:, dyn.VS_PAD:dyn.VS_PAD + 100], flags)
+    assert not bits[:, :dyn.VS_PAD].any() and not bits[:, dyn.VS_PAD + 100:].any()
