@@ -496,7 +496,6 @@ VS_TEMPLATE = '''"""attnc vertical-slash kernel: diagonal ranges and gathered co
 import triton
 import triton.language as tl
 {prelude}
-VS_PAD: tl.constexpr = {pad}
 
 @triton.jit
 def vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, qk_scale,
@@ -525,7 +524,7 @@ def vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, qk
         if BAND:
             # Keys t0 + j: offset q - t0 - j. Row q needs the bits of offsets
             # [q - t0 - BLOCK_N + 1, q - t0]: a few packed words per row, not a load per pair.
-            bit0 = (q_pos - t0 - (BLOCK_N - 1) + VS_PAD).to(tl.int32)  # [BM, 1]
+            bit0 = (q_pos - t0 - (BLOCK_N - 1) + {pad}).to(tl.int32)  # [BM, 1], {pad} = VS_PAD
             w = bit0 >> 5
             bb = (bit0 & 31) + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]  # [BM, BN]
             sel = bb >> 5
