@@ -225,7 +225,7 @@ def profile_vs(n: int, H: int, D: int) -> None:
                                                    "last_q": 64})
     q, k, v = inputs(n, H, D)
     bm = build(ir, n=n, heads=H, schedule=Schedule(128, 64))
-    launch = {"num_warps": 4, "num_stages": 3}
+    launch = {"num_warps": 8, "num_stages": 3}
     for _ in range(2):  # compile and warm up
         dyn.dynamic_attention(q, k, v, bm, launch=launch)
     torch.cuda.synchronize()

@@ -577,15 +577,20 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CF
         dhi = tl.load(GHI + h * s_g_h + g).to(tl.int64)
         lo = tl.maximum(q0 - dhi, 0)
         hi = tl.minimum(q1 - dlo, q1)
+        # Full when every offset the tile spans, [q0 - t0 - BLOCK_N + 1, q1 - t0], is
+        # selected (prefix counts of the selected offsets). The counts of the next tile are
+        # loaded one step ahead, so the branch never waits on memory.
+        c_hi_n = tl.load(DCOUNT + h * s_gf_h + tl.maximum(q1 - lo + 1, 0))
+        c_lo_n = tl.load(DCOUNT + h * s_gf_h + tl.maximum(q0 - lo - BLOCK_N + 1, 0))
         for t0 in range(lo, hi + 1, BLOCK_N):
+            c_hi = c_hi_n
+            c_lo = c_lo_n
+            c_hi_n = tl.load(DCOUNT + h * s_gf_h + tl.maximum(q1 - t0 - BLOCK_N + 1, 0))
+            c_lo_n = tl.load(DCOUNT + h * s_gf_h + tl.maximum(q0 - t0 - 2 * BLOCK_N + 1, 0))
             k_idx = t0 + offs_n
             k_ok = k_idx <= hi
-            # Full when every offset the tile spans, [q0 - t0 - BLOCK_N + 1, q1 - t0], is
-            # selected (prefix counts of the selected offsets).
             d_lo = q0 - (t0 + BLOCK_N - 1)
             d_hi = q1 - t0
-            c_hi = tl.load(DCOUNT + h * s_gf_h + d_hi + 1)
-            c_lo = tl.load(DCOUNT + h * s_gf_h + tl.maximum(d_lo, 0))
             full = complete & (t0 + BLOCK_N - 1 <= hi) & (d_lo >= 0) & \
                 ((c_hi - c_lo) == (d_hi - d_lo + 1))
             acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h,
