@@ -123,18 +123,21 @@ def run_case(kind: str, n: int, H: int, D: int, reps: int, flex_fn, rows: list, 
         args, block = {"topk": 16, "block": 64}, 64
     ir = lower(lib, kind, args)
     best = None
-    for BM, BN, warps, stages in launches if kind == "vertical_slash" else [(64, 64, 4, 2)]:
+    for BM, BN, warps, stages, *rest in (launches if kind == "vertical_slash"
+                                         else [(64, 64, 4, 2)]):
         bm = build(ir, n=n, heads=H, schedule=Schedule(BM, BN))
         launch = {"num_warps": warps, "num_stages": stages}
+        if rest:  # a fifth field: the VS kernel's BRANCH switch (1: predicate in a branch)
+            launch["BRANCH"] = bool(rest[0])
         try:
             t = bench(lambda bm=bm, launch=launch: dyn.dynamic_attention(q, k, v, bm,
                                                                          launch=launch), reps)
         except Exception as e:  # noqa: BLE001 - a launch that does not fit is skipped
             print(f"  {kind} n={n} launch {BM}x{BN} w{warps} s{stages} failed: {e!s:.120}")
             continue
-        print(f"  {kind} n={n} launch {BM}x{BN} w{warps} s{stages}: {t:.2f} ms")
+        print(f"  {kind} n={n} launch {BM}x{BN} w{warps} s{stages} {launch}: {t:.2f} ms")
         if best is None or t < best[0]:
-            best = (t, bm, launch, (BM, BN, warps, stages))
+            best = (t, bm, launch, (BM, BN, warps, stages, *rest))
     if best is None:
         return
     total, bm, launch, cfg = best
@@ -266,7 +269,7 @@ def main() -> None:
     ap.add_argument("--patterns", default="vertical_slash,block_topk")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, one launch")
     ap.add_argument("--launches", default=None,
-                    help="vertical-slash kernel launches to try, BMxBNxWARPSxSTAGES,...")
+                    help="vertical-slash kernel launches to try, BMxBNxWARPSxSTAGES[xBRANCH],...")
     ap.add_argument("--profile", action="store_true",
                     help="vertical-slash only: per-kernel CUDA times and the plan's shape")
     a = ap.parse_args()

@@ -498,10 +498,33 @@ import triton.language as tl
 {prelude}
 
 @triton.jit
+def vs_mask(s, t0, k_idx, kk, k_ok, full, q_pos, row_ok, h, DBITS, CFLAGS, s_db_h, s_cf_h,
+            BAND: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The mask is causal & (k in columns | q - k in diagonals) (vertical_slash_form); a full
+    # tile keeps everything.
+    keep = k_ok[None, :] & row_ok[:, None] & (k_idx[None, :] <= q_pos)
+    if BAND:
+        # Keys t0 + j: offset q - t0 - j. Row q needs the bits of offsets
+        # [q - t0 - BLOCK_N + 1, q - t0]: a few packed words per row, not a load per pair.
+        bit0 = (q_pos - t0 - (BLOCK_N - 1) + {pad}).to(tl.int32)  # [BM, 1], {pad} = VS_PAD
+        w = bit0 >> 5
+        bb = (bit0 & 31) + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]  # [BM, BN]
+        sel = bb >> 5
+        word = tl.zeros_like(bb)
+        for i in tl.static_range((BLOCK_N + 30) // 32 + 1):
+            wi = tl.load(DBITS + h * s_db_h + w + i)
+            word = tl.where(sel == i, wi, word)
+        diag = ((word >> (bb & 31)) & 1) != 0
+        col = tl.load(CFLAGS + h * s_cf_h + kk, mask=k_ok, other=0) != 0
+        keep = keep & (diag | col[None, :])
+    return tl.where(keep | full, s, float("-inf"))
+
+
+@triton.jit
 def vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, qk_scale,
             K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, DBITS, CFLAGS, s_db_h, s_cf_h,
             BAND: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-            UPCAST: tl.constexpr, IEEE: tl.constexpr):
+            UPCAST: tl.constexpr, IEEE: tl.constexpr, BRANCH: tl.constexpr):
     # The loads and the product do not depend on `full` (a run-time flag), so the loops that
     # call this keep one body and Triton software-pipelines their loads; only the predicate
     # sits behind the branch.
@@ -518,24 +541,15 @@ def vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, qk
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    if not full:
-        # The mask is causal & (k in columns | q - k in diagonals) (vertical_slash_form).
-        keep = k_ok[None, :] & row_ok[:, None] & (k_idx[None, :] <= q_pos)
-        if BAND:
-            # Keys t0 + j: offset q - t0 - j. Row q needs the bits of offsets
-            # [q - t0 - BLOCK_N + 1, q - t0]: a few packed words per row, not a load per pair.
-            bit0 = (q_pos - t0 - (BLOCK_N - 1) + {pad}).to(tl.int32)  # [BM, 1], {pad} = VS_PAD
-            w = bit0 >> 5
-            bb = (bit0 & 31) + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]  # [BM, BN]
-            sel = bb >> 5
-            word = tl.zeros_like(bb)
-            for i in tl.static_range((BLOCK_N + 30) // 32 + 1):
-                wi = tl.load(DBITS + h * s_db_h + w + i)
-                word = tl.where(sel == i, wi, word)
-            diag = ((word >> (bb & 31)) & 1) != 0
-            col = tl.load(CFLAGS + h * s_cf_h + kk, mask=k_ok, other=0) != 0
-            keep = keep & (diag | col[None, :])
-        s = tl.where(keep, s, float("-inf"))
+    # BRANCH: evaluate the predicate in partial tiles only (a branch in the loop body), else
+    # in every tile (no branch; full tiles keep everything through `full`).
+    if BRANCH:
+        if not full:
+            s = vs_mask(s, t0, k_idx, kk, k_ok, full, q_pos, row_ok, h, DBITS, CFLAGS, s_db_h,
+                        s_cf_h, BAND, BLOCK_N)
+    else:
+        s = vs_mask(s, t0, k_idx, kk, k_ok, full, q_pos, row_ok, h, DBITS, CFLAGS, s_db_h,
+                    s_cf_h, BAND, BLOCK_N)
     return attnc_update(acc, l_i, m_i, s, v, qk_scale, True, IEEE)
 
 
@@ -545,7 +559,7 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CF
               s_g_h, s_gf_h, s_c_h, s_c_m, s_nc_h, s_db_h, s_cf_h,
               sm_scale, Q_LEN, N_VAR, Q_START, H, GROUP,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              UPCAST: tl.constexpr, IEEE: tl.constexpr):
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, BRANCH: tl.constexpr = True):
     # Last query blocks first (they visit the most keys): less tail in the last wave.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -596,7 +610,7 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CF
             acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h,
                                     hk, b, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                     DBITS, CFLAGS, s_db_h, s_cf_h, True, BLOCK_N, HEAD_DIM,
-                                    UPCAST, IEEE)
+                                    UPCAST, IEEE, BRANCH)
     # Selected columns outside every diagonal range, gathered BLOCK_N at a time (ascending).
     n_cols = tl.load(NCOLS + h * s_nc_h + pid_m)
     for c0 in range(0, n_cols, BLOCK_N):
@@ -609,7 +623,7 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CF
         acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, c0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b,
                                 qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                 DBITS, CFLAGS, s_db_h, s_cf_h, False, BLOCK_N, HEAD_DIM,
-                                UPCAST, IEEE)
+                                UPCAST, IEEE, BRANCH)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out = tl.where(empty[:, None], 0.0, out)
