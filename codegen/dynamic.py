@@ -502,19 +502,33 @@ def vs_mask(s, t0, k_idx, kk, k_ok, full, q_pos, row_ok, h, DBITS, CFLAGS, s_db_
             BAND: tl.constexpr, BLOCK_N: tl.constexpr):
     # The mask is causal & (k in columns | q - k in diagonals) (vertical_slash_form); a full
     # tile keeps everything.
-    keep = k_ok[None, :] & row_ok[:, None] & (k_idx[None, :] <= q_pos)
+    # Positions fit int32 (the flags are [H, n] tensors): half the work of int64 per pair.
+    keep = k_ok[None, :] & row_ok[:, None] & \
+        (k_idx.to(tl.int32)[None, :] <= q_pos.to(tl.int32))
     if BAND:
         # Keys t0 + j: offset q - t0 - j. Row q needs the bits of offsets
         # [q - t0 - BLOCK_N + 1, q - t0]: a few packed words per row, not a load per pair.
         bit0 = (q_pos - t0 - (BLOCK_N - 1) + {pad}).to(tl.int32)  # [BM, 1], {pad} = VS_PAD
         w = bit0 >> 5
-        bb = (bit0 & 31) + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]  # [BM, BN]
-        sel = bb >> 5
-        word = tl.zeros_like(bb)
-        for i in tl.static_range((BLOCK_N + 30) // 32 + 1):
-            wi = tl.load(DBITS + h * s_db_h + w + i)
-            word = tl.where(sel == i, wi, word)
-        diag = ((word >> (bb & 31)) & 1) != 0
+        if BLOCK_N <= 64:
+            # Per row, the 64 bits from bit0 on in one uint64 (three words funnel-shifted),
+            # then one shift per pair: bit BLOCK_N - 1 - j belongs to key t0 + j.
+            sh = (bit0 & 31).to(tl.uint64)
+            w0 = tl.load(DBITS + h * s_db_h + w).to(tl.uint32, bitcast=True).to(tl.uint64)
+            w1 = tl.load(DBITS + h * s_db_h + w + 1).to(tl.uint32, bitcast=True).to(tl.uint64)
+            w2 = tl.load(DBITS + h * s_db_h + w + 2).to(tl.uint32, bitcast=True).to(tl.uint64)
+            # (w2 << 1) << (63 - sh): no shift by 64 when sh is 0.
+            win = ((w0 | (w1 << 32)) >> sh) | ((w2 << 1) << (63 - sh))
+            jj = (BLOCK_N - 1 - tl.arange(0, BLOCK_N)).to(tl.uint64)[None, :]
+            diag = ((win >> jj) & 1) != 0
+        else:
+            bb = (bit0 & 31) + (BLOCK_N - 1 - tl.arange(0, BLOCK_N))[None, :]  # [BM, BN]
+            sel = bb >> 5
+            word = tl.zeros_like(bb)
+            for i in tl.static_range((BLOCK_N + 30) // 32 + 1):
+                wi = tl.load(DBITS + h * s_db_h + w + i)
+                word = tl.where(sel == i, wi, word)
+            diag = ((word >> (bb & 31)) & 1) != 0
         col = tl.load(CFLAGS + h * s_cf_h + kk, mask=k_ok, other=0) != 0
         keep = keep & (diag | col[None, :])
     return tl.where(keep | full, s, float("-inf"))
