@@ -144,8 +144,9 @@ def run_case(kind: str, n: int, H: int, D: int, reps: int, flex_fn, rows: list, 
     if kind == "vertical_slash" and len(launches) > 1:
         launches[:] = [cfg]  # keep the winner for the next n
 
-    def builder():
-        ix = dyn.build_index(q[0], k[0], bm, lists=False)
+    def builder():  # what dynamic_attention runs before its kernel
+        vs = kind == "vertical_slash"
+        ix = dyn.build_index(q[0], k[0], bm, lists=False, side=not vs)
         if kind == "vertical_slash":
             dyn.vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm,
                         max_cols=dyn.vs_max_columns(bm, H))
@@ -240,8 +241,8 @@ def profile_vs(n: int, H: int, D: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22,
                                     max_name_column_width=60))
     t_all = bench(lambda: dyn.dynamic_attention(q, k, v, bm, launch=launch), 5)
-    ix = dyn.build_index(q[0], k[0], bm, lists=False)
-    t_ix = bench(lambda: dyn.build_index(q[0], k[0], bm, lists=False), 5)
+    ix = dyn.build_index(q[0], k[0], bm, lists=False, side=False)
+    t_ix = bench(lambda: dyn.build_index(q[0], k[0], bm, lists=False, side=False), 5)
     cols, diags = ix.of("in_columns"), ix.of("in_diagonals")
     mc = dyn.vs_max_columns(bm, H)
     t_plan = bench(lambda: dyn.vs_plan(cols, diags, bm, max_cols=mc), 5)

@@ -270,13 +270,24 @@ def rank_keys(score: torch.Tensor) -> torch.Tensor:
     return key * 4294967296 + (4294967295 - idx)
 
 
+_ON_DEVICE: dict[tuple, torch.Tensor] = {}
+
+
 def to_device(x: torch.Tensor, device) -> torch.Tensor:
     """A small host tensor on the device without waiting for the device's queue (pinned
-    staging, asynchronous copy)."""
+    staging, asynchronous copy). Per-head parameters repeat from call to call: small ones are
+    copied once per device and reused (callers never write to them)."""
     dev = torch.device(device)
-    if x.device.type == "cpu" and dev.type == "cuda":
+    if x.device.type != "cpu" or dev.type != "cuda":
+        return x.to(dev)
+    if x.numel() > 256:
         return x.pin_memory().to(dev, non_blocking=True)
-    return x.to(dev)
+    key = (str(dev), x.dtype, tuple(x.shape), tuple(x.reshape(-1).tolist()))
+    if key not in _ON_DEVICE:
+        if len(_ON_DEVICE) > 4096:
+            _ON_DEVICE.clear()
+        _ON_DEVICE[key] = x.pin_memory().to(dev, non_blocking=True)
+    return _ON_DEVICE[key]
 
 
 def keep_top(keys: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

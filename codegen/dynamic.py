@@ -426,21 +426,24 @@ def block_lists(bm: BlockMaskIR, H: int, n: int, sl: list[Slot], data, device,
 
 def build_index(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, *,
                 sm_scale: float | None = None, segments: torch.Tensor | None = None,
-                lists: bool = True, gates: GateInput | None = None) -> IndexSets:
+                lists: bool = True, gates: GateInput | None = None,
+                side: bool = True) -> IndexSets:
     """Run the pattern's index builders for one batch element: q [H, Lq, D], k [Hkv, n, D].
-    `gates`: the learned gate's block scores for gate() (see GateInput)."""
+    `gates`: the learned gate's block scores for gate() (see GateInput). side=False skips the
+    side tensor (the vertical-slash kernel reads packed flags instead)."""
     H, Lq, D = q.shape
     n = k.shape[1]
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     sl = slots(bm.pattern)
     extra: dict[str, torch.Tensor] = {}
     data = _select(q, k, bm, sl, sm_scale, segments, extra, gates)
-    side = _side(sl, data, H, n, q.device)
+    side_t = _side(sl, data, H, n, q.device) if side or lists else \
+        torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
     if lists:
         trimmed, flex = block_lists(bm, H, n, sl, data, q.device)
     else:
         trimmed, flex = {}, {}
-    return IndexSets(sl, data, side, trimmed, flex, extra)
+    return IndexSets(sl, data, side_t, trimmed, flex, extra)
 
 
 # ---------------------------------------------------------------- vertical-slash fast path
@@ -837,7 +840,8 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
     outs = []
     for b in range(Bsz):
         ix = build_index(q[b], k[b], bm, sm_scale=sm_scale, segments=segments,
-                         lists=not fast or return_index, gates=gates)
+                         lists=not fast or return_index, gates=gates,
+                         side=not fast or return_index)
         sets.append(ix)
         if fast:
             plan = vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm,
