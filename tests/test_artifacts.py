@@ -172,6 +172,7 @@ def _dense_reference(lib, name, args, q, k, v):
 def test_load_compile_call_matches_reference(tmp_path, monkeypatch, name, args, H, Hkv, n,
                                              q_len):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors: the interpreter, also on a GPU host
     f = tmp_path / "lib.attn"
     f.write_text("pattern mine(w: int = 8) { mask causal & q - k < w }\n")
     lib = attnc.load(f)

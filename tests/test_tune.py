@@ -25,6 +25,7 @@ def _problem():
 
 
 def test_failed_candidate_is_infinitely_slow_and_winner_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors: the interpreter, also on a GPU host
     ir, make_bm, q, k, v = _problem()
     times = iter([3.0, 1.0])
     monkeypatch.setattr(tune, "_time", lambda fn, rep: (fn(), next(times))[1])
@@ -67,6 +68,7 @@ def test_stored_record_is_reused_without_timing(tmp_path, monkeypatch):
 
 
 def test_unreadable_record_means_tune_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors: the interpreter, also on a GPU host
     _, make_bm, q, k, v = _problem()
     monkeypatch.setattr(tune, "_time", lambda fn, rep: 2.0)
     _, _, rec = tune.autotune(make_bm, q, k, v, candidates=[(16, 16, 4, 2)],
