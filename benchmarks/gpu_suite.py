@@ -23,9 +23,12 @@ ROOT = os.path.dirname(HERE)
 
 # name -> (command, share of the budget)
 STAGES: dict[str, tuple[list[str], float]] = {
+    # Tests whose tensors follow the device (run compiled), then the gpu-marked tests of files
+    # that otherwise test the interpreter on CPU tensors (those need TRITON_INTERPRET=1).
     "tests": ([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_kernel.py",
-               "tests/test_dynamic.py", "tests/test_artifacts.py", "tests/test_tune.py",
-               "tests/test_gate.py"], 0.2),
+               "tests/test_dynamic.py", "tests/test_apply_gpu.py"], 0.15),
+    "gputests": ([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_artifacts.py",
+                  "tests/test_tune.py", "tests/test_gate.py", "tests/test_flex.py"], 0.05),
     "kernels": ([sys.executable, os.path.join(HERE, "kernels.py"), "--n", "8192,32768,131072",
                  "--candidates", "128x128x8x3,128x64x8x3,64x64x4x3,64x64x4x4", "--rep", "40"],
                 0.55),
