@@ -43,7 +43,8 @@ STAGES: dict[str, tuple[list[str], float]] = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for the logs and tables")
-    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--stages", default="tests,gputests,kernels,dynamic",
+                    help=f"comma-separated, in order; known: {', '.join(STAGES)}")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all stages")
     ap.add_argument("--kernel-n", default=None, help="lengths for the kernels stage (8192,...)")
     ap.add_argument("--patterns", default=None, help="cases for the kernels stage")
