@@ -53,6 +53,8 @@ def plan_text(layers: int, heads: int, kv: int, dense_layers: list[int], body: s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--length", type=int, default=4096, help="evaluation length")
+    ap.add_argument("--text", default="docs", choices=["docs", "chronicle"],
+                    help="shipped text: Python reference prose or the generated chronicle")
     ap.add_argument("--train-length", type=int, default=None, help="default: --length")
     ap.add_argument("--sequences", type=int, default=2, help="calibration chunks")
     ap.add_argument("--steps", type=int, default=300)
@@ -76,7 +78,7 @@ def main() -> None:
 
     import transformers
     from attnc.autotune.model import load, shape
-    from attnc.autotune.text import shipped
+    from attnc.autotune.text import shipped_text
 
     from attnc import gate_api as ga
 
@@ -91,8 +93,9 @@ def main() -> None:
     model, tok = load("smollm2")
     res["load_s"] = time.perf_counter() - t
     L, H, G, _ = shape(model)
-    calib = torch.tensor(tok(shipped("calib.txt")).input_ids)
-    held = torch.tensor(tok(shipped("heldout.txt")).input_ids)
+    calib_text, held_text = shipped_text(a.text)
+    calib = torch.tensor(tok(calib_text).input_ids)
+    held = torch.tensor(tok(held_text).input_ids)
     n = a.length
     eval_ids = held[:n].view(1, -1)
     gpath = out / "bench.gates.safetensors"
