@@ -20,9 +20,13 @@ DENSE = "causal"
 # so that one plan serves several lengths; constants are the alpha = 0 / beta = 0 corners.
 _WINDOWS = ["64 + n // 32", "128 + n // 16", "256 + n // 8", "256 + n // 4", "n // 2", "256",
             "512"]
+# A finer ladder of constant windows (with 64 sinks), from very local heads to wide ones, so the
+# knapsack can give each head about the window it needs instead of jumping between few sizes.
+_LADDER = ["64", "128", "768", "1024", "1536", "2048"]
 GRIDS: dict[str, list[dict[str, str]]] = {
     "causal": [{}],
-    "streaming": [{"sink": s, "window": w} for s in ("4", "64") for w in _WINDOWS],
+    "streaming": [{"sink": s, "window": w} for s in ("4", "64") for w in _WINDOWS]
+    + [{"sink": "64", "window": w} for w in _LADDER],
     "a_shape": [{"sink": "128", "local": w} for w in ("128 + n // 16", "256 + n // 8")],
     "dilated": [{"window": w, "dilation": d} for d in ("2", "4") for w in ("n // 16", "n // 8")],
     "shards": [{"stride": s, "step": "1", "block": "64", "local": loc}

@@ -166,10 +166,12 @@ def _suggest(trial: optuna.Trial, prob: Problem, space: Space):
 def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "max",
            split: str = "global", tilt: float = 0.0,
            families: dict[str, bool] | None = None, power: float = 1.0,
-           dense_top: float = 0.0) -> np.ndarray | None:
+           dense_top: float = 0.0, clamp: bool = False) -> np.ndarray | None:
     """The exact knapsack choice for one setting of the searched parameters. `dense_top`
     keeps that fraction of units dense first (DuoAttention's retrieval heads), ranked by
-    their mean loss over the sparse options; the knapsack then spends the rest."""
+    their mean loss over the sparse options; the knapsack then spends the rest. A target
+    below the cheapest choice these settings allow gives None, or with `clamp` that cheapest
+    choice (so a trial is not wasted)."""
     loss = prob.loss(weights, agg, power)
     allowed = prob.allowed.copy()
     if families:
@@ -183,6 +185,9 @@ def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "
                           kind="stable")
         allowed[rank[:k], 1:] = False
     budget = target * prob.dense_cost
+    if clamp:
+        floor = float(np.where(allowed & np.isfinite(loss), prob.cost, np.inf).min(1).sum())
+        budget = max(budget, floor)
     groups = []
     if split == "tilt" and prob.layers > 1:
         per_layer = len(prob.units) // prob.layers
@@ -257,7 +262,7 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
 
     def objective(trial: optuna.Trial):
         target, w, agg, split, tilt, fams, power, dense_top = _suggest(trial, prob, space)
-        choice = assign(prob, target, w, agg, split, tilt, fams, power, dense_top)
+        choice = assign(prob, target, w, agg, split, tilt, fams, power, dense_top, clamp=True)
         if choice is None:
             raise optuna.TrialPruned("no assignment meets this latency target")
         key = tuple(choice.tolist())

@@ -483,6 +483,11 @@ def test_search_assign_respects_families_and_split(tiny, ids):
                        kind="stable")[:2]
     assert (ch[worst] == 0).all()
     assert search.assign(prob, 0.01, w) is None
+    # clamp: an infeasible target gives the cheapest choice the settings allow
+    fams = {f: f == "streaming" for f in prob.families()}
+    ch = search.assign(prob, 0.01, w, families=fams, clamp=True)
+    assert ch is not None and prob.latency(ch) == pytest.approx(cheapest)
+    assert search.assign(prob, 0.01, w, families=fams) is None
 
 
 def test_apply_through_the_generated_kernels(tiny, ids, monkeypatch):
