@@ -263,8 +263,8 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
     def objective(trial: optuna.Trial):
         target, w, agg, split, tilt, fams, power, dense_top = _suggest(trial, prob, space)
         choice = assign(prob, target, w, agg, split, tilt, fams, power, dense_top, clamp=True)
-        if choice is None:
-            raise optuna.TrialPruned("no assignment meets this latency target")
+        if choice is None or prob.latency(choice) > target_range(prob, space)[1] + 1e-9:
+            raise optuna.TrialPruned("no assignment of these settings meets the latency budget")
         key = tuple(choice.tolist())
         if key not in cache:
             cache[key] = evaluate(prob.choice_cells(choice))

@@ -452,6 +452,10 @@ def test_cli_tune(tmp_path, capsys):
     assert main(["check", str(out)]) == 0 and main(["fmt", "--check", str(out)]) == 0
     rep = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert rc == (0 if rep["budget_met"] else 1)
+    # no trial spends its evaluation on a plan over the latency budget (or over the cheapest
+    # plan, where the budget is below it)
+    lat = [t["values"][0] for t in rep["trials"] if t["state"] == "COMPLETE"]
+    assert lat and max(lat) <= max(0.9, min(lat)) + 1e-9
     assert main(["tune", "--model", str(tmp_path / "nope"), "-o", str(out)]) != 0
 
 
