@@ -78,19 +78,69 @@ def _from_report(d: Path):
     import json as _json
     from types import SimpleNamespace
 
-    from attnc.autotune.candidates import Candidate
 
     rep = _json.loads((d / "report.json").read_text())
+    cands = _parse_candidates(rep["candidates"])
+    return SimpleNamespace(report=rep, signals=SimpleNamespace(candidates=cands),
+                           plan_text=(d / "plan.attn").read_text(), timings=rep["timings"])
+
+
+def _parse_candidates(texts):
+    from attnc.autotune.candidates import Candidate
+
     cands = []
-    for text in rep["candidates"]:
+    for text in texts:
         if "(" not in text:
             cands.append(Candidate(text))
             continue
         fam, rest = text.split("(", 1)
         args = tuple(tuple(a.split(" = ", 1)) for a in rest[:-1].split(", "))
         cands.append(Candidate(fam, args))
-    return SimpleNamespace(report=rep, signals=SimpleNamespace(candidates=cands),
-                           plan_text=(d / "plan.attn").read_text(), timings=rep["timings"])
+    return cands
+
+
+def _from_study(url: str, model, val: torch.Tensor, max_density: float = 0.25):
+    """A tuning result from a stored study whose front was not validated (a run stopped after
+    its trials): only the front point at density <= max_density with the best calibration
+    perplexity is validated on held-out text (comparisons only)."""
+    from types import SimpleNamespace
+
+    import optuna
+    from attnc.autotune import apply as ap_
+    from attnc.autotune import search
+    from attnc.autotune.model import shape
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+    if len(names) != 1:
+        raise SystemExit(f"{url} holds {len(names)} studies; expected one")
+    study = optuna.load_study(study_name=names[0], storage=url)
+    fp = json.loads(study.user_attrs["problem"])
+    cands = _parse_candidates(fp["candidates"])
+    L, H, G, D = shape(model)
+    gran = "kv" if len(fp["units"]) == L * G else "q"
+    pts = [{"trial": t.number, "latency": t.values[0], "calib_ppl_ratio": t.values[1],
+            "density": t.user_attrs["density"], "choice": t.user_attrs["choice"]}
+           for t in search.front(study)]
+    sparse = [p for p in pts if p["density"] <= max_density]
+    if not sparse:
+        raise SystemExit(f"no front point at density <= {max_density}")
+    best = min(sparse, key=lambda p: (p["calib_ppl_ratio"], p["latency"]))
+    rep = {"model": {"layers": L, "heads": H, "kv_heads": G, "head_dim": D},
+           "granularity": gran, "front": pts, "budget_met": None, "timings": {}}
+    res = SimpleNamespace(report=rep, signals=SimpleNamespace(candidates=cands),
+                          plan_text="", timings={})
+    from attnc import tune_api
+
+    rep["dense"] = {"heldout_ppl": ap_.perplexity(model, val)}
+    ap_.apply(model, tune_api.expand_choice(res, best["choice"]))
+    try:
+        best["heldout_ppl"] = ap_.perplexity(model, val)
+    finally:
+        ap_.remove(model)
+    best["heldout_ppl_ratio"] = best["heldout_ppl"] / rep["dense"]["heldout_ppl"]
+    rep["chosen"] = best
+    return res
 
 
 def _families(res, choice) -> dict[str, int]:
@@ -119,6 +169,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench-autotune")
     ap.add_argument("--from-report", metavar="DIR",
                     help="skip tuning: compare the front of a saved report.json")
+    ap.add_argument("--from-study", metavar="URL",
+                    help="skip tuning: a stored study (e.g. sqlite:///DIR/attnc-tune.db) whose "
+                         "run stopped after its trials; validate and compare only its front "
+                         "point at density <= 25%% with the best calibration perplexity")
     args = ap.parse_args()
 
     import optuna
@@ -142,6 +196,9 @@ def main() -> None:
     if args.from_report:
         res = _from_report(Path(args.from_report))
         tune_s = res.report["timings"]["total_s"]
+    elif args.from_study:
+        res = _from_study(args.from_study, model, held[: args.validation_length])
+        tune_s = None
     else:
         res = _tune(tune_api, model, calib, held, args, out)
         tune_s = time.perf_counter() - t0
@@ -179,11 +236,15 @@ def main() -> None:
                         "passkey": uni_acc, "hits": uni_hits},
         }
 
-    rows = [compare("chosen (fastest within the accuracy budget)", rep["chosen"])]
+    if args.from_study:
+        rows = [compare("front point at density <= 25% with the best calibration perplexity",
+                        rep["chosen"])]
+    else:
+        rows = [compare("chosen (fastest within the accuracy budget)", rep["chosen"])]
     # The front point at density <= 25% picked by calibration perplexity (tuning text), never
     # by held-out perplexity: its held-out number is then an honest estimate.
     sparse = [p for p in rep["front"] if p["density"] <= 0.25]
-    if sparse:
+    if sparse and not args.from_study:
         best = min(sparse, key=lambda p: (p["calib_ppl_ratio"], p["latency"]))
         if best is not rep["chosen"] and best.get("trial") != rep["chosen"].get("trial"):
             rows.append(compare("front point at density <= 25% with the best calibration "
@@ -204,8 +265,9 @@ def main() -> None:
         "passkey_depths": [x[4] for x in pk],
         "passkey_tokens": [int(x[0].numel()) for x in pk],
         "comparisons": rows,
-        "front": [{k: p[k] for k in ("latency", "calib_ppl_ratio", "heldout_ppl_ratio",
-                                     "density")} for p in rep["front"]],
+        "front": [{k: p.get(k) for k in ("trial", "latency", "calib_ppl_ratio",
+                                         "heldout_ppl_ratio", "density")}
+                  for p in rep["front"]],
         "budget_met": rep["budget_met"],
     }
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
