@@ -103,17 +103,19 @@ def test_two_workers_share_a_postgres_study(postgres, tmp_path):
 
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    procs = [subprocess.Popen([sys.executable, str(script), postgres, "12", "worker", str(i)])
+    # enough trials that both workers still find some left after their start-up (capture and
+    # signals take a few seconds, a tiny-model trial a fraction of one)
+    procs = [subprocess.Popen([sys.executable, str(script), postgres, "30", "worker", str(i)])
              for i in range(2)]
     for p in procs:
         assert p.wait(timeout=300) == 0
     st = optuna.load_study(study_name="shared", storage=postgres)
     finished = [t for t in st.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) >= 12
+    assert len(finished) >= 30
     workers = {t.user_attrs.get("worker") for t in st.trials if t.state.name == "COMPLETE"}
     assert len(workers) == 2  # both processes ran trials of the one study
     # A final run finds the trials done, validates the front and writes the answer.
-    out = subprocess.run([sys.executable, str(script), postgres, "12", "final", "0"],
+    out = subprocess.run([sys.executable, str(script), postgres, "30", "final", "0"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "CHOSEN" in out.stdout
