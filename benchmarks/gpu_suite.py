@@ -1,13 +1,17 @@
-"""Everything a GPU lease should run, in one call: the GPU tests, then the kernel, dynamic and
-autotune-latency benchmarks, each stage with its own time limit, logs written as they go.
+"""Everything a GPU lease should run, in one call: the GPU tests, then the kernel and dynamic
+benchmarks, each stage with its own time limit, logs written as they go.
 
-    python benchmarks/gpu_suite.py --out $OUT                      # all stages
+    python benchmarks/gpu_suite.py --out $OUT           # tests, gputests, kernels, dynamic
     python benchmarks/gpu_suite.py --out $OUT --stages tests,kernels --budget 540
     python benchmarks/gpu_suite.py --out $OUT --stages vsprofile,kernels --kernel-n 32768
 
-Stages run in the order given; a stage that times out or fails is reported and the next one
-runs. Each stage's output goes to OUT/<stage>.log (the tail of each is printed at the end), so a
-lease that ends early still returns what was measured.
+Stages: tests (device tests, compiled: TRITON_INTERPRET=0), gputests (the gpu-marked tests of
+files that otherwise test the interpreter on CPU tensors), kernels (benchmarks/kernels.py),
+dynamic (benchmarks/dynamic.py --quick), vsprofile (vertical-slash per-kernel profile),
+dyntests (kernel and dynamic tests again, after the benchmarks). Stages run in the order given;
+a stage that times out or fails is reported and the next one runs. Each stage's output goes to
+OUT/<stage>.log (the tail of each is printed at the end), so a lease that ends early still
+returns what was measured.
 """
 
 from __future__ import annotations
