@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attnc import atomic, reference
-from attnc.autotune.apply import _plan_info, perplexity, remove
+from attnc.autotune.apply import NAME, _plan_info, padding_mask, perplexity, remove
 from attnc.autotune.gate_train import (
     FORMAT,
     TrainResult,
@@ -27,8 +27,6 @@ from attnc.compiler.lower import lower_plan
 from attnc.compiler.rules import rewrite
 from attnc.dsl.check import PlanInfo, Program
 from attnc.dsl.errors import AttncError
-
-NAME = "attnc_gate"
 
 
 def gates_path(plan_path: str | Path) -> Path:
@@ -216,10 +214,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     B, H, Lq, D = query.shape
     n = key.shape[2]
     scale = scaling if scaling is not None else D ** -0.5
-    extra = None
-    if attention_mask is not None and attention_mask.dim() == 4:
-        extra = attention_mask[:, :, :, :n]
-        extra = extra if extra.dtype == torch.bool else extra == 0
+    extra = padding_mask(attention_mask, n)
     gqa = key.shape[1] != H
     out = torch.empty_like(query)
     chunk = max(1, (1 << 24) // max(1, H * n))

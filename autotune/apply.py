@@ -50,20 +50,14 @@ class PlanMasks:
         key = (layer, n, q_len)
         if key not in self._launch:
             from attnc.codegen import kernel
-            from attnc.compiler.blockmask import Schedule, build
+            from attnc.compiler.blockmask import Schedule
             from attnc.compiler.ir import Op, Var
 
             causal = Op("le", (Var("k"), Var("q")))
-            irs = [self.cells[(layer, h)] for h in range(self.heads)]
-            keys = list(dict.fromkeys(ir.key for ir in irs))
-            first = {ir.key: ir for ir in reversed(irs)}
-            sched = Schedule(64, 64)
-            variants = [build(PatternIR(first[k].name, rewrite(Op("and", (first[k].mask,
-                                                                          causal)))),
-                              n=n, heads=self.heads, q_len=q_len, schedule=sched)
-                        for k in keys]
-            self._launch[key] = variants[0] if len(variants) == 1 else kernel.PlanMask(
-                variants, [keys.index(ir.key) for ir in irs])
+            irs = [PatternIR(ir.name, rewrite(Op("and", (ir.mask, causal))))
+                   for ir in (self.cells[(layer, h)] for h in range(self.heads))]
+            self._launch[key] = kernel.heads_kernel(irs, n=n, q_len=q_len,
+                                                    schedule=Schedule(64, 64))
         return self._launch[key]
 
     def _one(self, ir: PatternIR, h: int, n: int, q_len: int) -> torch.Tensor:
@@ -139,10 +133,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     B, H, Lq, D = query.shape
     n = key.shape[2]
     scale = scaling if scaling is not None else D ** -0.5
-    extra = None
-    if attention_mask is not None and attention_mask.dim() == 4:
-        extra = attention_mask[:, :, :, :n]
-        extra = extra if extra.dtype == torch.bool else extra == 0
+    extra = padding_mask(attention_mask, n)
     use_kernels = masks.kernels if masks.kernels is not None else query.is_cuda
     if use_kernels and (extra is None or _only_causal(extra, n, Lq)):
         # The generated kernel runs the layer's heads in one launch; a padding mask (not
@@ -168,6 +159,15 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
                                            enable_gqa=gqa)
         out[:, :, s:e] = o
     return out.transpose(1, 2).contiguous(), None
+
+
+def padding_mask(attention_mask, n: int) -> torch.Tensor | None:
+    """transformers' 4D attention mask over the n keys as booleans (True: may attend), or
+    None when there is none."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    extra = attention_mask[:, :, :, :n]
+    return extra if extra.dtype == torch.bool else extra == 0
 
 
 def _only_causal(extra: torch.Tensor, n: int, q_len: int) -> bool:
@@ -221,8 +221,9 @@ def remove(model) -> None:
     """Undo apply(): the model's previous attention implementation."""
     before = getattr(model, "_attnc_before", None)
     for mod in model.modules():
-        if hasattr(mod, "_attnc_masks"):
-            del mod._attnc_masks  # frees the mask cache
+        for attr in ("_attnc_masks", "_attnc_gate_masks"):  # plain and gated apply
+            if hasattr(mod, attr):
+                delattr(mod, attr)  # frees the mask cache
     if before is not None:
         model.set_attn_implementation(before)
         del model._attnc_before
@@ -236,5 +237,5 @@ def perplexity(model, ids: torch.Tensor) -> float:
     return math.exp(float(out.loss))
 
 
-__all__ = ["NAME", "PlanMasks", "apply", "attention", "perplexity", "plan_masks", "remove",
-           "static_mask"]
+__all__ = ["NAME", "PlanMasks", "apply", "attention", "padding_mask", "perplexity",
+           "plan_masks", "remove", "static_mask"]

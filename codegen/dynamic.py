@@ -143,7 +143,7 @@ def _per_head_values(e: Node, n: int, H: int) -> tuple[int, ...]:
     return tuple(int(np.asarray(v).reshape(-1)[0]) for v in vals)
 
 
-def _per_head(e: Node, n: int, H: int, device=None) -> torch.Tensor:
+def _per_head(e: Node, n: int, H: int) -> torch.Tensor:
     """A selector parameter (an expression of n and h) as one int64 per head, evaluated on the
     host and kept there: the builders read maxima from it without waiting for the device."""
     return torch.tensor(_per_head_values(e, n, H), dtype=torch.int64)
@@ -194,7 +194,7 @@ def _gate_keep(s: Slot, g: torch.Tensor, bm: BlockMaskIR, blk: int, Lq: int) -> 
 
 
 def _uniform(e: Node, n: int, H: int, what: str) -> int:
-    v = _per_head(e, n, H, "cpu")
+    v = _per_head(e, n, H)
     if bool((v != v[0]).any()):
         raise NotImplementedError(f"{what} must be the same for every head")
     return int(v[0])
@@ -574,7 +574,7 @@ def vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, qk
 def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CFLAGS,
               sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sl_b, sl_h,
               s_g_h, s_gf_h, s_c_h, s_c_m, s_nc_h, s_db_h, s_cf_h,
-              sm_scale, Q_LEN, N_VAR, Q_START, H, GROUP,
+              sm_scale, Q_LEN, Q_START, H, GROUP,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr, BRANCH: tl.constexpr = True):
     # Last query blocks first (they visit the most keys): less tail in the last wave.
@@ -763,7 +763,7 @@ def vs_max_columns(bm: BlockMaskIR, H: int) -> int:
     return int(_per_head(col.param("count"), bm.n_var, H).max())
 
 
-def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float, b: int,
+def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, sm_scale: float, b: int,
                   launch: dict | None = None):
     from .kernel import load_kernel
 
@@ -789,7 +789,7 @@ def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, side, sm_scale: float,
              plan["glo"].stride(0), plan["dcount"].stride(0), plan["cols"].stride(0),
              plan["cols"].stride(1), plan["ncols"].stride(0), plan["dbits"].stride(0),
              plan["cflags"].stride(0),
-             sm_scale, Lq, bm.n_var, bm.q_start, H, H // Hkv,
+             sm_scale, Lq, bm.q_start, H, H // Hkv,
              BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
              IEEE=bool(q.dtype == torch.float32 or upcast), **(launch or {}))
 
@@ -847,7 +847,7 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
             plan = vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm,
                            max_cols=vs_max_columns(bm, H))
             ix.extra.update({f"vs_{name}": t for name, t in plan.items()})
-            _vs_attention(q, k, v, o, lse, bm, plan, ix.side, sm_scale, b, launch)
+            _vs_attention(q, k, v, o, lse, bm, plan, sm_scale, b, launch)
         else:
             outs.append(attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], bm, sm_scale=sm_scale,
                                   poison=poison, block_mask=ix.block_mask, side=ix.side))

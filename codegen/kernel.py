@@ -515,17 +515,25 @@ def plan_layer(plan, layer: int, *, n: int, q_len: int | None = None,
                schedule=None) -> BlockMaskIR | PlanMask:
     """The kernel input for one layer of a checked plan (dsl PlanInfo): a PlanMask over its
     heads' distinct patterns, or a plain block mask when the layer uses one pattern."""
-    from attnc.compiler.blockmask import build
     from attnc.compiler.lower import lower_plan
 
     cells = lower_plan(plan)
     irs = [cells[(layer, h)] for h in range(plan.heads)]
-    keys = list(dict.fromkeys(ir.key for ir in irs))
-    first = {ir.key: ir for ir in reversed(irs)}
-    if any(ir.dynamic for ir in irs) and len(keys) > 1:
+    if any(ir.dynamic for ir in irs) and len({ir.key for ir in irs}) > 1:
         raise ValueError("a plan kernel runs static patterns; this layer mixes in a dynamic "
                          "one (run it per pattern with codegen.dynamic)")
-    variants = [build(first[key], n=n, heads=plan.heads, q_len=q_len, schedule=schedule)
+    return heads_kernel(irs, n=n, q_len=q_len, schedule=schedule)
+
+
+def heads_kernel(irs, *, n: int, q_len: int | None = None,
+                 schedule=None) -> BlockMaskIR | PlanMask:
+    """The kernel input for heads with patterns irs[h]: one block mask per distinct pattern
+    (over all heads), dispatched per head by a PlanMask when there are several."""
+    from attnc.compiler.blockmask import build
+
+    keys = list(dict.fromkeys(ir.key for ir in irs))
+    first = {ir.key: ir for ir in reversed(irs)}
+    variants = [build(first[key], n=n, heads=len(irs), q_len=q_len, schedule=schedule)
                 for key in keys]
     if len(variants) == 1:
         return variants[0]
@@ -748,4 +756,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR
 
 
 __all__ = ["Config", "Launch", "Output", "PlanMask", "attention", "default_config", "fits_int32",
-           "kernel_source", "launch_args", "load_kernel", "plan_layer", "plan_source"]
+           "heads_kernel", "kernel_source", "launch_args", "load_kernel", "plan_layer",
+           "plan_source"]
