@@ -382,8 +382,8 @@ class BlockMaskIR:
         QB = csr.num_q_blocks
         rows = np.minimum((np.arange(QB) + 1) * BM, self.q_len) - np.arange(QB) * BM
         kept = 0
-        order = sorted((h, id(c)) for c in self.classes for h in c.heads)
-        row_of = {h: i for i, (h, _) in enumerate(order)}
+        # The CSR's rows are the heads in ascending order.
+        row_of = {h: i for i, h in enumerate(sorted(h for c in self.classes for h in c.heads))}
         # Heads of one class share their rows: count one head, multiply by the class size.
         for c in self.classes:
             h = min(c.heads)
