@@ -59,10 +59,16 @@ def register(sub) -> None:
                    help="only run trials of the shared study (no validation or output)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--train-gate", action="store_true",
-                   help="also distil learned block gates for every head from the calibration "
-                        "text and write them next to the plan (PLAN.gates.safetensors)")
+                   help="first distil learned block gates for every head from the calibration "
+                        "text, then tune with gated candidates; a plan with gated cells is "
+                        "written with its weights next to it (PLAN.gates.safetensors)")
+    p.add_argument("--gates", help="tune with gated candidates from this gate file (trained "
+                                   "for every head of this model) instead of training")
     p.add_argument("--gate-block", type=int, default=64, help="gate block size (default 64)")
-    p.add_argument("--gate-steps", type=int, default=300, help="gate training steps")
+    p.add_argument("--gate-steps", type=int, default=150, help="gate training steps")
+    p.add_argument("--gate-sequences", type=int, default=None,
+                   help="calibration chunks (of the longest tuning length) the gates learn "
+                        "from (default: all the calibration text holds)")
     p.set_defaults(func=cmd_tune)
 
 
@@ -88,6 +94,19 @@ def cmd_tune(args) -> int:
         top = min(2048, calib_ids.numel() // 2)
         lengths = [top // 2, top]
     out = Path(args.output)
+    gates = args.gates
+    if args.train_gate and gates is None:
+        from attnc.gate_api import train_gate
+
+        tl = max(lengths)
+        # Early stopping on the end of the held-out text (validation uses its start).
+        stop = held_ids[-tl:] if held_ids.numel() >= 2 * tl + (args.validation_length or 0) \
+            else None
+        gates = train_gate(model, calib_ids, block=args.gate_block, length=tl,
+                           sequences=args.gate_sequences, steps=args.gate_steps, seed=args.seed,
+                           heldout_ids=stop)
+        print(f"gates: KL {gates.history[0]:.4f} -> {gates.history[-1]:.4f} in "
+              f"{gates.seconds['total']:.0f} s", file=sys.stderr)
     res = autotune(model, calib_ids, heldout_ids=held_ids,
                    max_ppl_increase=args.max_ppl_increase,
                    latency_budget=args.latency_budget, lengths=lengths,
@@ -97,7 +116,7 @@ def cmd_tune(args) -> int:
                    block=args.block, storage=args.storage, study_name=args.study_name,
                    sampler=args.sampler, seed=args.seed, name=args.name,
                    workdir=out.parent if str(out.parent) else ".",
-                   progress=not args.no_progress, worker=args.worker)
+                   progress=not args.no_progress, worker=args.worker, gates=gates)
     if res is None:
         print("attnc: worker finished its trials", file=sys.stderr)
         return 0
@@ -111,14 +130,8 @@ def cmd_tune(args) -> int:
           f"x{ch['heldout_ppl_ratio']:.4f}, mean density {ch['density']:.3f}"
           + ("" if res.report["budget_met"] else " (budget NOT met: the closest front point)"))
     print("wrote " + ", ".join(str(p) for p in paths[1:]))
-    if args.train_gate:
-        from attnc.gate_api import gates_path, save_gates, train_gate
-
-        tg = train_gate(model, calib_ids, block=args.gate_block, length=max(lengths),
-                        steps=args.gate_steps, seed=args.seed)
-        gp = save_gates(tg, gates_path(out))
-        print(f"gates {gp}: KL {tg.history[0]:.4f} -> {tg.history[-1]:.4f} in "
-              f"{tg.seconds['total']:.0f} s")
+    if gates is not None and not res.gated:
+        print("no head chose a gated pattern: the plan needs no gate weights", file=sys.stderr)
     return 0 if res.report["budget_met"] else 1
 
 

@@ -44,7 +44,7 @@ def save_gates(gates: GateSet | TrainResult, path: str | Path) -> Path:
     tensors = {}
     for ly in gs.layers:
         g = gs[ly]
-        for name in ("wq", "wk", "bias"):
+        for name in ("wq", "wk", "bias", "dist"):
             tensors[f"layers.{ly}.{name}"] = getattr(g, name).detach().float().contiguous()
     path = Path(path)
     with atomic.atomic_path(path) as tmp:
@@ -101,8 +101,10 @@ def load_gates(path: str | Path, *, model=None, plan=None) -> GateSet:
     for ly in sorted({c[0] for c in cells}):
         g = BlockGate(H, G, D, block, d_gate, init="random")
         with torch.no_grad():
-            for name in ("wq", "wk", "bias"):
+            for name in ("wq", "wk", "bias", "dist"):
                 key = f"layers.{ly}.{name}"
+                if key not in tensors and name == "dist":
+                    continue  # files from before the positional prior: it stays 0
                 if key not in tensors:
                     raise _fail(path, f"missing tensor {key}")
                 getattr(g, name).copy_(tensors[key])

@@ -15,12 +15,16 @@ import torch
 
 from attnc.autotune import search
 from attnc.autotune.apply import apply, perplexity, remove
-from attnc.autotune.candidates import Candidate, grid
+from attnc.autotune.candidates import Candidate, gated_candidates, grid
 from attnc.autotune.capture import capture
 from attnc.autotune.latency import LatencyModel
 from attnc.autotune.model import shape
 from attnc.autotune.planio import expand, plan_text
-from attnc.autotune.signals import compute, density
+from attnc.autotune.signals import compute, density, gate_thresholds
+
+# Block densities (kept / causal blocks over every head on the calibration text) whose global
+# gate thresholds become the gated candidates: the knapsack mixes them per head.
+GATE_DENSITIES = (0.06, 0.1, 0.15, 0.22, 0.32)
 
 
 @dataclass
@@ -32,6 +36,12 @@ class TuneResult:
     storage: str
     timings: dict[str, float] = field(default_factory=dict)
     signals: object = None  # the Signals the search used
+    gates: object = None  # the GateSet of gated candidates (None without gates)
+
+    @property
+    def gated(self) -> bool:
+        """Whether the chosen plan has gated cells (it then needs its gate weights)."""
+        return any(c.gated for c in self.cells.values())
 
     def write(self, plan_path: str | Path, report_path: str | Path | None = None,
               figures: str | Path | None = None) -> list[Path]:
@@ -41,6 +51,10 @@ class TuneResult:
 
         out = [Path(plan_path)]
         atomic.write_text(plan_path, self.plan_text)
+        if self.gated:
+            from attnc.gate_api import gates_path, save_gates
+
+            out.append(save_gates(self.gates, gates_path(plan_path)))
         if report_path is not None:
             atomic.write_text(report_path, json.dumps(self.report, indent=1) + "\n")
             out.append(Path(report_path))
@@ -95,7 +109,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
              storage: str | None = None,
              study_name: str | None = None, sampler: str = "tpe", seed: int = 0,
              name: str = "tuned", workdir: str | Path = ".", progress: bool = False,
-             worker: bool = False) -> TuneResult | None:
+             worker: bool = False, gates=None,
+             gate_densities: Sequence[float] = GATE_DENSITIES) -> TuneResult | None:
     """Choose a pattern per head (per KV head with granularity "kv") of a transformers causal LM.
 
     Signals are measured on calibration segments at `lengths` (default: half and all of
@@ -106,7 +121,14 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     `latency_budget`, a fraction of dense attention time) is chosen. The study is stored in
     `storage` (default SQLite in workdir; resumable; PostgreSQL URLs let several workers share
     it). `block` is the kernel tile of the latency model. worker=True only runs trials and
-    returns None."""
+    returns None.
+
+    `gates` (a GateSet, train_gate's result or a gate file, trained for every head of this
+    model: attnc.train_gate) adds gated candidates: `gated(block, topk = 0, threshold = t)`
+    for the global thresholds that keep `gate_densities` of the blocks on the calibration
+    text. Their signals and densities come from the gate run on the captured Q and K, their
+    latency from gate records (or the block model plus the gate's pass); a plan with gated
+    cells is evaluated through attnc.gate_api and written with its weights next to it."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     calib_ids = calib_ids.reshape(-1)
@@ -137,9 +159,13 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     timings["capture_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     cands = grid(families)
+    gs = _gate_set(gates, model)
+    if gs is not None:
+        thr = gate_thresholds(gs, caps[-1], gate_densities)
+        cands += gated_candidates(gs.block, sorted(set(thr), reverse=True))
     with _bar(len(caps) * L, "signals", progress) as bar:
         sig = compute(caps, cands, rows=rows, seed=seed,
-                      progress=bar.update if bar is not None else None)
+                      progress=bar.update if bar is not None else None, gates=gs)
     del caps
     timings["signals_s"] = time.perf_counter() - t1
 
@@ -156,7 +182,14 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     eval_ids = calib_ids[: lengths[-1]]
 
     def ppl_with(cells, ids) -> float:
-        apply(model, expand(cells, heads=H, kv_heads=G, granularity=granularity))
+        full = expand(cells, heads=H, kv_heads=G, granularity=granularity)
+        if any(c.gated for c in full.values()):
+            from attnc import gate_api
+
+            gate_api.apply(model, plan_text(name, layers=L, heads=H, kv_heads=G, choice=full,
+                                            granularity="q"), gates=gs)
+        else:
+            apply(model, full)
         try:
             return perplexity(model, ids)
         finally:
@@ -228,7 +261,27 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     report = _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val,
                      validation_length, max_ppl_increase, latency_budget, timings, storage,
                      (L, H, G, D))
-    return TuneResult(text, cells, report, study_name, storage, timings, sig)
+    return TuneResult(text, cells, report, study_name, storage, timings, sig, gs)
+
+
+def _gate_set(gates, model):
+    """A GateSet from a GateSet, train_gate's result or a gate file (checked against model)."""
+    if gates is None:
+        return None
+    from attnc.autotune.gate_train import TrainResult
+    from attnc.codegen.gate import GateSet
+
+    if isinstance(gates, TrainResult):
+        return gates.gates
+    if isinstance(gates, GateSet):
+        if gates.meta.get("format") is None:  # built by hand: describe it for its file
+            from attnc.autotune.gate_train import gate_meta
+
+            gates.meta = gate_meta(gates, model)
+        return gates
+    from attnc.gate_api import load_gates
+
+    return load_gates(gates, model=model)
 
 
 def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val, val_n,
@@ -238,11 +291,15 @@ def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val
     rows = []
     for (ly, h), c in sorted(cells.items()):
         i = ci[c]
-        hh = h if c.head_dependent else 0
+        if c.gated:  # measured on the longest calibration text, per layer and head
+            d = sig.cell_density(len(sig.lengths) - 1, ly, h, i)
+            ms = lat.gated_ms(prob.latency_n, d, int(dict(c.args)["block"]))
+        else:
+            hh = h if c.head_dependent else 0
+            d, ms = density(c, prob.latency_n, hh), lat.ms(c, prob.latency_n, hh)
         rows.append({
             "layer": ly, "head": h, "kv_head": h // (H // G), "pattern": c.call_text(),
-            "family": c.family, "density": float(density(c, prob.latency_n, hh)),
-            "ms": float(lat.ms(c, prob.latency_n, hh)),
+            "family": c.family, "density": float(d), "ms": float(ms),
             "signals": {n_: {"error": float(sig.error[k, ly, h, i]),
                              "mass": float(sig.mass[k, ly, h, i]),
                              "influence": float(sig.influence[k, ly, h, i])}

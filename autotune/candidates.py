@@ -45,8 +45,11 @@ NOT_CANDIDATES = {
     "document": "needs segment ids", "fixed_documents": "a data layout, not a head choice",
     "vertical_slash": "dynamic: needs the run-time index builder (issue 6)",
     "block_topk": "dynamic: needs the run-time index builder (issue 6)",
-    "gated": "dynamic: needs a trained gate", "duo": "dynamic: needs a trained gate",
+    "duo": "dynamic: its one-block gate has no distillation target yet",
 }
+# `gated` is a candidate when the tuner is given trained gates (autotune(..., gates=)): its
+# masks come from the gate run on the captured Q and K (gated_candidates, signals.gate_masks).
+GATED = "gated"
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,15 @@ class Candidate:
     @property
     def head_dependent(self) -> bool:
         return "h" in free_vars(self.ir().mask)
+
+    @property
+    def gated(self) -> bool:
+        """Chosen per (query block, key block) by a learned gate: its mask depends on the
+        input, so its signals and density come from the gate run on captured Q and K."""
+        return self.family == GATED
+
+    def threshold(self) -> float:
+        return float(dict(self.args)["threshold"])
 
 
 @cache
@@ -132,6 +144,13 @@ def grid(families: Iterable[str] | None = None) -> list[Candidate]:
     return out
 
 
+def gated_candidates(block: int, thresholds) -> list[Candidate]:
+    """`gated(block, topk = 0, threshold = t)` for each threshold (an adaptive block budget
+    per query block row; the trained gate's scores are a distribution over the row's blocks)."""
+    return [Candidate(GATED, (("block", str(block)), ("topk", "0"),
+                              ("threshold", f"{float(t):.6g}"))) for t in thresholds]
+
+
 def valid_at(c: Candidate, n: int) -> bool:
     """Whether the candidate's arguments are in range at length n (e.g. window = n // 16 >= 1),
     judged by the reference evaluator on the last query row."""
@@ -139,6 +158,8 @@ def valid_at(c: Candidate, n: int) -> bool:
 
     from attnc import reference
 
+    if c.gated:
+        return n >= 1
     try:
         reference.evaluate(_library(), c.family, n=n, q_len=1,
                            args={k: parse_expr(v) for k, v in c.args})
@@ -147,5 +168,5 @@ def valid_at(c: Candidate, n: int) -> bool:
     return True
 
 
-__all__ = ["DEFAULT_FAMILIES", "DENSE", "GRIDS", "NOT_CANDIDATES", "Candidate", "candidate",
-           "grid", "valid_at"]
+__all__ = ["DEFAULT_FAMILIES", "DENSE", "GATED", "GRIDS", "NOT_CANDIDATES", "Candidate",
+           "candidate", "gated_candidates", "grid", "valid_at"]

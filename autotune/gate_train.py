@@ -227,7 +227,7 @@ def _mean_kl(gates, tensors, heads) -> torch.Tensor:
 
 
 def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log):
-    params = [p for g in gates.values() for p in (g.wq, g.wk)]
+    params = [p for g in gates.values() for p in (g.wq, g.wk, g.dist)]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     hist: list[float] = []
     curve: list[tuple[int, float]] = []
@@ -324,20 +324,29 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                             val=val if early_stop else None, log=log)
     t3 = time.perf_counter()
     after = val_kl() if val is not None else None
-    meta = {"format": FORMAT, "model_id": model_id(model), "plan_key": cells_key(block, cells),
-            "block": str(block), "d_gate": str(d_gate), "heads": str(H), "kv_heads": str(G),
-            "head_dim": str(D), "layers": str(L),
-            "cells": json.dumps([list(c) for c in cells]),
-            "train": json.dumps({"length": length, "sequences": len(seqs), "steps": steps,
-                                 "lr": lr, "init": init, "seed": seed,
-                                 "kl_first": hist[0], "kl_last": hist[-1],
-                                 "heldout_kl": after, "best_step": best})}
-    gs = GateSet(gates, cells, meta)
+    gs = GateSet(gates, cells)
+    gs.meta = gate_meta(gs, model, {"length": length, "sequences": len(seqs), "steps": steps,
+                                    "lr": lr, "init": init, "seed": seed,
+                                    "kl_first": hist[0], "kl_last": hist[-1],
+                                    "heldout_kl": after, "best_step": best})
     for p in gs.parameters():
         p.requires_grad_(False)
     secs = {"collect": t1 - t0, "fit": t3 - t2, "total": time.perf_counter() - t0}
     return TrainResult(gs, hist, None if before is None else (before, after), secs, curve,
                        best)
+
+
+def gate_meta(gs: GateSet, model, train: dict | None = None) -> dict[str, str]:
+    """The metadata a gate file carries (see attnc.gate_api.save_gates): format, the model's
+    identity, the plan key of the set's cells, shapes, cells and how it was trained."""
+    L = shape(model)[0]
+    g = gs[gs.layers[0]]
+    return {"format": FORMAT, "model_id": model_id(model),
+            "plan_key": cells_key(gs.block, gs.cells), "block": str(gs.block),
+            "d_gate": str(gs.d_gate), "heads": str(g.heads), "kv_heads": str(g.kv_heads),
+            "head_dim": str(g.head_dim), "layers": str(L),
+            "cells": json.dumps([list(c) for c in gs.cells]),
+            "train": json.dumps(train or {})}
 
 
 def calibrate_threshold(gs: GateSet, data: dict[int, LayerData], density: float, *,
@@ -368,6 +377,66 @@ def calibrate_threshold(gs: GateSet, data: dict[int, LayerData], density: float,
     return float(torch.nextafter(flat[keep], torch.tensor(float("inf"))))
 
 
+def _cell_curves(gs: GateSet, data: dict[int, LayerData], ladder: torch.Tensor, oracle: bool
+                 ) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor, int]:
+    """Per cell and ladder threshold: kept blocks and kept target mass on `data` (own blocks
+    always kept, as `gated` does). Returns (cells, blocks [cells, T], mass [cells, T], the
+    eligible blocks of one cell)."""
+    cells, blocks, mass = [], [], []
+    per_cell = 0
+    with torch.no_grad():
+        for ly in gs.layers:
+            g = gs[ly]
+            pq, pk, target = data[ly].stacked()
+            nb = pq.shape[-2]
+            el = eligible(nb, g.block, 0, nb * g.block)
+            diag = torch.eye(nb, dtype=torch.bool)
+            s = target if oracle else g.log_probs(pq, pk, el).exp()  # [S, H, nb, nb]
+            s = torch.where(diag, torch.tensor(2.0), s)
+            per_cell = int(el.sum()) * s.shape[0]
+            for h in sorted(h for c, h in gs.cells if c == ly):
+                sh, th = s[:, h][:, el], target[:, h][:, el]  # [S, eligible]
+                keep = sh.reshape(1, -1) >= ladder.view(-1, 1)  # [T, S * eligible]
+                cells.append((ly, h))
+                blocks.append(keep.sum(-1))
+                mass.append((keep * th.reshape(1, -1)).sum(-1))
+    return cells, torch.stack(blocks).double(), torch.stack(mass).double(), per_cell
+
+
+def allocate_thresholds(gs: GateSet, data: dict[int, LayerData], density: float, *,
+                        oracle: bool = False, steps: int = 48
+                        ) -> tuple[dict[tuple[int, int], float], float]:
+    """One threshold per cell: the set that keeps the most block-attention target mass over
+    all cells within one block budget (kept / causal blocks over the cells at most `density`,
+    own blocks counted), instead of one threshold for every head. Heads whose attention is
+    spread (early layers) get more blocks, peaked heads fewer. Solved by Lagrangian relaxation
+    over a ladder of thresholds: for a price per block each cell takes the threshold that
+    maximises kept mass minus price x blocks; the price is bisected to the smallest that
+    meets the budget. Returns ({(layer, head): threshold}, the density on `data`)."""
+    ladder = torch.cat([torch.tensor([2.0]), torch.logspace(0, -5, steps), torch.zeros(1)])
+    cells, blocks, mass, per_cell = _cell_curves(gs, data, ladder, oracle)
+    budget = density * per_cell * len(cells)
+
+    def pick(price: float) -> torch.Tensor:
+        return torch.argmax(mass - price * blocks, dim=1)
+
+    def used(idx: torch.Tensor) -> float:
+        return float(blocks.gather(1, idx.view(-1, 1)).sum())
+
+    lo, hi = 0.0, 1.0
+    while used(pick(hi)) > budget and hi < 1e9:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if used(pick(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    idx = pick(hi)
+    thr = {c: float(ladder[int(i)]) for c, i in zip(cells, idx, strict=True)}
+    return thr, used(idx) / (per_cell * len(cells))
+
+
 def random_kl(gs: GateSet, data: dict[int, LayerData], seed: int = 1) -> float:
     """The KL of randomly initialised gates of the same shape (a baseline for a trained one)."""
     out = []
@@ -391,6 +460,8 @@ def evaluate_kl(gs: GateSet, data: dict[int, LayerData]) -> float:
     return sum(out) / len(out)
 
 
-__all__ = ["FORMAT", "LayerData", "TrainResult", "block_targets", "calibrate_threshold",
-           "cells_key", "collect", "evaluate_kl", "fit", "gate_block", "gate_cells", "kl_loss",
+__all__ = ["FORMAT", "LayerData", "TrainResult", "allocate_thresholds", "block_targets",
+           "calibrate_threshold",
+           "cells_key", "collect", "evaluate_kl", "fit", "gate_block", "gate_cells", "gate_meta",
+           "kl_loss",
            "model_id", "pattern_is_gated", "random_kl", "train_gate"]

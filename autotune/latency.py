@@ -20,6 +20,13 @@ head_dim and dtype, and device when one is asked for); otherwise the block-count
 `c_q * query_blocks + c_full * full_blocks + c_partial * partial_blocks` (per head, ms), whose
 coefficients are fitted by non-negative least squares on all records (with a per-launch
 constant), or, without records, the documented defaults below.
+
+Gated candidates (a learned gate picks key blocks at run time) are timed end to end, gate and
+index builder included, by `benchmarks/latency_records.py` into gate records (objects with
+"kind": "gate": n, heads, head_dim, dtype, device, block, kept_blocks, causal_blocks, ms).
+A gated head costs, per the records of its n, the least-squares line ms = a + b * kept blocks
+divided among the heads; without gate records, the block model over the gate's blocks (all
+kept blocks full) plus one more pass over the query blocks for the gate.
 """
 
 from __future__ import annotations
@@ -111,17 +118,32 @@ class Record:
         return {k: getattr(self, k) for k in (*KEYS, "device", "args")}
 
 
-def load_records(directory: str | Path | None) -> list[Record]:
+def _items(directory: str | Path | None):
     if directory is None:
-        return []
+        return
     d = Path(directory)
     if not d.exists():
-        return []
-    out = []
+        return
     for p in sorted(d.rglob("*.json")):
         data = json.loads(p.read_text())
-        for item in data if isinstance(data, list) else [data]:
-            out.append(Record.from_json(item))
+        yield from (data if isinstance(data, list) else [data])
+
+
+def load_records(directory: str | Path | None) -> list[Record]:
+    """The kernel tuning records under directory (gate records aside)."""
+    return [Record.from_json(x) for x in _items(directory) if x.get("kind") != "gate"]
+
+
+def load_gate_records(directory: str | Path | None) -> list[dict]:
+    """The gate records (end-to-end times of gated patterns) under directory."""
+    keys = ("n", "heads", "head_dim", "dtype", "block", "kept_blocks", "ms")
+    out = []
+    for x in _items(directory):
+        if x.get("kind") == "gate":
+            missing = [k for k in keys if k not in x]
+            if missing:
+                raise ValueError(f"gate record lacks {missing}")
+            out.append(x)
     return out
 
 
@@ -137,6 +159,7 @@ class LatencyModel:
     records: list[Record] = field(default_factory=list)
     coeffs: dict[str, float] = field(default_factory=dict)
     fitted: bool = False
+    gate_records: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.coeffs:
@@ -152,7 +175,7 @@ class LatencyModel:
     @classmethod
     def from_records(cls, directory: str | Path | None, **kw) -> LatencyModel:
         recs = load_records(directory)
-        m = cls(records=recs, **kw)
+        m = cls(records=recs, gate_records=load_gate_records(directory), **kw)
         usable = [r for r in recs if r.head_dim == m.head_dim and r.dtype == m.dtype
                   and (not m.device or not r.device or r.device == m.device)]
         if len(usable) >= 4:
@@ -173,7 +196,37 @@ class LatencyModel:
         m = self.measured(c, n)
         return m if m is not None else self.modelled(c, n, head)
 
+    def _gate_line(self, n: int, block: int) -> tuple[float, float, int] | None:
+        """(a, b, heads) of ms = a + b * kept blocks over the gate records of (n, block)."""
+        rs = [r for r in self.gate_records if r["n"] == n and r["block"] == block
+              and r["head_dim"] == self.head_dim and r["dtype"] == self.dtype
+              and (not self.device or not r.get("device") or r["device"] == self.device)]
+        if not rs:
+            return None
+        x = np.array([float(r["kept_blocks"]) for r in rs])
+        y = np.array([float(r["ms"]) for r in rs])
+        if len(rs) == 1 or np.ptp(x) == 0:
+            return float(y.mean()), 0.0, int(rs[0]["heads"])
+        b, a = np.polyfit(x, y, 1)
+        return float(max(a, 0.0)), float(max(b, 0.0)), int(rs[0]["heads"])
+
+    def gated_ms(self, n: int, density: float, block: int = 64) -> float:
+        """Per-head time of a gated pattern keeping `density` of the causal pairs at n (a
+        block gate of `block`), gate and index builder included."""
+        nb = -(-n // block)
+        kept = density * nb * (nb + 1) / 2
+        line = self._gate_line(n, block)
+        if line is not None:
+            a, b, heads = line
+            return a / heads + b * kept
+        k = self.coeffs
+        s = block * block / (self.block_m * self.block_n)
+        return 2 * k["q_block"] * s * nb + k["full"] * s * kept
+
     def source(self, c: Candidate, n: int) -> str:
+        if c.gated:
+            return "gate-measured" if self._gate_line(n, int(dict(c.args)["block"])) \
+                else "gate-modelled"
         if self.measured(c, n) is not None:
             return "measured"
         return "fitted" if self.fitted else "default"
@@ -198,4 +251,4 @@ def fit(records: list[Record]) -> dict[str, float]:
 
 
 __all__ = ["DEFAULT_COEFFS", "Blocks", "LatencyModel", "Record", "blocks", "fit",
-           "load_records", "pattern_key"]
+           "load_gate_records", "load_records", "pattern_key"]

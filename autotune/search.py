@@ -113,6 +113,8 @@ def build_problem(sig: Signals, lat: LatencyModel, *, layers: int, granularity: 
     ok_n = np.array([valid_at(c, n) for c in sig.candidates])
     for ci, c in enumerate(sig.candidates):
         sources[lat.source(c, n)] = sources.get(lat.source(c, n), 0) + 1
+        if c.gated:
+            continue  # per layer and head, below
         for h in range(H):
             hh = h if c.head_dependent else 0
             if not ok_n[ci]:
@@ -129,6 +131,17 @@ def build_problem(sig: Signals, lat: LatencyModel, *, layers: int, granularity: 
     cost = np.tile(unit_cost, (layers, 1))
     dens = np.tile(unit_dens, (layers, 1))
     allowed = np.tile(sig.valid.all(0) & ok_n, (len(units), 1))
+    # Gated candidates: density measured per (layer, head) on the longest captured text (the
+    # gate's choice depends on the input), time from the gated latency model at n.
+    for ci, c in enumerate(sig.candidates):
+        if not c.gated:
+            continue
+        block = int(dict(c.args)["block"])
+        for ui, (ly, u) in enumerate(units):
+            hs = range(u * g, (u + 1) * g)
+            d = [sig.cell_density(len(sig.lengths) - 1, ly, h, ci) for h in hs]
+            dens[ui, ci] = float(np.mean(d))
+            cost[ui, ci] = sum(lat.gated_ms(n, x, block) for x in d)
     return Problem(sig, layers, H, G, granularity, n, cost, dens, allowed, units, sources)
 
 
@@ -181,8 +194,10 @@ def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "
     k = int(round(dense_top * len(prob.units)))
     if k > 0:
         sparse = np.where(allowed[:, 1:] & np.isfinite(loss[:, 1:]), loss[:, 1:], np.nan)
-        rank = np.argsort(-np.nan_to_num(np.nanmean(sparse, axis=1), nan=np.inf),
-                          kind="stable")
+        some = np.isfinite(sparse).any(axis=1)
+        mean = np.full(len(sparse), np.inf)
+        mean[some] = np.nanmean(sparse[some], axis=1)
+        rank = np.argsort(-mean, kind="stable")
         allowed[rank[:k], 1:] = False
     budget = target * prob.dense_cost
     if clamp:

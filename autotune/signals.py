@@ -28,6 +28,9 @@ class Signals:
     valid: np.ndarray  # [lengths, candidates]: arguments in range at that length
     density: np.ndarray  # [lengths, heads, candidates]: kept / causal pairs
     rows: int  # query rows sampled per length
+    # [lengths, layers, heads, candidates]: kept / causal pairs of input-dependent (gated)
+    # candidates, measured on the captured text; NaN for static candidates (see `density`).
+    layer_density: np.ndarray | None = None
 
     @property
     def layers(self) -> int:
@@ -38,7 +41,15 @@ class Signals:
                 "heads": self.heads, "kv_heads": self.kv_heads, "rows": self.rows,
                 "mass": self.mass.tolist(), "influence": self.influence.tolist(),
                 "error": self.error.tolist(), "valid": self.valid.tolist(),
-                "density": self.density.tolist()}
+                "density": self.density.tolist(),
+                "layer_density": None if self.layer_density is None
+                else np.nan_to_num(self.layer_density, nan=-1.0).tolist()}
+
+    def cell_density(self, li: int, layer: int, head: int, ci: int) -> float:
+        """Kept / causal pairs of candidate ci on (layer, head) at the li-th length."""
+        if self.candidates[ci].gated and self.layer_density is not None:
+            return float(self.layer_density[li, layer, head, ci])
+        return float(self.density[li, head, ci])
 
 
 def sample_rows(n: int, count: int, seed: int = 0) -> np.ndarray:
@@ -59,15 +70,85 @@ def density(c: Candidate, n: int, head: int = 0, chunk: int = 512) -> float:
     return kept / (n * (n + 1) / 2)
 
 
+@lru_cache(maxsize=16)
+def _block_pairs(n: int, block: int) -> torch.Tensor:
+    """[nb, nb] float64: causal (q, k) pairs in each (query block, key block) at length n."""
+    nb = -(-n // block)
+    q = torch.arange(n, dtype=torch.int64).view(-1, 1)
+    k0 = torch.arange(nb, dtype=torch.int64).view(1, -1) * block
+    k1 = torch.clamp(k0 + block - 1, max=n - 1)
+    per_q = (torch.minimum(q, k1) - k0 + 1).clamp(min=0).double()  # [n, nb]
+    per_q = torch.nn.functional.pad(per_q, (0, 0, 0, nb * block - n))
+    return per_q.view(nb, block, nb).sum(1)
+
+
+def gate_masks(gate, q: torch.Tensor, k: torch.Tensor, rows: np.ndarray,
+               cands: Sequence[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of gated candidates on one layer's captured q [H, n, D] and k [G, n, D]: the
+    gate's block scores once, then per candidate `causal & (gate(block, 0, threshold) | own
+    block)` on the sampled query rows, [C', H, R, n] bool, and its kept / causal pairs over
+    all n rows, [C', H] (from block pair counts: no n x n mask)."""
+    from attnc.codegen.gate import eligible
+
+    H, n, _ = q.shape
+    block = gate.block
+    with torch.no_grad():
+        s = gate(q, k)  # [H, nb, nb], the probabilities the selector thresholds
+    nb = s.shape[-1]
+    el = eligible(nb, block, 0, n)
+    own = torch.eye(nb, dtype=torch.bool) & el
+    r = torch.from_numpy(rows)
+    causal = torch.arange(n).view(1, -1) <= r.view(-1, 1)  # [R, n]
+    pairs = _block_pairs(n, block)
+    masks, dens = [], []
+    for c in cands:
+        keep = (el & (s.double() >= c.threshold())) | own  # [H, nb, nb]
+        m = keep[:, r // block, :].repeat_interleave(block, dim=-1)[..., :n]
+        masks.append(m & causal)
+        dens.append((keep.double() * pairs).sum((-1, -2)) / (n * (n + 1) / 2))
+    return torch.stack(masks), torch.stack(dens)
+
+
+def gate_thresholds(gates, cap: Capture, densities: Sequence[float]) -> list[float]:
+    """Global gate thresholds that keep about `densities` of the causal blocks (own blocks
+    counted, as `gated` keeps them) over every head of every layer on one capture."""
+    from attnc.codegen.gate import eligible
+
+    _check_gates(gates, cap)
+    scores = []
+    with torch.no_grad():
+        for ly, lc in enumerate(cap.layers):
+            g = gates[ly]
+            s = g(lc.q, lc.k)
+            nb = s.shape[-1]
+            el = eligible(nb, g.block, 0, cap.n)
+            s = torch.where(torch.eye(nb, dtype=torch.bool), torch.tensor(2.0), s)
+            scores.append(s[:, el].reshape(-1))
+    flat = torch.sort(torch.cat(scores), descending=True).values
+    out = []
+    for d in densities:
+        keep = int(d * flat.numel())
+        out.append(0.0 if keep >= flat.numel() else
+                   float(torch.nextafter(flat[keep], torch.tensor(float("inf")))))
+    return out
+
+
 def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, rows: int = 512,
             chunk: int = 128, seed: int = 0,
-            progress: Callable[[int], None] | None = None) -> Signals:
+            progress: Callable[[int], None] | None = None, gates=None) -> Signals:
     """Kept mass, MoA influence and relative output error of every candidate on every head, at
     each captured length. For a query row i with probabilities A_i, dA_i = dO_i V^T (the
     gradient w.r.t. A_i) and T_i = sum_j A_ij dA_ij, MoA's per-pair influence is
     A_ij (dA_ij - T_i) / (1 - A_ij); a row's influence is |sum over its dropped pairs|, and a
-    head's is the sum over rows, scaled from the sampled rows to all n rows."""
+    head's is the sum over rows, scaled from the sampled rows to all n rows.
+
+    Gated candidates (`gated_candidates`) need `gates` (a codegen.gate.GateSet covering every
+    head of every layer): their masks come from the gate run on each layer's captured Q and
+    K, so they, and their densities (`layer_density`), differ per layer and head."""
     cands = list(candidates)
+    gated = [ci for ci, c in enumerate(cands) if c.gated]
+    if gated:
+        _check_gates(gates, captures[0])
     C = len(cands)
     first = captures[0]
     H, G = first.heads, first.kv_heads
@@ -79,18 +160,20 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
     err = np.zeros((Ls, nl, H, C))
     valid = np.zeros((Ls, C), dtype=bool)
     dens = np.ones((Ls, H, C))
+    ldens = np.full((Ls, nl, H, C), np.nan) if gated else None
     for li, cap in enumerate(captures):
         n = cap.n
         rws = sample_rows(n, rows, seed)
         R = rws.size
         valid[li] = [valid_at(c, n) for c in cands]
         for ci, c in enumerate(cands):
-            if valid[li, ci]:
+            if valid[li, ci] and not c.gated:
                 hs = range(H) if c.head_dependent else [0]
                 d = {h: density(c, n, h) for h in hs}
                 dens[li, :, ci] = [d[h if c.head_dependent else 0] for h in range(H)]
         # Masks on the sampled rows, shared by every layer: [C, R, n] per head class.
-        live = [ci for ci in range(C) if valid[li, ci] and not cands[ci].dense]
+        live = [ci for ci in range(C) if valid[li, ci] and not cands[ci].dense
+                and not cands[ci].gated]
         by_head: dict[int, torch.Tensor] = {}
         shared = torch.from_numpy(np.stack(
             [cands[ci].mask_rows(rws, n, 0) for ci in live])) if live else None
@@ -103,11 +186,16 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
         q_idx = torch.from_numpy(rws)
         causal_all = torch.arange(n).view(1, -1) <= q_idx.view(-1, 1)
         for layer, lc in enumerate(cap.layers):
+            gm = None
+            if gated:
+                gm, gd = gate_masks(gates[layer], lc.q, lc.k, rws, [cands[ci] for ci in gated])
+                ldens[li, layer][:, gated] = gd.T.numpy()
+            ids_all = live + gated
             for h in range(H):
                 g = h // group
-                acc_mass = torch.zeros(len(live), dtype=torch.float64)
-                acc_infl = torch.zeros(len(live), dtype=torch.float64)
-                acc_err = torch.zeros(len(live), dtype=torch.float64)
+                acc_mass = torch.zeros(len(ids_all), dtype=torch.float64)
+                acc_infl = torch.zeros(len(ids_all), dtype=torch.float64)
+                acc_err = torch.zeros(len(ids_all), dtype=torch.float64)
                 norm = 0.0
                 K, V = lc.k[g], lc.v[g]
                 for s in range(0, R, chunk):
@@ -119,9 +207,11 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
                     A = torch.softmax(S, dim=-1)
                     Od = A @ V
                     norm += float((Od.double() ** 2).sum())
-                    if not live:
+                    if not ids_all:
                         continue
-                    M = by_head[h][:, s:e].float()  # [C', r, n]
+                    parts = ([by_head[h][:, s:e]] if live else []) + \
+                        ([gm[:, h, s:e]] if gated else [])
+                    M = torch.cat(parts).float()  # [C', r, n]
                     Am = M * A
                     kept = Am.sum(-1)  # [C', r]
                     acc_mass += kept.double().sum(-1)
@@ -133,8 +223,8 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
                         t = (A * (dA - T) / (1 - A).clamp(min=1e-6)).masked_fill(~causal, 0.0)
                         dropped = t.sum(-1) - (M * t).sum(-1)  # [C', r]
                         acc_infl += dropped.abs().double().sum(-1)
-                ids = np.array(live, dtype=np.int64)
-                if live:
+                ids = np.array(ids_all, dtype=np.int64)
+                if ids_all:
                     mass[li, layer, h, ids] = (acc_mass / R).numpy()
                     err[li, layer, h, ids] = np.sqrt(acc_err.numpy() / max(norm, 1e-30))
                     infl[li, layer, h, ids] = (acc_infl * (n / R)).numpy() \
@@ -146,7 +236,24 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
         err[li][..., invalid] = np.inf
         infl[li][..., invalid] = np.inf
     return Signals(cands, [c.n for c in captures], H, G, mass, infl, err, valid, dens,
-                   int(min(rows, min(c.n for c in captures))))
+                   int(min(rows, min(c.n for c in captures))), ldens)
 
 
-__all__ = ["Signals", "compute", "density", "sample_rows"]
+def _check_gates(gates, cap: Capture) -> None:
+    if gates is None:
+        raise ValueError("gated candidates need trained gates (gates=; attnc.train_gate)")
+    missing = [ly for ly in range(len(cap.layers)) if ly not in gates]
+    if missing:
+        raise ValueError(f"the gates do not cover layers {missing}: gated candidates need a "
+                         "gate for every layer (train_gate without a plan)")
+    for ly in range(len(cap.layers)):
+        g = gates[ly]
+        if (g.heads, g.kv_heads, g.head_dim) != (cap.heads, cap.kv_heads, cap.head_dim):
+            raise ValueError(f"layer {ly}: gates are for {g.heads} heads / {g.kv_heads} KV "
+                             f"heads / head dim {g.head_dim}, the model has {cap.heads} / "
+                             f"{cap.kv_heads} / {cap.head_dim}")
+        if g.block == 0:
+            raise ValueError("gated candidates need block gates, not the one-block gate")
+
+
+__all__ = ["Signals", "compute", "density", "gate_masks", "gate_thresholds", "sample_rows"]

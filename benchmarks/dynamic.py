@@ -192,6 +192,29 @@ def run_case(kind: str, n: int, H: int, D: int, reps: int, flex_fn, rows: list, 
         rows.append((kind, n, "flex", t_flex, t_flex_build, flops))
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"  FlexAttention failed for {kind} n={n}: {e!s:.200}")
+    # The same calls captured as one CUDA graph each (no host launch work per call).
+    try:
+        g = dyn.Graphed(q, k, v, bm, launch=launch)
+        gerr = ((g().out.float() - res.out.float()).norm() / res.out.float().norm()).item()
+        t_graph = bench(g, reps)
+        print(f"  {kind} n={n}: graphed {t_graph:.2f} ms, relative difference to eager "
+              f"{gerr:.1e}")
+        rows.append((kind, n, "attnc-graph", t_graph, 0.0, flops))
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"  graphed attnc failed for {kind} n={n}: {e!s:.200}")
+    try:
+        flex_total()  # compiled and warm
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            flex_total()
+        torch.cuda.current_stream().wait_stream(side)
+        fg = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(fg):
+            flex_total()
+        rows.append((kind, n, "flex-graph", bench(fg.replay, reps), 0.0, flops))
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"  graphed FlexAttention failed for {kind} n={n}: {e!s:.200}")
     for name in ("cudnn", "flash"):
         if (n, name) not in dense:
             continue

@@ -7,7 +7,8 @@ benchmarks, each stage with its own time limit, logs written as they go.
 
 Stages: tests (device tests, compiled: TRITON_INTERPRET=0), gputests (the gpu-marked tests of
 files that otherwise test the interpreter on CPU tensors), kernels (benchmarks/kernels.py),
-dynamic (benchmarks/dynamic.py --quick), vsprofile (vertical-slash per-kernel profile),
+dynamic (benchmarks/dynamic.py --quick), records (benchmarks/latency_records.py:
+the tuner's latency records into OUT/records), vsprofile (vertical-slash per-kernel profile),
 dyntests (kernel and dynamic tests again, after the benchmarks). Stages run in the order given;
 a stage that times out or fails is reported and the next one runs. Each stage's output goes to
 OUT/<stage>.log (the tail of each is printed at the end), so a lease that ends early still
@@ -37,6 +38,9 @@ STAGES: dict[str, tuple[list[str], float]] = {
                  "--candidates", "128x128x8x3,128x64x8x3,64x64x4x3,64x64x4x4", "--rep", "40"],
                 0.55),
     "dynamic": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--quick"], 0.25),
+    # Latency records for the head tuner at SmolLM2-135M's shapes (9 heads, 3 KV heads, D 64).
+    "records": ([sys.executable, os.path.join(HERE, "latency_records.py"), "--n",
+                 "2048,4096,8192", "--heads", "9", "--kv-heads", "3", "--dim", "64"], 0.3),
     "vsprofile": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--profile", "--n",
                    "131072"], 0.1),
     "dyntests": ([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_dynamic.py",
@@ -69,6 +73,9 @@ def main(argv=None) -> int:
         # Later stages get their share of what is left, so an early finish helps them.
         rest = sum(STAGES[s][1] for s in names[i:])
         limit = max(10.0, left * share / rest if rest else left)
+        if name == "records":
+            cmd = cmd + ["--out", os.path.join(a.out, "records"), "--budget",
+                         str(max(10.0, limit - 30))]
         if name == "kernels":
             if a.kernel_n:
                 cmd = [a.kernel_n if c == "8192,32768,131072" else c for c in cmd]
@@ -86,6 +93,13 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 status = f"timed out after {limit:.0f} s"
         summary.append(f"{name}: {status} in {time.monotonic() - t0:.0f} s")
+        if name == "records" and os.path.isdir(os.path.join(a.out, "records")):
+            # One archive instead of a hundred small files (the lease returns few files).
+            import shutil
+
+            rec = os.path.join(a.out, "records")
+            shutil.make_archive(rec, "gztar", rec)
+            shutil.rmtree(rec)
     for name in names:
         log = os.path.join(a.out, f"{name}.log")
         with open(log) as f:

@@ -280,8 +280,9 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     dev = torch.device(device)
     if x.device.type != "cpu" or dev.type != "cuda":
         return x.to(dev)
-    if x.numel() > 256:
+    if x.numel() > 256 and not torch.cuda.is_current_stream_capturing():
         return x.pin_memory().to(dev, non_blocking=True)
+    # While a CUDA graph captures, every copy is kept: a replay reads the pinned source again.
     key = (str(dev), x.dtype, tuple(x.shape), tuple(x.reshape(-1).tolist()))
     if key not in _ON_DEVICE:
         if len(_ON_DEVICE) > 4096:

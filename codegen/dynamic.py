@@ -290,8 +290,8 @@ class _Blocks:
         self.q1 = np.minimum(self.q0 + BM - 1, bm.q_start + bm.q_len - 1)
         self.k0 = kb * BN
         self.k1 = np.minimum(self.k0 + BN - 1, n - 1)
-        self.tq0, self.tq1, self.tk0, self.tk1 = (torch.as_tensor(x, device=device) for x in (
-            self.q0, self.q1, self.k0, self.k1))
+        self.tq0, self.tq1, self.tk0, self.tk1 = (B.to_device(torch.from_numpy(x), device)
+                                                  for x in (self.q0, self.q1, self.k0, self.k1))
         self.table = {(s.kind, s.params): d for s, d in zip(sl, data, strict=True)}
 
     def both(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,8 +311,8 @@ class _Blocks:
                 shape = (self.QB, self.KB)
                 ts.append(np.broadcast_to(v.t, shape))
                 fs.append(np.broadcast_to(v.f, shape))
-            _STATIC_CACHE[key] = (torch.as_tensor(np.stack(ts), device=self.device),
-                                  torch.as_tensor(np.stack(fs), device=self.device))
+            _STATIC_CACHE[key] = (B.to_device(torch.from_numpy(np.stack(ts)), self.device),
+                                  B.to_device(torch.from_numpy(np.stack(fs)), self.device))
         return _STATIC_CACHE[key]
 
     def eval(self, e: Node) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,6 +398,9 @@ def _csr(mask: torch.Tensor, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
     longest row when trimmed, else KB; entries past a row's count are 0)."""
     num = mask.sum(-1, dtype=torch.int32)
     KB = mask.shape[-1]
+    # Trimming reads the longest row on the host (a wait for the device), which a CUDA graph
+    # cannot capture: capture keeps the full width.
+    trim = trim and not (mask.is_cuda and torch.cuda.is_current_stream_capturing())
     w = max(int(num.max().item()) if num.numel() else 0, 1) if trim else KB
     pos = mask.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1
     pos = torch.where(mask, pos, w)  # dropped below
@@ -859,6 +862,49 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
     return (res, sets) if return_index else res
 
 
-__all__ = ["GateInput", "IndexSets", "Slot", "block_lists", "build_index", "dynamic_attention",
-           "selector_printer", "slots", "vertical_slash_form", "vs_kernel_source",
-           "vs_max_columns", "vs_plan"]
+class Graphed:
+    """`dynamic_attention` (index builders and kernel) captured as one CUDA graph for fixed
+    shapes. The builders are a dozen small kernels whose launches take the host longer than
+    the device takes to run them (at 128k the host's share is about as large as their device
+    time); a replay launches them all at once. Nothing in them waits for the device, which is
+    what makes them capturable.
+
+    `g = Graphed(q, k, v, bm, **options)` copies q, k, v into static buffers `g.q, g.k, g.v`,
+    runs twice (compiles, fills the caches of small per-head tensors) and captures. `g()`
+    replays on what the buffers hold now; `g(q, k, v)` copies new inputs of the same shapes in
+    first. The returned Output (and IndexSets with `return_index=True`) are static tensors
+    that every replay overwrites: clone what you keep."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR,
+                 **options):
+        if q.device.type != "cuda":
+            raise ValueError("CUDA graphs need CUDA tensors")
+        self.q, self.k, self.v = (x.detach().contiguous().clone() for x in (q, k, v))
+        self.bm, self.options = bm, options
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                dynamic_attention(self.q, self.k, self.v, bm, **options)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.result = dynamic_attention(self.q, self.k, self.v, bm, **options)
+
+    def __call__(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+                 v: torch.Tensor | None = None):
+        for dst, src in ((self.q, q), (self.k, k), (self.v, v)):
+            if src is None:
+                continue
+            if src.shape != dst.shape:
+                raise ValueError(f"shape {list(src.shape)} is not the captured "
+                                 f"{list(dst.shape)}")
+            if src.data_ptr() != dst.data_ptr():
+                dst.copy_(src)
+        self.graph.replay()
+        return self.result
+
+
+__all__ = ["GateInput", "Graphed", "IndexSets", "Slot", "block_lists", "build_index",
+           "dynamic_attention", "selector_printer", "slots", "vertical_slash_form",
+           "vs_kernel_source", "vs_max_columns", "vs_plan"]

@@ -8,6 +8,9 @@ import torch
 from torch import nn
 
 NEG_INF = float("-inf")
+# Distance buckets of the gate's positional prior: block distance 0, 1, 2-3, 4-7, ... (log2),
+# the last for 2^14 blocks and more; one more bucket for key block 0 (the attention sink).
+DIST_BUCKETS = 16
 
 
 def pool3(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None) -> torch.Tensor:
@@ -43,6 +46,18 @@ def pool3(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None)
     return feats
 
 
+def distance_buckets(nq: int, nk: int, device=None) -> torch.Tensor:
+    """[nq, nk] int64: the prior's bucket of each (query block, key block) pair by absolute
+    block index: floor(log2(distance)) + 1 (0 on the diagonal, capped), DIST_BUCKETS for key
+    block 0."""
+    d = (torch.arange(nq, device=device).view(-1, 1)
+         - torch.arange(nk, device=device).view(1, -1)).clamp(min=0)
+    lg = torch.floor(torch.log2(d.clamp(min=1).double())).long() + 1
+    b = torch.where(d == 0, 0, lg).clamp(max=DIST_BUCKETS - 1)
+    b[:, 0] = DIST_BUCKETS
+    return b
+
+
 def eligible(nb: int, block: int, q_start: int, q_len: int, causal: bool = True,
              device=None) -> torch.Tensor:
     """[nb, nb] bool: the key blocks each absolute query block may select, as in
@@ -61,6 +76,11 @@ class BlockGate(nn.Module):
     """One layer's gate: for each query head h, block scores
     (pool3(Q_h) Wq_h)(pool3(K_g(h)) Wk_h)^T / sqrt(d_gate) over absolute blocks, softmax over
     the eligible key blocks of each query block row (SeerAttention's block distribution).
+
+    A learned per-head positional prior is added to the block logits: one value per log2
+    bucket of the block distance and one for key block 0 (SeerAttention has RoPE on the pooled
+    features for this; a bucketed bias costs 17 numbers per head and generalises from little
+    calibration text). It starts at 0, so an untrained gate is the pooled-score heuristic.
 
     `block = 0` is the degenerate one-block gate (DuoAttention's `gate(block = n)`): one score
     per head, sigmoid(logit + bias_h), where the softmax over a single block would always be 1.
@@ -93,6 +113,7 @@ class BlockGate(nn.Module):
         self.wq = nn.Parameter(wq)
         self.wk = nn.Parameter(wk)
         self.bias = nn.Parameter(torch.zeros(heads))
+        self.dist = nn.Parameter(torch.zeros(heads, DIST_BUCKETS + 1))
 
     @property
     def group(self) -> int:
@@ -111,7 +132,9 @@ class BlockGate(nn.Module):
     def log_probs(self, pq: torch.Tensor, pk: torch.Tensor, el: torch.Tensor) -> torch.Tensor:
         """Log of the gate's block distribution per query block row, -inf where not eligible
         (rows with nothing eligible are all -inf)."""
-        z = self.logits(pq, pk).masked_fill(~el, NEG_INF)
+        z = self.logits(pq, pk)
+        z = z + self.dist[:, distance_buckets(z.shape[-2], z.shape[-1], z.device)]
+        z = z.masked_fill(~el, NEG_INF)
         lp = torch.log_softmax(z, dim=-1)
         return torch.nan_to_num(lp, nan=NEG_INF, posinf=NEG_INF)
 
@@ -191,4 +214,5 @@ class GateSet(nn.Module):
         return str(layer) in self.layer_gates
 
 
-__all__ = ["BlockGate", "GateSet", "block_keep", "eligible", "pool3"]
+__all__ = ["DIST_BUCKETS", "BlockGate", "GateSet", "block_keep", "distance_buckets", "eligible",
+           "pool3"]

@@ -522,3 +522,110 @@ plan mixed(layers = 2, heads = 4, kv_heads = 2) {
     assert sorted(pm._launch) == [(0, 45, 45), (1, 45, 45)]  # both layers ran the kernels
     assert isinstance(pm.layer_kernel(0, 45, 45), kernel.PlanMask)  # two patterns, one launch
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+# ---------------------------------------------------------------- gated candidates
+
+
+def _gates(block=16, seed=0):
+    """Untrained block gates for every head of the tiny model: pooled-score initialisation
+    plus a random positional prior, so the selection varies with layer, head and input."""
+    from attnc.codegen.gate import BlockGate, GateSet
+
+    g = torch.Generator().manual_seed(seed)
+    gates = {}
+    for ly in range(2):
+        gate = BlockGate(4, 2, 16, block, 8, seed=ly)
+        with torch.no_grad():
+            gate.dist.copy_(torch.randn(gate.dist.shape, generator=g))
+        gates[ly] = gate.requires_grad_(False)
+    return GateSet(gates, [(ly, h) for ly in range(2) for h in range(4)])
+
+
+def test_gated_signals_match_brute_force(tiny, ids):
+    """Gated candidates: masks from the gate on the captured Q and K, signals and per-layer
+    densities equal to those of the reference's gated mask given the same scores."""
+    from attnc.autotune.candidates import gated_candidates
+
+    cap = capture(tiny, ids)
+    gs = _gates()
+    n = 80
+    thr = signals.gate_thresholds(gs, cap, [0.3, 0.6])
+    assert thr[0] > thr[1] > 0
+    cands = [Candidate("causal"), candidate("streaming", sink=4, window=16),
+             *gated_candidates(16, thr)]
+    sig = signals.compute([cap], cands, rows=n, chunk=16, gates=gs)
+    assert sig.layer_density.shape == (1, 2, 4, 4)
+    assert np.isnan(sig.layer_density[..., :2]).all()
+    for layer in range(2):
+        lc = cap.layers[layer]
+        scores = gs[layer](lc.q, lc.k)
+        for ci in (2, 3):
+            c = cands[ci]
+            ev = reference.evaluate(loads(""), "gated", n=n, heads=4, gates=scores,
+                                    args={k: parse_expr(v) for k, v in c.args})
+            for h in range(4):
+                g = h // 2
+                s = (lc.q[h] @ lc.k[g].T).double() * cap.scaling
+                causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+                A = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+                M = ev.mask[h] & causal
+                mass = (A * M).sum(-1)
+                oc = ((A * M) @ lc.v[g].double()) / mass.unsqueeze(-1)
+                err = float((oc - A @ lc.v[g].double()).norm() / (A @ lc.v[g].double()).norm())
+                assert sig.mass[0, layer, h, ci] == pytest.approx(float(mass.mean()), abs=1e-4)
+                assert sig.error[0, layer, h, ci] == pytest.approx(err, rel=1e-3, abs=1e-5)
+                want = float(M.sum()) / (n * (n + 1) / 2)
+                assert sig.cell_density(0, layer, h, ci) == pytest.approx(want, abs=1e-9)
+    # The looser threshold keeps more, on every cell.
+    assert (sig.layer_density[..., 3] >= sig.layer_density[..., 2]).all()
+    with pytest.raises(ValueError, match="need trained gates"):
+        signals.compute([cap], cands, rows=8)
+
+
+def test_gated_latency_from_gate_records(tmp_path):
+    recs = [{"kind": "gate", "n": 4096, "heads": 8, "head_dim": 64, "dtype": "float16",
+             "device": "GPU X", "block": 64, "kept_blocks": kb, "ms": 0.2 + 1e-5 * kb}
+            for kb in (1000, 4000, 9000)]
+    (tmp_path / "gates.json").write_text(json.dumps(recs))
+    m = latency.LatencyModel.from_records(tmp_path, head_dim=64, dtype="float16")
+    assert m.records == [] and len(m.gate_records) == 3
+    g = Candidate("gated", (("block", "64"), ("topk", "0"), ("threshold", "0.01")))
+    assert m.source(g, 4096) == "gate-measured" and m.source(g, 2048) == "gate-modelled"
+    nb = 64
+    kept = 0.2 * nb * (nb + 1) / 2
+    assert m.gated_ms(4096, 0.2) == pytest.approx(0.2 / 8 + 1e-5 * kept, rel=1e-6)
+    # Without records: the block model plus the gate's pass, growing with density.
+    d = latency.LatencyModel(head_dim=64)
+    assert 0 < d.gated_ms(4096, 0.1) < d.gated_ms(4096, 0.3)
+    with pytest.raises(ValueError, match="gate record lacks"):
+        (tmp_path / "bad.json").write_text(json.dumps({"kind": "gate", "n": 1}))
+        latency.load_gate_records(tmp_path)
+
+
+def test_autotune_with_gated_candidates(tiny, tmp_path):
+    """Only dense and gated candidates under a tight latency budget: the plan has gated
+    cells, is written with its weights, and its perplexity is what gate_api gives."""
+    from attnc import gate_api
+
+    gs = _gates()
+    res = _tune(tiny, tmp_path, 4, families=[], max_ppl_increase=None, latency_budget=0.7,
+                gates=gs, gate_densities=(0.3, 0.5))
+    gated = [c for c in res.report["candidates"] if c.startswith("gated")]
+    assert len(gated) == 2
+    assert res.report["latency_model"]["sources"] == {"default": 1, "gate-modelled": 2}
+    assert res.gated and res.report["chosen"]["latency"] <= 0.7 + 1e-9
+    cells = [r for r in res.report["cells"] if r["family"] == "gated"]
+    assert cells and all(0 < r["density"] < 1 for r in cells)
+    paths = res.write(tmp_path / "g.attn", tmp_path / "g.json")
+    wfile = gate_api.gates_path(tmp_path / "g.attn")
+    assert wfile in paths and wfile.exists()
+    g = torch.Generator().manual_seed(1)
+    torch.randint(0, 256, (1200,), generator=g)
+    held = torch.randint(0, 256, (400,), generator=g)
+    gate_api.apply(tiny, tmp_path / "g.attn")  # weights found next to the plan
+    try:
+        ppl = gate_api.perplexity(tiny, held[:192])
+    finally:
+        gate_api.remove(tiny)
+    assert ppl == pytest.approx(res.report["chosen"]["heldout_ppl"], rel=1e-5)

@@ -390,5 +390,5 @@ def test_tune_cli_has_the_train_gate_flag():
     from attnc.cli import build_parser
 
     a = build_parser().parse_args(["tune", "--model", "m", "--train-gate", "--gate-block", "32"])
-    assert a.train_gate and a.gate_block == 32 and a.gate_steps == 300
+    assert a.train_gate and a.gate_block == 32 and a.gate_steps == 150
     assert not build_parser().parse_args(["tune", "--model", "m"]).train_gate
