@@ -9,7 +9,8 @@ Stages: tests (device tests, compiled: TRITON_INTERPRET=0), gputests (the gpu-ma
 files that otherwise test the interpreter on CPU tensors), kernels (benchmarks/kernels.py),
 dynamic (benchmarks/dynamic.py --quick), records (benchmarks/latency_records.py:
 the tuner's latency records into OUT/records), vsprofile (vertical-slash per-kernel profile),
-dyntests (kernel and dynamic tests again, after the benchmarks). Stages run in the order given;
+dyntests (kernel and dynamic tests again, after the benchmarks), gpumarked (only the
+gpu-marked tests of the dynamic, gate and kernel files). Stages run in the order given;
 a stage that times out or fails is reported and the next one runs. Each stage's output goes to
 OUT/<stage>.log (the tail of each is printed at the end), so a lease that ends early still
 returns what was measured.
@@ -43,6 +44,9 @@ STAGES: dict[str, tuple[list[str], float]] = {
                  "2048,4096,8192", "--heads", "9", "--kv-heads", "3", "--dim", "64"], 0.3),
     "vsprofile": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--profile", "--n",
                    "131072"], 0.1),
+    # Only the gpu-marked tests of the device and gate files (graphs, bf16 kernels).
+    "gpumarked": ([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_dynamic.py",
+                   "tests/test_gate.py", "tests/test_kernel.py"], 0.1),
     "dyntests": ([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_dynamic.py",
                   "tests/test_kernel.py"], 0.1),
 }
@@ -56,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all stages")
     ap.add_argument("--kernel-n", default=None, help="lengths for the kernels stage (8192,...)")
     ap.add_argument("--patterns", default=None, help="cases for the kernels stage")
+    ap.add_argument("--kernel-dim", default=None, help="head dim for the kernels stage")
+    ap.add_argument("--limits", default="",
+                    help="per-stage seconds overriding the shares, e.g. records=240,dynamic=70")
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -73,6 +80,9 @@ def main(argv=None) -> int:
         # Later stages get their share of what is left, so an early finish helps them.
         rest = sum(STAGES[s][1] for s in names[i:])
         limit = max(10.0, left * share / rest if rest else left)
+        fixed = dict(x.split("=") for x in a.limits.split(",") if x)
+        if name in fixed:
+            limit = min(float(fixed[name]), max(10.0, left))
         if name == "records":
             cmd = cmd + ["--out", os.path.join(a.out, "records"), "--budget",
                          str(max(10.0, limit - 30))]
@@ -81,6 +91,8 @@ def main(argv=None) -> int:
                 cmd = [a.kernel_n if c == "8192,32768,131072" else c for c in cmd]
             if a.patterns:
                 cmd = cmd + ["--patterns", a.patterns]
+            if a.kernel_dim:
+                cmd = cmd + ["--dim", a.kernel_dim]
             cmd = cmd + ["--log", os.path.join(a.out, "kernels.txt"),
                          "--out", os.path.join(a.out, "kernels.md")]
         log = os.path.join(a.out, f"{name}.log")

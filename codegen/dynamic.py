@@ -152,8 +152,8 @@ def _per_head(e: Node, n: int, H: int) -> torch.Tensor:
 def _per_head_float(e: Node, n: int, H: int, device) -> torch.Tensor:
     """A float selector parameter (gate's threshold) as one float64 per head."""
     vals = [num_eval(e, {"n": np.int64(n), "h": np.int64(h)}) for h in range(H)]
-    return torch.tensor([float(np.asarray(v).reshape(-1)[0]) for v in vals],
-                        dtype=torch.float64, device=device)
+    return B.to_device(torch.tensor([float(np.asarray(v).reshape(-1)[0]) for v in vals],
+                                    dtype=torch.float64), device)
 
 
 def _gate_scores(gates: GateInput | None, q: torch.Tensor, k: torch.Tensor, q_start: int,

@@ -323,22 +323,26 @@ def test_gpu_block_topk_bf16():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["vs2", "block_topk"])
+@pytest.mark.parametrize("name", ["vs2", "block_topk", "gated"])
 def test_gpu_graphed_equals_eager(name):
-    """One CUDA graph per call: replays equal eager calls, on the captured inputs and on new
-    inputs copied in."""
+    """One CUDA graph per call (builders, the learned gate and the kernel): replays equal
+    eager calls, on the captured inputs and on new inputs copied in."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("set TRITON_INTERPRET=0 to compile for the GPU")
+    from attnc.codegen.gate import BlockGate
+
     prog = PROG if name == "vs2" else attnc.loads("")
-    args = {"v": 60, "s": 300, "l": 64, "f": 30, "near": 100} if name == "vs2" else \
-        {"topk": 8, "block": 64}
+    args = {"vs2": {"v": 60, "s": 300, "l": 64, "f": 30, "near": 100},
+            "block_topk": {"topk": 8, "block": 64},
+            "gated": {"block": 64, "topk": 0, "threshold": 0.05}}[name]
     n, H = 2000, 4
+    opts = {"gates": BlockGate(H, 2, 128, 64).to("cuda")} if name == "gated" else {}
     bm = build(lower(prog, name, args), n=n, heads=H, schedule=Schedule(64, 64))
     q, k, v = _inputs(f"graph-{name}", H, 2, n, n, 128, torch.bfloat16, "cuda")
-    g = dyn.Graphed(q, k, v, bm)
+    g = dyn.Graphed(q, k, v, bm, **opts)
     for x in (None, _inputs(f"graph2-{name}", H, 2, n, n, 128, torch.bfloat16, "cuda")):
         res = g() if x is None else g(*x)
-        want = dyn.dynamic_attention(*((q, k, v) if x is None else x), bm)
+        want = dyn.dynamic_attention(*((q, k, v) if x is None else x), bm, **opts)
         assert torch.equal(res.out, want.out) and torch.equal(res.lse, want.lse)
     with pytest.raises(ValueError, match="captured"):
         g(q[:, :, :100], k, v)
