@@ -45,7 +45,8 @@ def register(sub) -> None:
     p.add_argument("--families", nargs="+", default=None, help="candidate families (default all)")
     p.add_argument("--granularity", choices=["kv", "q"], default="kv",
                    help="one pattern per KV head (saves KV cache) or per query head")
-    p.add_argument("--records", help="directory of kernel tuning records (JSON)")
+    p.add_argument("--records", help="directory of kernel tuning records (JSON), or the name "
+                                     "of a shipped set: h200 (SmolLM2-135M shapes, fp16)")
     p.add_argument("--dtype", default="float16", help="kernel dtype for the latency model")
     p.add_argument("--device", default=None, help="GPU name to match tuning records")
     p.add_argument("--block", type=int, default=128, help="kernel tile of the latency model")

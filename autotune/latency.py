@@ -24,9 +24,10 @@ constant), or, without records, the documented defaults below.
 Gated candidates (a learned gate picks key blocks at run time) are timed end to end, gate and
 index builder included, by `benchmarks/latency_records.py` into gate records (objects with
 "kind": "gate": n, heads, head_dim, dtype, device, block, kept_blocks, causal_blocks, ms).
-A gated head costs, per the records of its n, the least-squares line ms = a + b * kept blocks
-divided among the heads; without gate records, the block model over the gate's blocks (all
-kept blocks full) plus one more pass over the query blocks for the gate.
+A gated head costs, per the records of its n (else of the nearest recorded n), the
+least-squares line ms = a + b * kept blocks divided among the heads; without gate records, the
+block model over the gate's blocks (all kept blocks full) plus one more pass over the query
+blocks for the gate.
 """
 
 from __future__ import annotations
@@ -118,10 +119,31 @@ class Record:
         return {k: getattr(self, k) for k in (*KEYS, "device", "args")}
 
 
-def _items(directory: str | Path | None):
+SHIPPED = Path(__file__).parent / "data" / "records"
+
+
+def shipped_records() -> list[str]:
+    """Names of the record sets that ship with attnc (autotune/data/records/NAME): `h200`
+    holds every candidate of the default grid timed at SmolLM2-135M's shapes (9 heads, 3 KV
+    heads, head dim 64, fp16) on an NVIDIA H200 at n = 2048 (part), 4096 and 8192, and gated
+    patterns end to end (CUDA graphs) at 4096 and 8192."""
+    return sorted(p.name for p in SHIPPED.iterdir() if p.is_dir()) if SHIPPED.exists() else []
+
+
+def records_path(directory: str | Path | None) -> Path | None:
+    """A record directory, or the shipped set of that name (`--records h200`)."""
     if directory is None:
-        return
+        return None
     d = Path(directory)
+    if not d.exists() and str(directory) in shipped_records():
+        return SHIPPED / str(directory)
+    return d
+
+
+def _items(directory: str | Path | None):
+    d = records_path(directory)
+    if d is None:
+        return
     if not d.exists():
         return
     for p in sorted(d.rglob("*.json")):
@@ -196,11 +218,16 @@ class LatencyModel:
         m = self.measured(c, n)
         return m if m is not None else self.modelled(c, n, head)
 
-    def _gate_line(self, n: int, block: int) -> tuple[float, float, int] | None:
-        """(a, b, heads) of ms = a + b * kept blocks over the gate records of (n, block)."""
-        rs = [r for r in self.gate_records if r["n"] == n and r["block"] == block
+    def _gate_line(self, n: int, block: int, exact: bool = True
+                   ) -> tuple[float, float, int] | None:
+        """(a, b, heads) of ms = a + b * kept blocks over the gate records of (n, block); with
+        exact=False those of the nearest recorded n (by ratio) when n has none."""
+        rs = [r for r in self.gate_records if r["block"] == block
               and r["head_dim"] == self.head_dim and r["dtype"] == self.dtype
               and (not self.device or not r.get("device") or r["device"] == self.device)]
+        if not exact and rs and not any(r["n"] == n for r in rs):
+            n = min({r["n"] for r in rs}, key=lambda m: abs(np.log(m / n)))
+        rs = [r for r in rs if r["n"] == n]
         if not rs:
             return None
         x = np.array([float(r["kept_blocks"]) for r in rs])
@@ -215,7 +242,7 @@ class LatencyModel:
         block gate of `block`), gate and index builder included."""
         nb = -(-n // block)
         kept = density * nb * (nb + 1) / 2
-        line = self._gate_line(n, block)
+        line = self._gate_line(n, block, exact=False)
         if line is not None:
             a, b, heads = line
             return a / heads + b * kept
@@ -225,7 +252,10 @@ class LatencyModel:
 
     def source(self, c: Candidate, n: int) -> str:
         if c.gated:
-            return "gate-measured" if self._gate_line(n, int(dict(c.args)["block"])) \
+            block = int(dict(c.args)["block"])
+            if self._gate_line(n, block):
+                return "gate-measured"
+            return "gate-nearest-n" if self._gate_line(n, block, exact=False) \
                 else "gate-modelled"
         if self.measured(c, n) is not None:
             return "measured"
@@ -250,5 +280,6 @@ def fit(records: list[Record]) -> dict[str, float]:
             "launch": float(coef[0])}
 
 
-__all__ = ["DEFAULT_COEFFS", "Blocks", "LatencyModel", "Record", "blocks", "fit",
-           "load_gate_records", "load_records", "pattern_key"]
+__all__ = ["DEFAULT_COEFFS", "SHIPPED", "Blocks", "LatencyModel", "Record", "blocks", "fit",
+           "load_gate_records", "load_records", "pattern_key", "records_path",
+           "shipped_records"]

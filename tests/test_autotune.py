@@ -591,10 +591,14 @@ def test_gated_latency_from_gate_records(tmp_path):
     m = latency.LatencyModel.from_records(tmp_path, head_dim=64, dtype="float16")
     assert m.records == [] and len(m.gate_records) == 3
     g = Candidate("gated", (("block", "64"), ("topk", "0"), ("threshold", "0.01")))
-    assert m.source(g, 4096) == "gate-measured" and m.source(g, 2048) == "gate-modelled"
+    assert m.source(g, 4096) == "gate-measured" and m.source(g, 2048) == "gate-nearest-n"
     nb = 64
     kept = 0.2 * nb * (nb + 1) / 2
     assert m.gated_ms(4096, 0.2) == pytest.approx(0.2 / 8 + 1e-5 * kept, rel=1e-6)
+    # Another n: the nearest recorded n's line, with the kept blocks of this n.
+    assert m.gated_ms(2048, 0.2) == pytest.approx(0.2 / 8 + 1e-5 * 0.2 * 32 * 33 / 2, rel=1e-6)
+    g128 = Candidate("gated", (("block", "128"), ("topk", "0"), ("threshold", "0.01")))
+    assert m.source(g128, 4096) == "gate-modelled"
     # Without records: the block model plus the gate's pass, growing with density.
     d = latency.LatencyModel(head_dim=64)
     assert 0 < d.gated_ms(4096, 0.1) < d.gated_ms(4096, 0.3)
@@ -629,3 +633,17 @@ def test_autotune_with_gated_candidates(tiny, tmp_path):
     finally:
         gate_api.remove(tiny)
     assert ppl == pytest.approx(res.report["chosen"]["heldout_ppl"], rel=1e-5)
+
+
+def test_shipped_h200_records_cover_the_grid():
+    """The shipped record set (benchmarks/latency_records.py on an H200): every candidate of
+    the full grid measured at 4096 and 8192, gated patterns too."""
+    m = latency.LatencyModel.from_records("h200", head_dim=64, dtype="float16")
+    assert "h200" in latency.shipped_records() and m.fitted
+    for n in (4096, 8192):
+        for c in grid(GRIDS):
+            if valid_at(c, n):
+                assert m.source(c, n) == "measured", (c, n)
+        g = Candidate("gated", (("block", "64"), ("topk", "0"), ("threshold", "0.01")))
+        assert m.source(g, n) == "gate-measured"
+        assert m.gated_ms(n, 0.3) > m.gated_ms(n, 0.1) > 0
