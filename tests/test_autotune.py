@@ -459,6 +459,35 @@ def test_cli_tune(tmp_path, capsys):
     assert main(["tune", "--model", str(tmp_path / "nope"), "-o", str(out)]) != 0
 
 
+def test_cli_tune_with_trained_gates(tmp_path, capsys):
+    """--train-gate: gates first, then gated candidates; a plan with gated cells is written
+    with its weights and checks; --gates reuses a gate file."""
+    from attnc.cli import main
+
+    from attnc import gate_api
+
+    model_dir = tmp_path / "tiny"
+    _save_tiny_with_tokenizer(model_dir)
+    out = tmp_path / "g" / "plan.attn"
+    args = ["tune", "--model", str(model_dir), "--text", "chronicle", "--lengths", "64", "128",
+            "--validation-length", "192", "--trials", "3", "--rows", "16", "--block", "16",
+            "--families", "causal", "--max-ppl-increase", "50%", "--latency-budget", "0.6",
+            "--no-progress", "--name", "g", "--gate-block", "16", "--gate-steps", "5",
+            "--gate-sequences", "2"]
+    rc = main([*args, "--train-gate", "-o", str(out)])
+    capsys.readouterr()
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rc == (0 if rep["budget_met"] else 1)
+    assert any(c.startswith("gated") for c in rep["candidates"])
+    assert any(c["family"] == "gated" for c in rep["cells"])
+    wfile = gate_api.gates_path(out)
+    assert wfile.exists() and main(["check", str(out)]) == 0
+    out2 = tmp_path / "g2" / "plan.attn"
+    main([*args, "--gates", str(wfile), "-o", str(out2)])
+    assert any(c.startswith("gated") for c in json.loads(
+        out2.with_suffix(".json").read_text())["candidates"])
+
+
 def test_search_assign_respects_families_and_split(tiny, ids):
     cap = capture(tiny, ids)
     sig = signals.compute([cap], grid(), rows=40)
