@@ -462,9 +462,8 @@ def test_cli_tune(tmp_path, capsys):
 def test_cli_tune_with_trained_gates(tmp_path, capsys):
     """--train-gate: gates first, then gated candidates; a plan with gated cells is written
     with its weights and checks; --gates reuses a gate file."""
-    from attnc.cli import main
-
     from attnc import gate_api
+    from attnc.cli import main
 
     model_dir = tmp_path / "tiny"
     _save_tiny_with_tokenizer(model_dir)
