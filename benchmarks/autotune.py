@@ -68,7 +68,7 @@ def _tune(tune_api, model, calib, held, args, out):
                             validation_length=args.validation_length, trials=args.trials,
                             rows=args.rows, max_ppl_increase=args.max_ppl_increase,
                             latency_budget=args.latency_budget, workdir=out, progress=True,
-                            name="smollm2_tuned")
+                            name="smollm2_tuned", records=args.records, gates=args.gates)
     res.write(out / "plan.attn", out / "report.json", out)
     return res
 
@@ -166,6 +166,10 @@ def main() -> None:
     ap.add_argument("--text", choices=["docs", "chronicle"], default="docs",
                     help="shipped calibration/held-out text (default docs: Python reference "
                          "prose; chronicle: the generated town chronicle)")
+    ap.add_argument("--records", default=None,
+                    help="latency records (a directory or a shipped set: h200)")
+    ap.add_argument("--gates", default=None,
+                    help="a gate file trained for every head: gated candidates join the grid")
     ap.add_argument("--out", default="bench-autotune")
     ap.add_argument("--from-report", metavar="DIR",
                     help="skip tuning: compare the front of a saved report.json")
@@ -222,7 +226,16 @@ def main() -> None:
         uni_ppl = ap_.perplexity(model, val)
         uni_acc, uni_hits = passkey_accuracy(model, pk)
         ap_.remove(model)
-        ap_.apply(model, cells)
+        if any(c.gated for c in cells.values()):  # gated cells attend through gate_api
+            from attnc.autotune.planio import plan_text
+
+            from attnc import gate_api
+
+            gate_api.apply(model, plan_text("bench", layers=L, heads=H,
+                                            kv_heads=rep["model"]["kv_heads"], choice=cells,
+                                            granularity="q"), gates=args.gates)
+        else:
+            ap_.apply(model, cells)
         acc, hits = passkey_accuracy(model, pk)
         ap_.remove(model)
         return {
