@@ -253,9 +253,22 @@ def test_safetensors_round_trip_and_refusals(tiny, trained, tmp_path):
     assert path.name == "p.gates.safetensors"
     gs = ga.load_gates(path, model=m, plan=str(plan_path))
     for ly in gs.layers:
-        for name in ("wq", "wk", "bias"):
+        for name in ("wq", "wk", "bias", "dist"):
             assert torch.equal(getattr(gs[ly], name), getattr(trained.gates[ly], name))
+    # Training moved the positional prior off its zero start.
+    assert any(trained.gates[ly].dist.abs().max() > 0 for ly in gs.layers)
     assert gs.meta == trained.gates.meta and gs.block == 16 and gs.d_gate == 16
+    # A file from before the prior (no dist tensors) loads with the prior at 0.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        old = {k: f.get_tensor(k) for k in f.keys() if not k.endswith(".dist")}  # noqa: SIM118
+        meta = f.metadata()
+    save_file(old, str(tmp_path / "old.safetensors"), metadata=meta)
+    gold = ga.load_gates(tmp_path / "old.safetensors", model=m)
+    assert all(gold[ly].dist.abs().max() == 0 for ly in gold.layers)
+    assert torch.equal(gold[gold.layers[0]].wq, trained.gates[gold.layers[0]].wq)
     other = tiny_llama(layers=2, heads=4, kv_heads=2, hidden=64, seed=1)
     with pytest.raises(attnc.AttncError, match="trained for model") as e:
         ga.load_gates(path, model=other)
