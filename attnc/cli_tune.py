@@ -67,6 +67,9 @@ def register(sub) -> None:
                                    "for every head of this model) instead of training")
     p.add_argument("--gate-block", type=int, default=64, help="gate block size (default 64)")
     p.add_argument("--gate-steps", type=int, default=150, help="gate training steps")
+    p.add_argument("--gate-stride", type=int, default=None,
+                   help="tokens between the starts of the gates' calibration chunks (default: "
+                        "the chunk length; e.g. a quarter of it overlaps them)")
     p.add_argument("--gate-sequences", type=int, default=None,
                    help="calibration chunks (of the longest tuning length) the gates learn "
                         "from (default: all the calibration text holds)")
@@ -105,7 +108,7 @@ def cmd_tune(args) -> int:
             else None
         gates = train_gate(model, calib_ids, block=args.gate_block, length=tl,
                            sequences=args.gate_sequences, steps=args.gate_steps, seed=args.seed,
-                           heldout_ids=stop)
+                           heldout_ids=stop, stride=args.gate_stride)
         print(f"gates: KL {gates.history[0]:.4f} -> {gates.history[-1]:.4f} in "
               f"{gates.seconds['total']:.0f} s", file=sys.stderr)
     res = autotune(model, calib_ids, heldout_ids=held_ids,

@@ -262,29 +262,38 @@ def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log):
     return hist, curve, (best[1] if best is not None else None)
 
 
-def _chunks(ids: torch.Tensor, length: int, count: int | None) -> list[torch.Tensor]:
+def _chunks(ids: torch.Tensor, length: int, count: int | None,
+            stride: int | None = None) -> list[torch.Tensor]:
+    """Chunks of `length` tokens starting every `stride` tokens (default: length, disjoint);
+    a stride below the length overlaps them, so the same text is seen at other block
+    alignments and positions."""
     ids = ids.reshape(-1)
-    k = ids.numel() // length
-    if k == 0:
+    stride = length if stride is None else stride
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1, not {stride}")
+    if ids.numel() < length:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than the training "
                          f"length {length}")
+    k = (ids.numel() - length) // stride + 1
     k = k if count is None else min(k, count)
-    return [ids[i * length:(i + 1) * length] for i in range(k)]
+    return [ids[i * stride:i * stride + length] for i in range(k)]
 
 
 def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                d_gate: int = 64, length: int = 2048, sequences: int | None = 2,
                steps: int = 300, lr: float = 3e-3, weight_decay: float = 0.0,
                init: str = "pooled", seed: int = 0, heldout_ids: torch.Tensor | None = None,
-               early_stop: bool = True, log: Callable[[str], None] | None = None
-               ) -> TrainResult:
+               early_stop: bool = True, log: Callable[[str], None] | None = None,
+               stride: int | None = None) -> TrainResult:
     """Train gates for `model` by distillation: the dense model runs on `sequences` chunks of
     `length` calibration tokens; per layer and head the gate learns the attention probabilities
     max-pooled to blocks (KL(target || gate)). With `plan` (a plan with gated cells: PlanInfo,
     .attn path or text) the plan's gated cells and block size are trained; without, every head
     of every layer with `block`. `heldout_ids` (one more chunk of `length`, not calibration
     text) measures held-out KL before and after training and, with `early_stop`, keeps the
-    weights of the step with the lowest held-out KL (checked every 25 steps)."""
+    weights of the step with the lowest held-out KL (checked every 25 steps). `stride`
+    (default `length`) spaces the chunks' starts: a stride below the length gives overlapping
+    chunks, which generalise better from little text (docs/BENCHMARKS.md)."""
     from .apply import _plan_info
 
     t0 = time.perf_counter()
@@ -306,7 +315,7 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                                   "needs a per-head target; only block gates are distilled")
     layers = sorted({ly for ly, _ in cells})
     heads = {ly: sorted(h for c, h in cells if c == ly) for ly in layers}
-    seqs = _chunks(calib_ids, length, sequences)
+    seqs = _chunks(calib_ids, length, sequences, stride)
     data = collect(model, seqs, block, layers)
     t1 = time.perf_counter()
     gates = {ly: BlockGate(H, G, D, block, d_gate, init=init, seed=seed + ly) for ly in layers}
@@ -325,7 +334,8 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     t3 = time.perf_counter()
     after = val_kl() if val is not None else None
     gs = GateSet(gates, cells)
-    gs.meta = gate_meta(gs, model, {"length": length, "sequences": len(seqs), "steps": steps,
+    gs.meta = gate_meta(gs, model, {"length": length, "sequences": len(seqs),
+                                    "stride": stride or length, "steps": steps,
                                     "lr": lr, "init": init, "seed": seed,
                                     "kl_first": hist[0], "kl_last": hist[-1],
                                     "heldout_kl": after, "best_step": best})

@@ -57,6 +57,9 @@ def main() -> None:
                     help="shipped text: Python reference prose or the generated chronicle")
     ap.add_argument("--train-length", type=int, default=None, help="default: --length")
     ap.add_argument("--sequences", type=int, default=2, help="calibration chunks")
+    ap.add_argument("--stride", type=int, default=None,
+                    help="tokens between chunk starts (default: the training length; smaller "
+                         "overlaps the chunks)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--block", type=int, default=64)
@@ -106,7 +109,7 @@ def main() -> None:
         tl = a.train_length or n
         r = ga.train_gate(model, calib, block=a.block, d_gate=a.d_gate, length=tl,
                           sequences=a.sequences, steps=a.steps, lr=a.lr,
-                          heldout_ids=held[n:n + tl], log=print)
+                          heldout_ids=held[n:n + tl], log=print, stride=a.stride)
         ga.save_gates(r, gpath)
         gates = r.gates
         res["train"] = {"length": tl, "sequences": a.sequences, "steps": a.steps,
@@ -148,8 +151,8 @@ def main() -> None:
                 from attnc.autotune import gate_train as gt
 
                 tl = a.train_length or n
-                cal = gt.collect(model, [calib[a.sequences * tl:(a.sequences + 1) * tl]],
-                                 a.block)
+                c0 = (a.sequences - 1) * (a.stride or tl) + tl
+                cal = gt.collect(model, [calib[c0:c0 + tl]], a.block)
             # Dense layers count fully: the gated layers get what is left of the budget.
             want = (float(sel[1:]) * L - len(dense_layers)) / (L - len(dense_layers))
             thr = gt.calibrate_threshold(gates, cal, want)
