@@ -110,7 +110,10 @@ def load_gates(path: str | Path, *, model=None, plan=None) -> GateSet:
                 getattr(g, name).copy_(tensors[key])
         g.requires_grad_(False)
         gates[ly] = g
-    return GateSet(gates, cells, meta)
+    gs = GateSet(gates, cells, meta)
+    md = meta.get("max_distance")
+    return gs.configure(relative=meta.get("scores") == "relative",
+                        max_distance=int(md) if md else None)
 
 
 class _Masks:

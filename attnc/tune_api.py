@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -126,8 +127,10 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     `gates` (a GateSet, train_gate's result or a gate file, trained for every head of this
     model: attnc.train_gate) adds gated candidates: `gated(block, topk = 0, threshold = t)`
     for the global thresholds that keep `gate_densities` of the blocks on the calibration
-    text. Their signals and densities come from the gate run on the captured Q and K, their
-    latency from gate records (or the block model plus the gate's pass); a plan with gated
+    text, on relative scores (the gate's probability times the row's eligible blocks), so
+    that a threshold keeps about the same share of a row at other lengths. Their signals
+    and densities come from the gate run on the captured Q and K, their latency from gate
+    records (or the block model plus the gate's pass); a plan with gated
     cells is evaluated through attnc.gate_api and written with its weights next to it."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -161,6 +164,10 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     cands = grid(families)
     gs = _gate_set(gates, model)
     if gs is not None:
+        # Thresholds on relative scores keep about the same share of a row at the validation
+        # length as on the calibration text (probability thresholds keep fewer blocks the more
+        # a row holds); a copy, so the caller's gates are left as they are.
+        gs = copy.deepcopy(gs).configure(relative=True)
         thr = gate_thresholds(gs, caps[-1], gate_densities)
         cands += gated_candidates(gs.block, sorted(set(thr), reverse=True))
     with _bar(len(caps) * L, "signals", progress) as bar:

@@ -334,6 +334,7 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     t3 = time.perf_counter()
     after = val_kl() if val is not None else None
     gs = GateSet(gates, cells)
+    gs.configure(max_distance=-(-length // block) - 1)
     gs.meta = gate_meta(gs, model, {"length": length, "sequences": len(seqs),
                                     "stride": stride or length, "steps": steps,
                                     "lr": lr, "init": init, "seed": seed,
@@ -356,7 +357,8 @@ def gate_meta(gs: GateSet, model, train: dict | None = None) -> dict[str, str]:
             "d_gate": str(gs.d_gate), "heads": str(g.heads), "kv_heads": str(g.kv_heads),
             "head_dim": str(g.head_dim), "layers": str(L),
             "cells": json.dumps([list(c) for c in gs.cells]),
-            "train": json.dumps(train or {})}
+            "train": json.dumps(train or {}),
+            **{k: gs.meta[k] for k in ("scores", "max_distance") if k in gs.meta}}
 
 
 def calibrate_threshold(gs: GateSet, data: dict[int, LayerData], density: float, *,
@@ -374,7 +376,7 @@ def calibrate_threshold(gs: GateSet, data: dict[int, LayerData], density: float,
             nb = pq.shape[-2]
             el = eligible(nb, g.block, 0, nb * g.block)
             hs = sorted(h for c, h in gs.cells if c == ly)
-            s = target if oracle else g.log_probs(pq, pk, el).exp()
+            s = target if oracle else g.scores(g.log_probs(pq, pk, el), el)
             s = s[..., hs, :, :]
             diag = torch.eye(nb, dtype=torch.bool)
             # The own block is kept anyway: rank it above every threshold.
@@ -401,7 +403,7 @@ def _cell_curves(gs: GateSet, data: dict[int, LayerData], ladder: torch.Tensor, 
             nb = pq.shape[-2]
             el = eligible(nb, g.block, 0, nb * g.block)
             diag = torch.eye(nb, dtype=torch.bool)
-            s = target if oracle else g.log_probs(pq, pk, el).exp()  # [S, H, nb, nb]
+            s = target if oracle else g.scores(g.log_probs(pq, pk, el), el)  # [S, H, nb, nb]
             s = torch.where(diag, torch.tensor(2.0), s)
             per_cell = int(el.sum()) * s.shape[0]
             for h in sorted(h for c, h in gs.cells if c == ly):

@@ -46,12 +46,16 @@ def pool3(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None)
     return feats
 
 
-def distance_buckets(nq: int, nk: int, device=None) -> torch.Tensor:
+def distance_buckets(nq: int, nk: int, device=None,
+                     max_distance: int | None = None) -> torch.Tensor:
     """[nq, nk] int64: the prior's bucket of each (query block, key block) pair by absolute
     block index: floor(log2(distance)) + 1 (0 on the diagonal, capped), DIST_BUCKETS for key
-    block 0."""
+    block 0. Distances beyond `max_distance` (the longest the gate was trained on) count as
+    that distance: buckets never trained keep no meaningless zero prior."""
     d = (torch.arange(nq, device=device).view(-1, 1)
          - torch.arange(nk, device=device).view(1, -1)).clamp(min=0)
+    if max_distance is not None:
+        d = d.clamp(max=max(max_distance, 0))
     lg = torch.floor(torch.log2(d.clamp(min=1).double())).long() + 1
     b = torch.where(d == 0, 0, lg).clamp(max=DIST_BUCKETS - 1)
     b[:, 0] = DIST_BUCKETS
@@ -81,6 +85,11 @@ class BlockGate(nn.Module):
     bucket of the block distance and one for key block 0 (SeerAttention has RoPE on the pooled
     features for this; a bucketed bias costs 17 numbers per head and generalises from little
     calibration text). It starts at 0, so an untrained gate is the pooled-score heuristic.
+
+    Scores are the block probabilities, or with `relative` the probabilities times the
+    number of eligible blocks of the row (1 = the uniform share): a threshold on relative
+    scores keeps about the same fraction of a row at any length, where a probability threshold
+    keeps fewer blocks the more a row holds (longer contexts than the calibration text).
 
     `block = 0` is the degenerate one-block gate (DuoAttention's `gate(block = n)`): one score
     per head, sigmoid(logit + bias_h), where the softmax over a single block would always be 1.
@@ -114,6 +123,8 @@ class BlockGate(nn.Module):
         self.wk = nn.Parameter(wk)
         self.bias = nn.Parameter(torch.zeros(heads))
         self.dist = nn.Parameter(torch.zeros(heads, DIST_BUCKETS + 1))
+        self.relative = False  # scores relative to the row's uniform share (see above)
+        self.max_distance: int | None = None  # longest block distance trained on
 
     @property
     def group(self) -> int:
@@ -133,7 +144,8 @@ class BlockGate(nn.Module):
         """Log of the gate's block distribution per query block row, -inf where not eligible
         (rows with nothing eligible are all -inf)."""
         z = self.logits(pq, pk)
-        z = z + self.dist[:, distance_buckets(z.shape[-2], z.shape[-1], z.device)]
+        z = z + self.dist[:, distance_buckets(z.shape[-2], z.shape[-1], z.device,
+                                              self.max_distance)]
         z = z.masked_fill(~el, NEG_INF)
         lp = torch.log_softmax(z, dim=-1)
         return torch.nan_to_num(lp, nan=NEG_INF, posinf=NEG_INF)
@@ -155,7 +167,15 @@ class BlockGate(nn.Module):
             z = self.logits(pq, pk) + self.bias.view(-1, 1, 1)
             return torch.sigmoid(z)
         el = eligible(nb, b, q_start, Lq, causal, q.device)
-        return self.log_probs(pq, pk, el).exp()
+        return self.scores(self.log_probs(pq, pk, el), el)
+
+    def scores(self, lp: torch.Tensor, el: torch.Tensor) -> torch.Tensor:
+        """The selector's scores from log_probs: probabilities, or relative to the row's
+        uniform share (times its eligible blocks) when `relative`."""
+        p = lp.exp()
+        if self.relative:
+            p = p * el.sum(-1, keepdim=True).to(p.dtype)
+        return p
 
 
 def block_keep(scores: torch.Tensor, el: torch.Tensor, topk: torch.Tensor | int,
@@ -194,6 +214,25 @@ class GateSet(nn.Module):
         self.layer_gates = nn.ModuleDict({str(ly): g for ly, g in sorted(gates.items())})
         self.cells = sorted(set(cells))
         self.meta = dict(meta or {})
+
+    def configure(self, *, relative: bool | None = None,
+                  max_distance: int | None = None) -> GateSet:
+        """Set the score kind (relative or probability) and the longest trained block distance
+        on every layer's gate, and record them in the metadata (so a saved file keeps them)."""
+        for g in self.layer_gates.values():
+            if relative is not None:
+                g.relative = relative
+            if max_distance is not None:
+                g.max_distance = max_distance
+        first = next(iter(self.layer_gates.values()))
+        self.meta["scores"] = "relative" if first.relative else "probability"
+        if first.max_distance is not None:
+            self.meta["max_distance"] = str(first.max_distance)
+        return self
+
+    @property
+    def relative(self) -> bool:
+        return next(iter(self.layer_gates.values())).relative
 
     @property
     def block(self) -> int:

@@ -418,3 +418,31 @@ def test_calibration_chunks_with_stride():
         gt._chunks(ids, 11, None)
     with pytest.raises(ValueError, match="stride"):
         gt._chunks(ids, 4, None, 0)
+
+
+def test_relative_scores_and_trained_distance(tiny, trained, tmp_path):
+    """Relative scores are probabilities times the row's eligible blocks; distances beyond
+    the trained ones use the prior of the longest trained distance; both survive a file."""
+    from attnc.codegen.gate import distance_buckets
+
+    g = trained.gates[0]
+    assert g.max_distance == 256 // 16 - 1  # training length 256, block 16
+    q, k = torch.randn(4, 100, 16, generator=_gen(3)), torch.randn(2, 100, 16, generator=_gen(4))
+    p = g(q, k)
+    g.relative = True
+    try:
+        r = g(q, k)
+    finally:
+        g.relative = False
+    el = eligible(p.shape[-1], 16, 0, 100)
+    torch.testing.assert_close(r, p * el.sum(-1, keepdim=True))
+    b = distance_buckets(40, 40, max_distance=5)
+    assert int(b[39, 20]) == int(b[10, 5]) and int(b[6, 1]) == int(b[10, 5])
+    assert (b[:, 0] == distance_buckets(40, 40)[:, 0]).all()
+    import copy
+
+    gs = copy.deepcopy(trained.gates).configure(relative=True)
+    path = ga.save_gates(gs, tmp_path / "rel.gates.safetensors")
+    back = ga.load_gates(path, model=tiny[0])
+    assert back.relative and back[0].max_distance == 15 and not trained.gates.relative
+    torch.testing.assert_close(back[0](q, k), r)
