@@ -72,7 +72,9 @@ class Problem:
             s = self.unit_signal(name)
             if name == "mass":
                 s = 1.0 - s
-            s = np.where(np.isnan(s), 0.0, s)
+            # Rounding can leave a kept mass a hair above 1: a negative base to a fractional
+            # power would be NaN.
+            s = np.where(np.isnan(s), 0.0, np.maximum(s, 0.0))
             s = s.max(0) if agg == "max" else s.mean(0)
             fin = np.isfinite(s)
             fin[:, 0] = False
