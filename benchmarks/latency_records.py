@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--rep", type=float, default=25.0, help="do_bench rep in ms")
     ap.add_argument("--gate-topk", default="2,4,8,16,32", help="gated budgets (blocks per row)")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; stops cleanly after")
+    ap.add_argument("--gated-only", action="store_true",
+                    help="only the gated patterns and dense causal (long contexts)")
     a = ap.parse_args()
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("needs a CUDA device and compiled kernels (TRITON_INTERPRET unset)")
@@ -51,7 +53,7 @@ def main() -> None:
     configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
     dev = torch.cuda.get_device_name()
     print(f"{dev}, torch {torch.__version__}, {a.dtype}, H={H}, KV={G}, D={D}")
-    cands = grid(list(GRIDS))
+    cands = grid(list(GRIDS)) if not a.gated_only else grid([])
     rows = []
     for n in (int(x) for x in a.n.split(",")):
         q = torch.randn(1, H, n, D, device="cuda", dtype=dt)
@@ -80,7 +82,8 @@ def main() -> None:
             print(f"{c!s:<58} n={n:<6} {rec.ms:8.4f} ms  {rows[-1][3]}  "
                   f"{rec.visited_blocks} blocks", flush=True)
         gated_records(q, k, v, n, a, dev, out, t_start)
-        plan_kernel(q, k, v, n, a.rep)
+        if not a.gated_only:
+            plan_kernel(q, k, v, n, a.rep)
     print(f"{len(rows)} records in {out} ({time.monotonic() - t_start:.0f} s)")
 
 
