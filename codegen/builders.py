@@ -273,6 +273,10 @@ def rank_keys(score: torch.Tensor) -> torch.Tensor:
 _ON_DEVICE: dict[tuple, torch.Tensor] = {}
 
 
+# Host sources and device copies that captured CUDA graphs read at every replay.
+_CAPTURED_SOURCES: list[torch.Tensor] = []
+
+
 def to_device(x: torch.Tensor, device) -> torch.Tensor:
     """A small host tensor on the device without waiting for the device's queue (pinned
     staging, asynchronous copy). Per-head parameters repeat from call to call: small ones are
@@ -285,9 +289,17 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     # While a CUDA graph captures, every copy is kept: a replay reads the pinned source again.
     key = (str(dev), x.dtype, tuple(x.shape), tuple(x.reshape(-1).tolist()))
     if key not in _ON_DEVICE:
-        if len(_ON_DEVICE) > 4096:
+        capturing = torch.cuda.is_current_stream_capturing()
+        if len(_ON_DEVICE) > 4096 and not capturing:
             _ON_DEVICE.clear()
-        _ON_DEVICE[key] = x.pin_memory().to(dev, non_blocking=True)
+        pinned = x.pin_memory()
+        _ON_DEVICE[key] = pinned.to(dev, non_blocking=True)
+        if capturing:  # every replay copies from this host buffer again: keep it alive
+            _CAPTURED_SOURCES.append(pinned)
+    if torch.cuda.is_current_stream_capturing():
+        # A captured graph reads this device tensor at every replay: clearing the cache
+        # later must not free it.
+        _CAPTURED_SOURCES.append(_ON_DEVICE[key])
     return _ON_DEVICE[key]
 
 
