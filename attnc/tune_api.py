@@ -164,10 +164,6 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     cands = grid(families)
     gs = _gate_set(gates, model)
     if gs is not None:
-        # Thresholds on relative scores keep about the same share of a row at the validation
-        # length as on the calibration text (probability thresholds keep fewer blocks the more
-        # a row holds); a copy, so the caller's gates are left as they are.
-        gs = copy.deepcopy(gs).configure(relative=True)
         thr = gate_thresholds(gs, caps[-1], gate_densities)
         cands += gated_candidates(gs.block, sorted(set(thr), reverse=True))
     with _bar(len(caps) * L, "signals", progress) as bar:
@@ -272,23 +268,26 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
 
 
 def _gate_set(gates, model):
-    """A GateSet from a GateSet, train_gate's result or a gate file (checked against model)."""
+    """The tuner's own copy of a GateSet, train_gate's result or a gate file (checked against
+    model), with relative scores: a threshold on them keeps about the same share of a row at
+    the validation length as on the calibration text, where a probability threshold keeps
+    fewer blocks the more a row holds. The caller's gates are left as they are."""
     if gates is None:
         return None
-    from attnc.autotune.gate_train import TrainResult
+    from attnc.autotune.gate_train import TrainResult, gate_meta
     from attnc.codegen.gate import GateSet
 
     if isinstance(gates, TrainResult):
-        return gates.gates
+        gates = gates.gates
     if isinstance(gates, GateSet):
-        if gates.meta.get("format") is None:  # built by hand: describe it for its file
-            from attnc.autotune.gate_train import gate_meta
+        gs = copy.deepcopy(gates)
+        if gs.meta.get("format") is None:  # built by hand: describe it for its file
+            gs.meta = gate_meta(gs, model)
+    else:
+        from attnc.gate_api import load_gates
 
-            gates.meta = gate_meta(gates, model)
-        return gates
-    from attnc.gate_api import load_gates
-
-    return load_gates(gates, model=model)
+        gs = load_gates(gates, model=model)
+    return gs.configure(relative=True)
 
 
 def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val, val_n,

@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from attnc.codegen.gate import BlockGate, GateSet, eligible, pool3
+from attnc.codegen.gate import (
+    BlockGate,
+    GateSet,
+    density_thresholds,
+    eligible,
+    own_blocks_first,
+    pool3,
+)
 from attnc.compiler.ir import Const, Op, PatternIR, Sel, Var, free_vars
 from attnc.compiler.lower import lower_plan
 from attnc.compiler.rules import rewrite
@@ -377,76 +384,8 @@ def calibrate_threshold(gs: GateSet, data: dict[int, LayerData], density: float,
             el = eligible(nb, g.block, 0, nb * g.block)
             hs = sorted(h for c, h in gs.cells if c == ly)
             s = target if oracle else g.scores(g.log_probs(pq, pk, el), el)
-            s = s[..., hs, :, :]
-            diag = torch.eye(nb, dtype=torch.bool)
-            # The own block is kept anyway: rank it above every threshold.
-            scores.append(torch.where(diag, torch.tensor(2.0), s)[..., el].reshape(-1))
-    flat = torch.sort(torch.cat(scores), descending=True).values
-    keep = int(density * flat.numel())
-    if keep >= flat.numel():
-        return 0.0
-    # Scores strictly above the (keep + 1)-th largest: a threshold just above it.
-    return float(torch.nextafter(flat[keep], torch.tensor(float("inf"))))
-
-
-def _cell_curves(gs: GateSet, data: dict[int, LayerData], ladder: torch.Tensor, oracle: bool
-                 ) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor, int]:
-    """Per cell and ladder threshold: kept blocks and kept target mass on `data` (own blocks
-    always kept, as `gated` does). Returns (cells, blocks [cells, T], mass [cells, T], the
-    eligible blocks of one cell)."""
-    cells, blocks, mass = [], [], []
-    per_cell = 0
-    with torch.no_grad():
-        for ly in gs.layers:
-            g = gs[ly]
-            pq, pk, target = data[ly].stacked()
-            nb = pq.shape[-2]
-            el = eligible(nb, g.block, 0, nb * g.block)
-            diag = torch.eye(nb, dtype=torch.bool)
-            s = target if oracle else g.scores(g.log_probs(pq, pk, el), el)  # [S, H, nb, nb]
-            s = torch.where(diag, torch.tensor(2.0), s)
-            per_cell = int(el.sum()) * s.shape[0]
-            for h in sorted(h for c, h in gs.cells if c == ly):
-                sh, th = s[:, h][:, el], target[:, h][:, el]  # [S, eligible]
-                keep = sh.reshape(1, -1) >= ladder.view(-1, 1)  # [T, S * eligible]
-                cells.append((ly, h))
-                blocks.append(keep.sum(-1))
-                mass.append((keep * th.reshape(1, -1)).sum(-1))
-    return cells, torch.stack(blocks).double(), torch.stack(mass).double(), per_cell
-
-
-def allocate_thresholds(gs: GateSet, data: dict[int, LayerData], density: float, *,
-                        oracle: bool = False, steps: int = 48
-                        ) -> tuple[dict[tuple[int, int], float], float]:
-    """One threshold per cell: the set that keeps the most block-attention target mass over
-    all cells within one block budget (kept / causal blocks over the cells at most `density`,
-    own blocks counted), instead of one threshold for every head. Heads whose attention is
-    spread (early layers) get more blocks, peaked heads fewer. Solved by Lagrangian relaxation
-    over a ladder of thresholds: for a price per block each cell takes the threshold that
-    maximises kept mass minus price x blocks; the price is bisected to the smallest that
-    meets the budget. Returns ({(layer, head): threshold}, the density on `data`)."""
-    ladder = torch.cat([torch.tensor([2.0]), torch.logspace(0, -5, steps), torch.zeros(1)])
-    cells, blocks, mass, per_cell = _cell_curves(gs, data, ladder, oracle)
-    budget = density * per_cell * len(cells)
-
-    def pick(price: float) -> torch.Tensor:
-        return torch.argmax(mass - price * blocks, dim=1)
-
-    def used(idx: torch.Tensor) -> float:
-        return float(blocks.gather(1, idx.view(-1, 1)).sum())
-
-    lo, hi = 0.0, 1.0
-    while used(pick(hi)) > budget and hi < 1e9:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if used(pick(mid)) > budget:
-            lo = mid
-        else:
-            hi = mid
-    idx = pick(hi)
-    thr = {c: float(ladder[int(i)]) for c, i in zip(cells, idx, strict=True)}
-    return thr, used(idx) / (per_cell * len(cells))
+            scores.append(own_blocks_first(s[..., hs, :, :], el))
+    return density_thresholds(scores, [density])[0]
 
 
 def random_kl(gs: GateSet, data: dict[int, LayerData], seed: int = 1) -> float:
@@ -472,8 +411,6 @@ def evaluate_kl(gs: GateSet, data: dict[int, LayerData]) -> float:
     return sum(out) / len(out)
 
 
-__all__ = ["FORMAT", "LayerData", "TrainResult", "allocate_thresholds", "block_targets",
-           "calibrate_threshold",
+__all__ = ["FORMAT", "LayerData", "TrainResult", "block_targets", "calibrate_threshold",
            "cells_key", "collect", "evaluate_kl", "fit", "gate_block", "gate_cells", "gate_meta",
-           "kl_loss",
-           "model_id", "pattern_is_gated", "random_kl", "train_gate"]
+           "kl_loss", "model_id", "pattern_is_gated", "random_kl", "train_gate"]

@@ -184,6 +184,7 @@ class LatencyModel:
     gate_records: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
+        self._lines: dict[tuple[int, int, bool], tuple[float, float, int] | None] = {}
         if not self.coeffs:
             s = self.block_m * self.block_n * self.head_dim / _REF_WORK
             self.coeffs = {k: v * s for k, v in DEFAULT_COEFFS.items()}
@@ -221,7 +222,14 @@ class LatencyModel:
     def _gate_line(self, n: int, block: int, exact: bool = True
                    ) -> tuple[float, float, int] | None:
         """(a, b, heads) of ms = a + b * kept blocks over the gate records of (n, block); with
-        exact=False those of the nearest recorded n (by ratio) when n has none."""
+        exact=False those of the nearest recorded n (by ratio) when n has none. Fitted once
+        per argument set (the problem asks for every unit and gated candidate)."""
+        key = (n, block, exact)
+        if key not in self._lines:
+            self._lines[key] = self._fit_gate_line(n, block, exact)
+        return self._lines[key]
+
+    def _fit_gate_line(self, n: int, block: int, exact: bool):
         rs = [r for r in self.gate_records if r["block"] == block
               and r["head_dim"] == self.head_dim and r["dtype"] == self.dtype
               and (not self.device or not r.get("device") or r["device"] == self.device)]

@@ -93,7 +93,7 @@ def gate_masks(gate, q: torch.Tensor, k: torch.Tensor, rows: np.ndarray,
     H, n, _ = q.shape
     block = gate.block
     with torch.no_grad():
-        s = gate(q, k)  # [H, nb, nb], the probabilities the selector thresholds
+        s = gate(q, k)  # [H, nb, nb], the scores the selector thresholds
     nb = s.shape[-1]
     el = eligible(nb, block, 0, n)
     own = torch.eye(nb, dtype=torch.bool) & el
@@ -112,7 +112,7 @@ def gate_masks(gate, q: torch.Tensor, k: torch.Tensor, rows: np.ndarray,
 def gate_thresholds(gates, cap: Capture, densities: Sequence[float]) -> list[float]:
     """Global gate thresholds that keep about `densities` of the causal blocks (own blocks
     counted, as `gated` keeps them) over every head of every layer on one capture."""
-    from attnc.codegen.gate import eligible
+    from attnc.codegen.gate import density_thresholds, eligible, own_blocks_first
 
     _check_gates(gates, cap)
     scores = []
@@ -120,17 +120,8 @@ def gate_thresholds(gates, cap: Capture, densities: Sequence[float]) -> list[flo
         for ly, lc in enumerate(cap.layers):
             g = gates[ly]
             s = g(lc.q, lc.k)
-            nb = s.shape[-1]
-            el = eligible(nb, g.block, 0, cap.n)
-            s = torch.where(torch.eye(nb, dtype=torch.bool), torch.tensor(2.0), s)
-            scores.append(s[:, el].reshape(-1))
-    flat = torch.sort(torch.cat(scores), descending=True).values
-    out = []
-    for d in densities:
-        keep = int(d * flat.numel())
-        out.append(0.0 if keep >= flat.numel() else
-                   float(torch.nextafter(flat[keep], torch.tensor(float("inf")))))
-    return out
+            scores.append(own_blocks_first(s, eligible(s.shape[-1], g.block, 0, cap.n)))
+    return density_thresholds(scores, densities)
 
 
 def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, rows: int = 512,

@@ -78,11 +78,15 @@ def _from_report(d: Path):
     import json as _json
     from types import SimpleNamespace
 
-
     rep = _json.loads((d / "report.json").read_text())
     cands = _parse_candidates(rep["candidates"])
+    from attnc.gate_api import gates_path
+
+    # A plan with gated cells was written with the tuner's gates (relative scores) next to it.
+    gp = gates_path(d / "plan.attn")
     return SimpleNamespace(report=rep, signals=SimpleNamespace(candidates=cands),
-                           plan_text=(d / "plan.attn").read_text(), timings=rep["timings"])
+                           plan_text=(d / "plan.attn").read_text(), timings=rep["timings"],
+                           gates=gp if gp.exists() else None)
 
 
 def _parse_candidates(texts):
@@ -233,7 +237,8 @@ def main() -> None:
 
             gate_api.apply(model, plan_text("bench", layers=L, heads=H,
                                             kv_heads=rep["model"]["kv_heads"], choice=cells,
-                                            granularity="q"), gates=args.gates)
+                                            granularity="q"),
+                           gates=getattr(res, "gates", None) or args.gates)
         else:
             ap_.apply(model, cells)
         acc, hits = passkey_accuracy(model, pk)

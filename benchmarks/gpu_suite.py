@@ -72,6 +72,7 @@ def main(argv=None) -> int:
         print(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}",
               file=sys.stderr)
         return 1
+    fixed = dict(x.split("=") for x in a.limits.split(",") if x)
     t_start = time.monotonic()
     summary = []
     for i, name in enumerate(names):
@@ -80,7 +81,6 @@ def main(argv=None) -> int:
         # Later stages get their share of what is left, so an early finish helps them.
         rest = sum(STAGES[s][1] for s in names[i:])
         limit = max(10.0, left * share / rest if rest else left)
-        fixed = dict(x.split("=") for x in a.limits.split(",") if x)
         if name in fixed:
             limit = min(float(fixed[name]), max(10.0, left))
         if name == "records":

@@ -44,7 +44,6 @@ def main() -> None:
     from attnc.codegen import tune as ktune
     from attnc.compiler.blockmask import Schedule, build
 
-
     t_start = time.monotonic()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +98,6 @@ def gated_records(q, k, v, n: int, a, dev: str, out: Path, t_start: float) -> No
     import attnc
 
     H, G, D = q.shape[1], k.shape[1], q.shape[3]
-    # Gated: gate + builder + block kernel, and the gate alone, at several budgets.
     gate = BlockGate(H, G, D, 64).to("cuda")
     gate_recs = []
     for topk in (int(x) for x in a.gate_topk.split(",")):
@@ -133,12 +131,12 @@ def gated_records(q, k, v, n: int, a, dev: str, out: Path, t_start: float) -> No
               f"{ms:.4f} ms (gate module {g_ms:.4f} ms), kept blocks {kept} of "
               f"{causal_blocks}", flush=True)
     if gate_recs:
+        from attnc import atomic
+
         path = out / "gates.json"
         old = json.loads(path.read_text()) if path.exists() else []
         old = [r for r in old if not (r["n"] == n and r["device"] == dev)]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(old + gate_recs, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic.write_text(path, json.dumps(old + gate_recs, indent=1) + "\n")
 
 
 def plan_kernel(q, k, v, n: int, rep: float) -> None:
@@ -152,8 +150,6 @@ def plan_kernel(q, k, v, n: int, rep: float) -> None:
     import attnc
 
     H, G = q.shape[1], k.shape[1]
-    # One plan kernel: three patterns over the KV heads of one layer (and their query
-    # heads) in one launch, against each pattern launched on its own heads.
     try:
         lib = attnc.loads("")
         irs3 = [lower(lib, "causal", {}), lower(lib, "streaming", {"window": n // 8}),

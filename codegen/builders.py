@@ -273,7 +273,8 @@ def rank_keys(score: torch.Tensor) -> torch.Tensor:
 _ON_DEVICE: dict[tuple, torch.Tensor] = {}
 
 
-# Host sources and device copies that captured CUDA graphs read at every replay.
+# Host sources and device copies that captured CUDA graphs read at every replay (a few small
+# tensors per capture, kept for the life of the process).
 _CAPTURED_SOURCES: list[torch.Tensor] = []
 
 
@@ -284,21 +285,18 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     dev = torch.device(device)
     if x.device.type != "cpu" or dev.type != "cuda":
         return x.to(dev)
-    if x.numel() > 256 and not torch.cuda.is_current_stream_capturing():
+    capturing = torch.cuda.is_current_stream_capturing()
+    if x.numel() > 256 and not capturing:
         return x.pin_memory().to(dev, non_blocking=True)
-    # While a CUDA graph captures, every copy is kept: a replay reads the pinned source again.
     key = (str(dev), x.dtype, tuple(x.shape), tuple(x.reshape(-1).tolist()))
     if key not in _ON_DEVICE:
-        capturing = torch.cuda.is_current_stream_capturing()
         if len(_ON_DEVICE) > 4096 and not capturing:
             _ON_DEVICE.clear()
         pinned = x.pin_memory()
         _ON_DEVICE[key] = pinned.to(dev, non_blocking=True)
-        if capturing:  # every replay copies from this host buffer again: keep it alive
+        if capturing:  # every replay copies from this host buffer again
             _CAPTURED_SOURCES.append(pinned)
-    if torch.cuda.is_current_stream_capturing():
-        # A captured graph reads this device tensor at every replay: clearing the cache
-        # later must not free it.
+    if capturing:  # every replay reads this device tensor: clearing the cache must not free it
         _CAPTURED_SOURCES.append(_ON_DEVICE[key])
     return _ON_DEVICE[key]
 

@@ -880,7 +880,6 @@ class Graphed:
         if q.device.type != "cuda":
             raise ValueError("CUDA graphs need CUDA tensors")
         self.q, self.k, self.v = (x.detach().contiguous().clone() for x in (q, k, v))
-        self.bm, self.options = bm, options
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -194,6 +194,34 @@ def block_keep(scores: torch.Tensor, el: torch.Tensor, topk: torch.Tensor | int,
     return el & (scores >= thr.view(H, 1, 1)) & ranked
 
 
+def own_blocks_first(scores: torch.Tensor, el: torch.Tensor) -> torch.Tensor:
+    """The eligible scores of [..., nb, nb] flattened, each query block's own block ranked
+    above every threshold (the `gated` pattern keeps it whatever the gate says)."""
+    nb = scores.shape[-1]
+    own = torch.eye(nb, dtype=torch.bool, device=scores.device)
+    return torch.where(own, torch.tensor(float("inf"), dtype=scores.dtype,
+                                         device=scores.device), scores)[..., el].reshape(-1)
+
+
+def density_thresholds(scores: list[torch.Tensor], densities) -> list[float]:
+    """Per density, the smallest threshold that keeps at most that share of the blocks whose
+    scores (own_blocks_first) are given: just above the (keep + 1)-th largest score. 0 keeps
+    all; when the own blocks alone exceed the budget, a threshold above every gate score keeps
+    only them."""
+    flat = torch.sort(torch.cat(scores), descending=True).values
+    finite = flat[torch.isfinite(flat)]
+    top = finite.max() if finite.numel() else torch.tensor(0.0, dtype=flat.dtype)
+    out = []
+    for d in densities:
+        keep = int(d * flat.numel())
+        if keep >= flat.numel():
+            out.append(0.0)
+            continue
+        at = top if torch.isinf(flat[keep]) else flat[keep]
+        out.append(float(torch.nextafter(at, torch.tensor(float("inf"), dtype=at.dtype))))
+    return out
+
+
 class GateSet(nn.Module):
     """The gates of a model: one BlockGate per gated layer, all with one block size, and the
     (layer, query head) cells they serve."""
@@ -254,4 +282,4 @@ class GateSet(nn.Module):
 
 
 __all__ = ["DIST_BUCKETS", "BlockGate", "GateSet", "block_keep", "distance_buckets", "eligible",
-           "pool3"]
+           "density_thresholds", "own_blocks_first", "pool3"]

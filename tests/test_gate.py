@@ -446,3 +446,19 @@ def test_relative_scores_and_trained_distance(tiny, trained, tmp_path):
     back = ga.load_gates(path, model=tiny[0])
     assert back.relative and back[0].max_distance == 15 and not trained.gates.relative
     torch.testing.assert_close(back[0](q, k), r)
+
+
+def test_density_thresholds_rank_own_blocks_first():
+    """Own blocks count before any gate score, also with relative scores above 1 or 2; a
+    budget below the own blocks gives a threshold above every gate score."""
+    from attnc.codegen.gate import density_thresholds, own_blocks_first
+
+    nb = 4
+    el = eligible(nb, 16, 0, 64)  # 10 eligible blocks, 4 of them own
+    s = torch.tensor([[0.0, 0, 0, 0], [7.0, 0.5, 0, 0], [3.0, 1.0, 0.1, 0],
+                      [6.0, 2.5, 0.2, 0.05]])
+    flat = own_blocks_first(s, el)
+    assert flat.numel() == 10 and torch.isinf(flat).sum() == 4
+    t6, t2, t1 = density_thresholds([flat], [0.6, 0.2, 1.0])
+    assert ((s >= t6) & el & ~torch.eye(nb, dtype=torch.bool)).sum() == 2  # 7.0 and 6.0
+    assert t2 > 7.0 and t1 == 0.0
