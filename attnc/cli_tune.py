@@ -73,6 +73,12 @@ def register(sub) -> None:
     p.add_argument("--gate-sequences", type=int, default=None,
                    help="calibration chunks (of the longest tuning length) the gates learn "
                         "from (default: all the calibration text holds)")
+    p.add_argument("--gate-rope", type=int, default=32,
+                   help="gate dimensions with the gate's own block-level rotary embedding "
+                        "(even; 0: none; default 32)")
+    p.add_argument("--gate-post-rope", action="store_true",
+                   help="gates see the model's post-RoPE Q and K (default: the rotation undone, "
+                        "as SeerAttention's gate sees them)")
     p.set_defaults(func=cmd_tune)
 
 
@@ -108,7 +114,8 @@ def cmd_tune(args) -> int:
             else None
         gates = train_gate(model, calib_ids, block=args.gate_block, length=tl,
                            sequences=args.gate_sequences, steps=args.gate_steps, seed=args.seed,
-                           heldout_ids=stop, stride=args.gate_stride)
+                           heldout_ids=stop, stride=args.gate_stride,
+                           rope=args.gate_rope, pre_rope=not args.gate_post_rope)
         print(f"gates: KL {gates.history[0]:.4f} -> {gates.history[-1]:.4f} in "
               f"{gates.seconds['total']:.0f} s", file=sys.stderr)
     res = autotune(model, calib_ids, heldout_ids=held_ids,

@@ -46,6 +46,9 @@ def save_gates(gates: GateSet | TrainResult, path: str | Path) -> Path:
         g = gs[ly]
         for name in ("wq", "wk", "bias", "dist"):
             tensors[f"layers.{ly}.{name}"] = getattr(g, name).detach().float().contiguous()
+    inv = gs[gs.layers[0]].model_inv_freq
+    if inv is not None:  # the model's rotary frequencies, which the gate undoes
+        tensors["model_inv_freq"] = inv.detach().float().cpu().contiguous()
     path = Path(path)
     with atomic.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(gs.meta))
@@ -97,9 +100,19 @@ def load_gates(path: str | Path, *, model=None, plan=None) -> GateSet:
             raise _fail(path, f"gates do not cover plan '{info.name}' (layer {ly} head {h} and "
                               f"{len(missing) - 1} more cells; plan key "
                               f"{cells_key(pb, pcells)}, file key {meta['plan_key']})")
+    rope = int(meta.get("rope", "0"))  # files from before the gate's own rotary: none
+    rope_base = float(meta.get("rope_base", "10000.0"))
+    if rope < 0 or rope % 2 or not rope_base > 0:
+        raise _fail(path, f"bad gate rotary settings (rope {rope}, rope_base {rope_base})")
+    inv_freq = tensors.get("model_inv_freq")
+    if meta.get("pre_rope") == "1" and inv_freq is None:
+        raise _fail(path, "missing tensor model_inv_freq (the gate sees pre-RoPE Q and K)")
+    if inv_freq is not None and 2 * inv_freq.numel() > D:
+        raise _fail(path, f"model_inv_freq has {inv_freq.numel()} frequencies, more than head "
+                          f"dim {D} holds")
     gates = {}
     for ly in sorted({c[0] for c in cells}):
-        g = BlockGate(H, G, D, block, d_gate, init="random")
+        g = BlockGate(H, G, D, block, d_gate, init="random", rope=rope, rope_base=rope_base)
         with torch.no_grad():
             for name in ("wq", "wk", "bias", "dist"):
                 key = f"layers.{ly}.{name}"
@@ -107,9 +120,14 @@ def load_gates(path: str | Path, *, model=None, plan=None) -> GateSet:
                     continue  # files from before the positional prior: it stays 0
                 if key not in tensors:
                     raise _fail(path, f"missing tensor {key}")
+                want = tuple(getattr(g, name).shape)
+                if tuple(tensors[key].shape) != want:
+                    raise _fail(path, f"tensor {key} has shape {tuple(tensors[key].shape)}, "
+                                      f"expected {want} (block {block}, d_gate {d_gate}, rope "
+                                      f"{rope})")
                 getattr(g, name).copy_(tensors[key])
         g.requires_grad_(False)
-        gates[ly] = g
+        gates[ly] = g.set_model_rope(inv_freq)
     gs = GateSet(gates, cells, meta)
     md = meta.get("max_distance")
     return gs.configure(relative=meta.get("scores") == "relative",

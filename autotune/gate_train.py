@@ -15,8 +15,8 @@ from attnc.codegen.gate import (
     GateSet,
     density_thresholds,
     eligible,
+    gate_features,
     own_blocks_first,
-    pool3,
 )
 from attnc.compiler.ir import Const, Op, PatternIR, Sel, Var, free_vars
 from attnc.compiler.lower import lower_plan
@@ -141,8 +141,8 @@ class _Recorder:
     """An attention function: dense causal SDPA (the model runs unchanged) that also records,
     per wanted layer, the pooled Q and K and the block-level attention target."""
 
-    def __init__(self, block: int, layers: set[int]):
-        self.block, self.layers = block, layers
+    def __init__(self, block: int, layers: set[int], inv_freq: torch.Tensor | None = None):
+        self.block, self.layers, self.inv_freq = block, layers, inv_freq
         self.data: dict[int, LayerData] = {ly: LayerData() for ly in layers}
 
     def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -154,21 +154,42 @@ class _Recorder:
             d = self.data[module.layer_idx]
             for b in range(query.shape[0]):
                 q, k = query[b].detach().float(), key[b].detach().float()
-                d.pq.append(pool3(q, self.block))
-                d.pk.append(pool3(k, self.block))
+                d.pq.append(gate_features(q, self.block, inv_freq=self.inv_freq))
+                d.pk.append(gate_features(k, self.block, inv_freq=self.inv_freq))
                 d.target.append(block_targets(q, k, self.block, float(scale)))
         return out.transpose(1, 2).contiguous(), None
 
 
 @torch.no_grad()
+def model_rope(model) -> torch.Tensor | None:
+    """The model's rotary inverse frequencies (the `inv_freq` buffer of its rotary embedding
+    module), or None when it has none or several different ones (e.g. per layer type): then
+    gates see the post-RoPE Q and K."""
+    found: list[torch.Tensor] = []
+    for m in model.modules():
+        f = getattr(m, "inv_freq", None)
+        if isinstance(f, torch.Tensor) and f.ndim == 1 and f.numel() > 0:
+            f = f.detach().float().cpu()
+            if not any(f.shape == g.shape and torch.equal(f, g) for g in found):
+                found.append(f)
+    if len(found) != 1 or 2 * found[0].numel() > shape(model)[3]:
+        return None
+    return found[0]
+
+
 def collect(model, sequences: list[torch.Tensor], block: int,
-            layers: list[int] | None = None) -> dict[int, LayerData]:
+            layers: list[int] | None = None, *, inv_freq: torch.Tensor | None = None,
+            gates: GateSet | None = None) -> dict[int, LayerData]:
     """Run the dense model on each sequence (ids [L], one length) and collect, per layer, the
-    pooled features and block targets the gates learn from."""
+    pooled features (of Q and K with the rotary embedding of `inv_freq` undone, when given,
+    or as `gates` see them) and block targets the gates learn from."""
     from transformers import AttentionInterface
 
+    if gates is not None:
+        inv_freq = gates.model_inv_freq
+
     L = shape(model)[0]
-    rec = _Recorder(block, set(range(L)) if layers is None else set(layers))
+    rec = _Recorder(block, set(range(L)) if layers is None else set(layers), inv_freq)
     AttentionInterface.register(_CAPTURE, rec)
     was_training = model.training
     model.eval()
@@ -291,7 +312,8 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                steps: int = 300, lr: float = 3e-3, weight_decay: float = 0.0,
                init: str = "pooled", seed: int = 0, heldout_ids: torch.Tensor | None = None,
                early_stop: bool = True, log: Callable[[str], None] | None = None,
-               stride: int | None = None) -> TrainResult:
+               stride: int | None = None, rope: int = 32,
+               pre_rope: bool = True) -> TrainResult:
     """Train gates for `model` by distillation: the dense model runs on `sequences` chunks of
     `length` calibration tokens; per layer and head the gate learns the attention probabilities
     max-pooled to blocks (KL(target || gate)). With `plan` (a plan with gated cells: PlanInfo,
@@ -300,7 +322,10 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     text) measures held-out KL before and after training and, with `early_stop`, keeps the
     weights of the step with the lowest held-out KL (checked every 25 steps). `stride`
     (default `length`) spaces the chunks' starts: a stride below the length gives overlapping
-    chunks, which generalise better from little text (docs/BENCHMARKS.md)."""
+    chunks, which generalise better from little text (docs/BENCHMARKS.md). `pre_rope`: the
+    gates see Q and K with the model's rotary embedding undone (when it has one, see
+    model_rope); `rope`: extra gate dimensions with a block-level rotary embedding of their
+    own (0: none). Both lowered held-out KL on SmolLM2 (docs/gate.md)."""
     from .apply import _plan_info
 
     t0 = time.perf_counter()
@@ -323,10 +348,12 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     layers = sorted({ly for ly, _ in cells})
     heads = {ly: sorted(h for c, h in cells if c == ly) for ly in layers}
     seqs = _chunks(calib_ids, length, sequences, stride)
-    data = collect(model, seqs, block, layers)
+    inv_freq = model_rope(model) if pre_rope else None
+    data = collect(model, seqs, block, layers, inv_freq=inv_freq)
     t1 = time.perf_counter()
-    gates = {ly: BlockGate(H, G, D, block, d_gate, init=init, seed=seed + ly) for ly in layers}
-    val = collect(model, _chunks(heldout_ids, length, 1), block, layers) \
+    gates = {ly: BlockGate(H, G, D, block, d_gate, init=init, seed=seed + ly,
+                           rope=rope).set_model_rope(inv_freq) for ly in layers}
+    val = collect(model, _chunks(heldout_ids, length, 1), block, layers, inv_freq=inv_freq) \
         if heldout_ids is not None else None
     vt = {ly: val[ly].stacked() for ly in layers} if val is not None else None
 
@@ -363,6 +390,8 @@ def gate_meta(gs: GateSet, model, train: dict | None = None) -> dict[str, str]:
             "plan_key": cells_key(gs.block, gs.cells), "block": str(gs.block),
             "d_gate": str(gs.d_gate), "heads": str(g.heads), "kv_heads": str(g.kv_heads),
             "head_dim": str(g.head_dim), "layers": str(L),
+            "rope": str(g.rope), "rope_base": repr(g.rope_base),
+            "pre_rope": "1" if g.model_inv_freq is not None else "0",
             "cells": json.dumps([list(c) for c in gs.cells]),
             "train": json.dumps(train or {}),
             **{k: gs.meta[k] for k in ("scores", "max_distance") if k in gs.meta}}
@@ -394,7 +423,7 @@ def random_kl(gs: GateSet, data: dict[int, LayerData], seed: int = 1) -> float:
     for ly in gs.layers:
         g = gs[ly]
         r = BlockGate(g.heads, g.kv_heads, g.head_dim, g.block, g.d_gate, init="random",
-                      seed=seed + ly)
+                      seed=seed + ly, rope=g.rope, rope_base=g.rope_base)
         hs = sorted(h for c, h in gs.cells if c == ly)
         with torch.no_grad():
             out.append(float(kl_loss(r, *data[ly].stacked(), hs)))

@@ -68,6 +68,10 @@ def main() -> None:
                     help="DENSE_LAYERS:TOPK, e.g. all:6 (every layer gated) or 0,1:5, or "
                          "DENSE_LAYERS:dDENSITY: the threshold whose block density on an unused "
                          "calibration chunk is DENSITY (e.g. all:d0.19)")
+    ap.add_argument("--rope", type=int, default=32,
+                    help="gate dimensions with the gate's block-level rotary embedding")
+    ap.add_argument("--post-rope", action="store_true",
+                    help="the gate sees post-RoPE Q and K (default: the model's RoPE undone)")
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--gates", help="reuse this gate file instead of training")
     ap.add_argument("--out", default="/tmp/attnc-gate-bench", help="output folder")
@@ -109,7 +113,8 @@ def main() -> None:
         tl = a.train_length or n
         r = ga.train_gate(model, calib, block=a.block, d_gate=a.d_gate, length=tl,
                           sequences=a.sequences, steps=a.steps, lr=a.lr,
-                          heldout_ids=held[n:n + tl], log=print, stride=a.stride)
+                          heldout_ids=held[n:n + tl], log=print, stride=a.stride,
+                          rope=a.rope, pre_rope=not a.post_rope)
         ga.save_gates(r, gpath)
         gates = r.gates
         res["train"] = {"length": tl, "sequences": a.sequences, "steps": a.steps,
@@ -152,7 +157,7 @@ def main() -> None:
 
                 tl = a.train_length or n
                 c0 = (a.sequences - 1) * (a.stride or tl) + tl
-                cal = gt.collect(model, [calib[c0:c0 + tl]], a.block)
+                cal = gt.collect(model, [calib[c0:c0 + tl]], a.block, gates=gates)
             # Dense layers count fully: the gated layers get what is left of the budget.
             want = (float(sel[1:]) * L - len(dense_layers)) / (L - len(dense_layers))
             thr = gt.calibrate_threshold(gates, cal, want)

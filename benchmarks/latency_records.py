@@ -98,7 +98,10 @@ def gated_records(q, k, v, n: int, a, dev: str, out: Path, t_start: float) -> No
     import attnc
 
     H, G, D = q.shape[1], k.shape[1], q.shape[3]
-    gate = BlockGate(H, G, D, 64).to("cuda")
+    # A gate as train_gate makes it: 32 block-rotary dims, the model's RoPE undone (Llama's
+    # default frequencies for this head dim), so its cost is timed in full.
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    gate = BlockGate(H, G, D, 64, rope=32).set_model_rope(inv).to("cuda")
     gate_recs = []
     for topk in (int(x) for x in a.gate_topk.split(",")):
         if time.monotonic() - t_start > a.budget:

@@ -46,6 +46,46 @@ def pool3(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None)
     return feats
 
 
+def unrotate(x: torch.Tensor, inv_freq: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Undo a model's rotary embedding on x [..., L, D] at positions start .. start + L - 1:
+    transformers' rotate_half convention over the first 2 R dims (R = len(inv_freq); the rest,
+    under partial rotary, pass through). The angles are float32 positions times inv_freq, as
+    transformers computes them, so the inverse matches the forward rotation's rounding."""
+    R = inv_freq.numel()
+    L = x.shape[-2]
+    pos = torch.arange(start, start + L, device=x.device, dtype=torch.float32)
+    ang = pos.view(-1, 1) * inv_freq.to(device=x.device, dtype=torch.float32).view(1, -1)
+    c, s = ang.cos(), ang.sin()
+    xf = x.float()
+    x1, x2 = xf[..., :R], xf[..., R:2 * R]
+    # Forward: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s); the inverse rotates by -angle.
+    return torch.cat([x1 * c + x2 * s, x2 * c - x1 * s, xf[..., 2 * R:]], dim=-1)
+
+
+def gate_features(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None,
+                  inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+    """What a gate sees of x [..., L, D] (post-RoPE Q or K at positions start ..): with the
+    model's `inv_freq`, its rotary embedding undone, then pool3 over absolute blocks."""
+    if inv_freq is not None:
+        x = unrotate(x, inv_freq, start)
+    return pool3(x, block, start=start, nb=nb)
+
+
+def block_rope(x: torch.Tensor, dims: int, base: float) -> torch.Tensor:
+    """Rotate the last `dims` features of x [..., nb, d] by their row's block index (RoPE at
+    block level: pairs (i, i + dims / 2) at angle index * base^(-i / (dims / 2))), so that a
+    query block row times a key block row depends on their block distance."""
+    if dims == 0:
+        return x
+    h = dims // 2
+    n = x.shape[-2]
+    w = base ** (-torch.arange(h, device=x.device, dtype=x.dtype) / h)
+    ang = torch.arange(n, device=x.device, dtype=x.dtype).view(-1, 1) * w
+    c, s = ang.cos(), ang.sin()
+    keep, x1, y1 = x[..., :-dims], x[..., -dims:-h], x[..., -h:]
+    return torch.cat([keep, x1 * c - y1 * s, x1 * s + y1 * c], dim=-1)
+
+
 def distance_buckets(nq: int, nk: int, device=None,
                      max_distance: int | None = None) -> torch.Tensor:
     """[nq, nk] int64: the prior's bucket of each (query block, key block) pair by absolute
@@ -81,6 +121,12 @@ class BlockGate(nn.Module):
     (pool3(Q_h) Wq_h)(pool3(K_g(h)) Wk_h)^T / sqrt(d_gate) over absolute blocks, softmax over
     the eligible key blocks of each query block row (SeerAttention's block distribution).
 
+    Like SeerAttention's gate, it can see Q and K before the model's rotary embedding (the
+    model's `inv_freq`, set with `set_model_rope`: the gate undoes the rotation before pooling,
+    since mean-pooling rotated vectors cancels their fast-turning pairs) and puts a rotary
+    embedding of its own on `rope` extra projected dimensions at block level (`block_rope`):
+    content-dependent relative position, where the prior below is content-independent.
+
     A learned per-head positional prior is added to the block logits: one value per log2
     bucket of the block distance and one for key block 0 (SeerAttention has RoPE on the pooled
     features for this; a bucketed bias costs 17 numbers per head and generalises from little
@@ -96,16 +142,20 @@ class BlockGate(nn.Module):
     """
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, block: int, d_gate: int = 64,
-                 *, init: str = "pooled", seed: int = 0):
+                 *, init: str = "pooled", seed: int = 0, rope: int = 0,
+                 rope_base: float = 10000.0):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+        if rope < 0 or rope % 2:
+            raise ValueError(f"rope must be an even number of dimensions >= 0, not {rope}")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.block, self.d_gate = block, d_gate
+        self.rope, self.rope_base = rope, float(rope_base)
         F = 3 * head_dim
         g = torch.Generator().manual_seed(seed)
-        wq = torch.randn(heads, F, d_gate, generator=g) / math.sqrt(F)
-        wk = torch.randn(heads, F, d_gate, generator=g) / math.sqrt(F)
+        wq = torch.randn(heads, F, d_gate + rope, generator=g) / math.sqrt(F)
+        wk = torch.randn(heads, F, d_gate + rope, generator=g) / math.sqrt(F)
         if init == "pooled":
             # Start from the mean-pooled Q . K block score (top_blocks' heuristic): the average
             # features map to the first min(D, d_gate) gate dimensions, with the attention
@@ -125,6 +175,20 @@ class BlockGate(nn.Module):
         self.dist = nn.Parameter(torch.zeros(heads, DIST_BUCKETS + 1))
         self.relative = False  # scores relative to the row's uniform share (see above)
         self.max_distance: int | None = None  # longest block distance trained on
+        # The model's rotary inverse frequencies, when the gate sees Q and K without them.
+        self.register_buffer("model_inv_freq", None, persistent=False)
+
+    def set_model_rope(self, inv_freq: torch.Tensor | None) -> BlockGate:
+        """See Q and K before the model's rotary embedding of these inverse frequencies (None:
+        as given). The features must match what the gate was trained on."""
+        if inv_freq is not None:
+            inv_freq = inv_freq.detach().float().reshape(-1)
+            if 2 * inv_freq.numel() > self.head_dim:
+                raise ValueError(f"{inv_freq.numel()} rotary frequencies do not fit head dim "
+                                 f"{self.head_dim}")
+            inv_freq = inv_freq.to(self.wq.device)
+        self.model_inv_freq = inv_freq
+        return self
 
     @property
     def group(self) -> int:
@@ -138,6 +202,10 @@ class BlockGate(nn.Module):
         pk = pk.repeat_interleave(self.group, dim=-3)
         a = torch.einsum("...hqf,hfd->...hqd", pq, self.wq)
         b = torch.einsum("...hkf,hfd->...hkd", pk, self.wk)
+        if self.rope:
+            # Rows are absolute blocks, so the rotation angle is the block index.
+            a = block_rope(a, self.rope, self.rope_base)
+            b = block_rope(b, self.rope, self.rope_base)
         return a @ b.transpose(-1, -2) / math.sqrt(self.d_gate)
 
     def log_probs(self, pq: torch.Tensor, pk: torch.Tensor, el: torch.Tensor) -> torch.Tensor:
@@ -161,8 +229,9 @@ class BlockGate(nn.Module):
         q_start = n - Lq if q_start is None else q_start
         b = self.block_size(n)
         nb = -(-n // b)
-        pq = pool3(q, b, start=q_start, nb=nb)
-        pk = pool3(k, b, nb=nb)
+        inv = self.model_inv_freq
+        pq = gate_features(q, b, start=q_start, nb=nb, inv_freq=inv)
+        pk = gate_features(k, b, nb=nb, inv_freq=inv)
         if self.block == 0:
             z = self.logits(pq, pk) + self.bias.view(-1, 1, 1)
             return torch.sigmoid(z)
@@ -263,6 +332,11 @@ class GateSet(nn.Module):
         return next(iter(self.layer_gates.values())).relative
 
     @property
+    def model_inv_freq(self) -> torch.Tensor | None:
+        """The model rotary frequencies the gates undo (None: they see post-RoPE Q and K)."""
+        return next(iter(self.layer_gates.values())).model_inv_freq
+
+    @property
     def block(self) -> int:
         return next(iter(self.layer_gates.values())).block
 
@@ -281,5 +355,6 @@ class GateSet(nn.Module):
         return str(layer) in self.layer_gates
 
 
-__all__ = ["DIST_BUCKETS", "BlockGate", "GateSet", "block_keep", "distance_buckets", "eligible",
-           "density_thresholds", "own_blocks_first", "pool3"]
+__all__ = ["DIST_BUCKETS", "BlockGate", "GateSet", "block_keep", "block_rope",
+           "density_thresholds", "distance_buckets", "eligible", "gate_features",
+           "own_blocks_first", "pool3", "unrotate"]

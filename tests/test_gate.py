@@ -187,7 +187,7 @@ def test_training_reduces_kl_and_beats_random(tiny, trained):
     hist = trained.history
     assert len(hist) == 61 and hist[-1] < hist[0]
     before, after = trained.heldout
-    held = gt.collect(m, [ids[768:1024]], 16)
+    held = gt.collect(m, [ids[768:1024]], 16, gates=trained.gates)
     kl = gt.evaluate_kl(trained.gates, held)
     assert abs(kl - after) < 1e-5
     assert kl < gt.random_kl(trained.gates, held)
@@ -209,7 +209,7 @@ def test_early_stopping_keeps_the_best_held_out_step(tiny):
 @pytest.mark.parametrize("density", [0.3, 0.6])
 def test_calibrated_threshold_meets_the_block_density(tiny, trained, density):
     m, ids = tiny
-    data = gt.collect(m, [ids[768:1024]], 16)
+    data = gt.collect(m, [ids[768:1024]], 16, gates=trained.gates)
     thr = gt.calibrate_threshold(trained.gates, data, density)
     kept = total = 0
     for ly in trained.gates.layers:
@@ -462,3 +462,112 @@ def test_density_thresholds_rank_own_blocks_first():
     t6, t2, t1 = density_thresholds([flat], [0.6, 0.2, 1.0])
     assert ((s >= t6) & el & ~torch.eye(nb, dtype=torch.bool)).sum() == 2  # 7.0 and 6.0
     assert t2 > 7.0 and t1 == 0.0
+
+
+# ---------------------------------------------------------------- the model's RoPE and the gate's
+
+
+def test_unrotate_inverts_the_models_rotary_embedding(tiny):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    m, _ = tiny
+    inv = gt.model_rope(m)
+    H, n, D = 4, 50, m.config.hidden_size // m.config.num_attention_heads
+    assert inv is not None and inv.numel() == D // 2
+    q = torch.randn(1, H, n, D, generator=_gen(5))
+    k = torch.randn(1, 2, n, D, generator=_gen(6))
+    start = 7  # positions start .. start + n - 1, as for queries after a prefix
+    cos, sin = m.model.rotary_emb(q, torch.arange(start, start + n).view(1, -1))
+    qr, kr = apply_rotary_pos_emb(q, k, cos, sin)
+    from attnc.codegen.gate import unrotate
+
+    torch.testing.assert_close(unrotate(qr[0], inv, start), q[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unrotate(kr[0], inv, start), k[0], atol=1e-5, rtol=1e-5)
+    # Partial rotary: only the first 2 R dims were rotated; the rest pass through.
+    part = inv[: D // 4]
+    x = torch.randn(3, n, D, generator=_gen(7))
+    y = unrotate(x, part)
+    assert torch.equal(y[..., D // 2:], x[..., D // 2:])
+    assert not torch.allclose(y[..., :D // 2], x[..., :D // 2])
+
+
+def test_block_rope_scores_depend_on_block_distance_only():
+    from attnc.codegen.gate import block_rope
+
+    g = BlockGate(2, 1, 8, 16, d_gate=8, init="random", seed=1, rope=4)
+    assert g.wq.shape == (2, 24, 12)
+    # Every block has the same features: the scores can differ only by block distance.
+    f = torch.randn(1, 1, 24, generator=_gen(2))
+    z = g.logits(f.expand(2, 6, 24), f.expand(1, 6, 24))
+    for d in range(6):
+        diag = torch.diagonal(z, offset=-d, dim1=-2, dim2=-1)
+        torch.testing.assert_close(diag, diag[..., :1].expand_as(diag))
+    assert not torch.allclose(z[..., 5, 5], z[..., 5, 0])
+    x = torch.randn(3, 6, 10, generator=_gen(3))
+    assert torch.equal(block_rope(x, 0, 10000.0), x)
+    assert torch.equal(block_rope(x, 4, 10000.0)[..., :6], x[..., :6])
+    with pytest.raises(ValueError, match="even"):
+        BlockGate(2, 1, 8, 16, rope=3)
+
+
+def test_pre_rope_gate_sees_unrotated_q_and_k(tiny):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    m, _ = tiny
+    inv = gt.model_rope(m)
+    H, G, D, n, blk = 4, 2, 16, 70, 16
+    g = BlockGate(H, G, D, blk, d_gate=8, init="random", seed=4, rope=4).set_model_rope(inv)
+    q = torch.randn(1, H, n, D, generator=_gen(8))
+    k = torch.randn(1, G, n, D, generator=_gen(9))
+    cos, sin = m.model.rotary_emb(q, torch.arange(n).view(1, -1))
+    qr, kr = apply_rotary_pos_emb(q, k, cos, sin)
+    Lq = 20  # the last 20 queries: positions n - 20 .. n - 1
+    s = g(qr[0, :, -Lq:], kr[0])
+    plain = BlockGate(H, G, D, blk, d_gate=8, init="random", seed=4, rope=4)
+    s0 = plain(q[0, :, -Lq:], k[0])
+    torch.testing.assert_close(s, s0, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="do not fit head dim"):
+        BlockGate(H, G, 4, blk).set_model_rope(inv)
+
+
+def test_rope_gate_files_round_trip(tiny, trained, tmp_path):
+    m, ids = tiny
+    gs = trained.gates
+    g0 = gs[gs.layers[0]]
+    assert g0.rope == 32 and g0.model_inv_freq is not None  # train_gate's defaults
+    assert gs.meta["rope"] == "32" and gs.meta["pre_rope"] == "1"
+    path = ga.save_gates(trained, tmp_path / "r.gates.safetensors")
+    back = ga.load_gates(path, model=m)
+    q = torch.randn(4, 40, 16, generator=_gen(10))
+    k = torch.randn(2, 40, 16, generator=_gen(11))
+    for ly in gs.layers:
+        assert torch.equal(back[ly].model_inv_freq, gs[ly].model_inv_freq)
+        torch.testing.assert_close(back[ly](q, k), gs[ly](q, k))
+    # A file that claims pre-RoPE features but lacks the frequencies, or whose weights do not
+    # have the rope dimensions its metadata says, is refused with one line.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+        meta = f.metadata()
+    save_file({k: v for k, v in t.items() if k != "model_inv_freq"}, str(tmp_path / "a.st"),
+              metadata=meta)
+    with pytest.raises(attnc.AttncError, match="missing tensor model_inv_freq"):
+        ga.load_gates(tmp_path / "a.st")
+    save_file(t, str(tmp_path / "b.st"), metadata={**meta, "rope": "8"})
+    with pytest.raises(attnc.AttncError, match="has shape") as e:
+        ga.load_gates(tmp_path / "b.st")
+    assert "\n" not in str(e.value)
+    save_file(t, str(tmp_path / "c.st"), metadata={**meta, "rope": "3"})
+    with pytest.raises(attnc.AttncError, match="bad gate rotary"):
+        ga.load_gates(tmp_path / "c.st")
+
+
+def test_post_rope_training_without_gate_rope(tiny):
+    m, ids = tiny
+    r = gt.train_gate(m, ids[:512], block=16, d_gate=16, length=256, sequences=1, steps=5,
+                      rope=0, pre_rope=False)
+    g = r.gates[r.gates.layers[0]]
+    assert g.rope == 0 and g.model_inv_freq is None and g.wq.shape[-1] == 16
+    assert r.gates.meta["pre_rope"] == "0"
