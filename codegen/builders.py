@@ -318,5 +318,75 @@ def keep_top(keys: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["block_keys", "keep_top", "last_rows_scores", "pool_blocks", "rank_keys",
+
+
+# ---------------------------------------------------------------- the learned gate's pooling
+
+
+@triton.jit
+def _gate_pool_kernel(X, INV, OUT, sx_h, sx_l, so_h, so_b, L, START, B0, R, BLOCK,
+                      BP: tl.constexpr, D: tl.constexpr, UNROT: tl.constexpr):
+    # One (block, head) per program: the block's rows of x, the model's RoPE undone (pair
+    # (d, d + R) turned back by its position's angle), then average / max / min over the
+    # positions present.
+    blk = B0 + tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    i = tl.arange(0, BP)
+    pos = blk.to(tl.int64) * BLOCK + i
+    rows = pos - START
+    ok = (i < BLOCK) & (rows >= 0) & (rows < L)
+    d = tl.arange(0, D)
+    base = X + h * sx_h + rows[:, None] * sx_l
+    x = tl.load(base + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    if UNROT:
+        first = d < R
+        rot = d < 2 * R
+        partner = tl.where(first, d + R, tl.where(rot, d - R, d))
+        xp = tl.load(base + partner[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        f = tl.load(INV + tl.where(first, d, d - R), mask=rot, other=0.0)
+        # float32 position times float32 frequency: the angle transformers computes.
+        ang = pos.to(tl.float32)[:, None] * f[None, :]
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+        sign = tl.where(first, 1.0, -1.0)[None, :]
+        x = tl.where(rot[None, :], x * c + sign * xp * s, x)
+    cnt = tl.sum(ok.to(tl.float32), axis=0)
+    avg = tl.sum(tl.where(ok[:, None], x, 0.0), axis=0) / tl.maximum(cnt, 1.0)
+    mx = tl.max(tl.where(ok[:, None], x, float("-inf")), axis=0)
+    mn = tl.min(tl.where(ok[:, None], x, float("inf")), axis=0)
+    some = cnt > 0
+    out = OUT + h * so_h + blk.to(tl.int64) * so_b + d
+    tl.store(out, tl.where(some, avg, 0.0))
+    tl.store(out + D, tl.where(some, mx, 0.0))
+    tl.store(out + 2 * D, tl.where(some, mn, 0.0))
+
+
+def gate_pool(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None,
+              inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+    """codegen.gate.gate_features in one pass over x [..., L, D] (D a power of two): the
+    model's rotary embedding undone when `inv_freq` is given, then average / max / min pooled
+    over absolute blocks: [..., nb, 3 D] float32. The torch version makes about ten full-size
+    float32 temporaries; this reads x once (twice with the rotation's partner loads)."""
+    *lead, L, D = x.shape
+    nb = -(-(start + L) // block) if nb is None else nb
+    if (start + L) > nb * block:
+        raise ValueError(f"{nb} blocks of {block} do not hold positions {start}..{start + L - 1}")
+    x3 = x.reshape(-1, L, D)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    Hf = x3.shape[0]
+    out = torch.zeros(Hf, nb, 3 * D, dtype=torch.float32, device=x.device)
+    b0 = start // block
+    R = 0 if inv_freq is None else inv_freq.numel()
+    inv = (inv_freq if inv_freq is not None else torch.zeros(1)).to(
+        device=x.device, dtype=torch.float32).contiguous()
+    if nb > b0 and Hf:
+        _gate_pool_kernel[(nb - b0, Hf)](
+            x3, inv, out, x3.stride(0), x3.stride(1), out.stride(0), out.stride(1), L, start,
+            b0, R, block, BP=triton.next_power_of_2(block), D=D, UNROT=inv_freq is not None,
+            num_warps=4)
+    return out.reshape(*lead, nb, 3 * D)
+
+
+__all__ = ["block_keys", "gate_pool", "keep_top", "last_rows_scores", "pool_blocks", "rank_keys",
            "to_device"]

@@ -149,13 +149,6 @@ def _per_head(e: Node, n: int, H: int) -> torch.Tensor:
     return torch.tensor(_per_head_values(e, n, H), dtype=torch.int64)
 
 
-def _per_head_float(e: Node, n: int, H: int, device) -> torch.Tensor:
-    """A float selector parameter (gate's threshold) as one float64 per head."""
-    vals = [num_eval(e, {"n": np.int64(n), "h": np.int64(h)}) for h in range(H)]
-    return B.to_device(torch.tensor([float(np.asarray(v).reshape(-1)[0]) for v in vals],
-                                    dtype=torch.float64), device)
-
-
 def _gate_scores(gates: GateInput | None, q: torch.Tensor, k: torch.Tensor, q_start: int,
                  blk: int, nb: int) -> torch.Tensor:
     """The gate's block scores [H, nb, nb] for one batch element."""
@@ -186,11 +179,27 @@ def _gate_keep(s: Slot, g: torch.Tensor, bm: BlockMaskIR, blk: int, Lq: int) -> 
     causal = bool(_uniform(s.param("causal"), bm.n_var, H, "gate's causal"))
     el = eligible(nb, blk, bm.q_start, Lq, causal, dev)
     topk = _per_head(s.param("topk"), bm.n_var, H)
-    thr = _per_head_float(s.param("threshold"), bm.n_var, H, dev)
+    keep = el & _at_least(g, s.param("threshold"), bm.n_var, H)
+    if int(topk.max()) == 0:  # threshold only: no ranking (host-known, no wait)
+        return keep
     score = torch.where(el, g.float(), torch.full((), float("-inf"), device=dev))
     ranked = B.keep_top(B.rank_keys(score), topk) | B.to_device(topk == 0, dev).view(H, 1, 1)
-    # The threshold is compared in float64, as the reference does.
-    return el & (g.double() >= thr.view(H, 1, 1)) & ranked
+    return keep & ranked
+
+
+def _at_least(g: torch.Tensor, e: Node, n: int, H: int) -> torch.Tensor:
+    """g [H, nb, nb] >= the per-head threshold, as the reference compares: in float64. For
+    float32 scores the same test is g >= the smallest float32 not below the threshold, which
+    spares a float64 copy of the scores (half a gigabyte per head group at 128k)."""
+    vals = np.array([float(np.asarray(num_eval(e, {"n": np.int64(n), "h": np.int64(h)}))
+                           .reshape(-1)[0]) for h in range(H)], dtype=np.float64)
+    if g.dtype != torch.float32:
+        return g.double() >= B.to_device(torch.from_numpy(vals), g.device).view(H, 1, 1)
+    with np.errstate(over="ignore"):
+        t32 = vals.astype(np.float32)
+    below = t32.astype(np.float64) < vals
+    t32[below] = np.nextafter(t32[below], np.float32(np.inf))
+    return g >= B.to_device(torch.from_numpy(t32), g.device).view(H, 1, 1)
 
 
 def _uniform(e: Node, n: int, H: int, what: str) -> int:

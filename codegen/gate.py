@@ -65,7 +65,13 @@ def unrotate(x: torch.Tensor, inv_freq: torch.Tensor, start: int = 0) -> torch.T
 def gate_features(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None,
                   inv_freq: torch.Tensor | None = None) -> torch.Tensor:
     """What a gate sees of x [..., L, D] (post-RoPE Q or K at positions start ..): with the
-    model's `inv_freq`, its rotary embedding undone, then pool3 over absolute blocks."""
+    model's `inv_freq`, its rotary embedding undone, then pool3 over absolute blocks. On the
+    GPU one fused Triton kernel (codegen.builders.gate_pool) does both."""
+    D = x.shape[-1]
+    if x.is_cuda and D & (D - 1) == 0 and x.shape[-2] > 0:
+        from .builders import gate_pool
+
+        return gate_pool(x, block, start=start, nb=nb, inv_freq=inv_freq)
     if inv_freq is not None:
         x = unrotate(x, inv_freq, start)
     return pool3(x, block, start=start, nb=nb)

@@ -336,7 +336,11 @@ def test_gpu_graphed_equals_eager(name):
             "block_topk": {"topk": 8, "block": 64},
             "gated": {"block": 64, "topk": 0, "threshold": 0.05}}[name]
     n, H = 2000, 4
-    opts = {"gates": BlockGate(H, 2, 128, 64).to("cuda")} if name == "gated" else {}
+    # A gate as train_gate makes it: the model's RoPE undone (Llama's default frequencies)
+    # and a block-level rotary embedding of its own, all inside the captured graph.
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    gate = BlockGate(H, 2, 128, 64, rope=32).set_model_rope(inv).to("cuda")
+    opts = {"gates": gate} if name == "gated" else {}
     bm = build(lower(prog, name, args), n=n, heads=H, schedule=Schedule(64, 64))
     q, k, v = _inputs(f"graph-{name}", H, 2, n, n, 128, torch.bfloat16, "cuda")
     g = dyn.Graphed(q, k, v, bm, **opts)
@@ -364,3 +368,22 @@ def test_packed_diagonal_bits_round_trip():
     bits = torch.stack([(words >> i) & 1 for i in range(32)], -1).reshape(2, -1).bool()
     assert torch.equal(bits[:, dyn.VS_PAD:dyn.VS_PAD + 100], flags)
     assert not bits[:, :dyn.VS_PAD].any() and not bits[:, dyn.VS_PAD + 100:].any()
+
+
+def test_gate_threshold_compares_as_float64():
+    """The float32 shortcut for gate thresholds keeps exactly what a float64 comparison keeps,
+    for thresholds between float32 values, on them, beyond float32's range and NaN."""
+    import numpy as np
+    from attnc.codegen.dynamic import _at_least
+    from attnc.compiler.ir import Const
+
+    vals = torch.tensor([0.0, 0.1, 1.0 / 3, 1e-45, 3.4e38, float("inf"), float("-inf"),
+                         float("nan"), -0.0, 0.25], dtype=torch.float32)
+    g = torch.cat([vals, torch.nextafter(vals, torch.tensor(float("inf"))),
+                   torch.nextafter(vals, torch.tensor(float("-inf")))]).view(1, 1, -1)
+    for t in (0.1, 1.0 / 3, 0.25, float(np.float32(0.1)), 1e39, -1e39, 1e-46, 0.0,
+              float("nan"), float("inf")):
+        got = _at_least(g, Const(t), 4096, 1)
+        want = g.double() >= t
+        assert torch.equal(got, want), t
+        assert torch.equal(_at_least(g.double(), Const(t), 4096, 1), want)

@@ -571,3 +571,40 @@ def test_post_rope_training_without_gate_rope(tiny):
     g = r.gates[r.gates.layers[0]]
     assert g.rope == 0 and g.model_inv_freq is None and g.wq.shape[-1] == 16
     assert r.gates.meta["pre_rope"] == "0"
+
+
+@pytest.mark.parametrize("start,L,block,rot", [(0, 70, 16, 8), (5, 30, 8, 4), (37, 27, 16, 0),
+                                               (0, 48, 12, 2)])
+def test_fused_gate_pool_equals_torch(start, L, block, rot):
+    """The GPU's one-pass pooling (Triton, here interpreted on the CPU) equals unrotate +
+    pool3 in torch, with and without the rotation, partial rotary, partial first and last
+    blocks and a block size that is not a power of two."""
+    from attnc.codegen.builders import gate_pool
+    from attnc.codegen.gate import pool3, unrotate
+
+    D = 16
+    x = torch.randn(3, L, D, generator=_gen(L + rot)).to(torch.bfloat16)
+    inv = (1.0 / 10000 ** (torch.arange(rot) / max(rot, 1))) if rot else None
+    nb = -(-(start + L) // block) + 1  # one block more than needed: zeros
+    want = pool3(x if inv is None else unrotate(x, inv, start), block, start=start, nb=nb)
+    got = gate_pool(x, block, start=start, nb=nb, inv_freq=inv)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not hold"):
+        gate_pool(x, block, start=start, nb=1)
+
+
+@pytest.mark.gpu
+def test_gpu_gate_features_equal_the_cpu_path():
+    """On CUDA tensors gate_features runs the fused kernel; the CPU runs torch's ops."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("set TRITON_INTERPRET=0 to compile for the GPU")
+    from attnc.codegen.gate import gate_features
+
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
+    x = torch.randn(2, 4, 3000, 128, generator=_gen(3)).to(torch.bfloat16)
+    for start, f in ((0, inv), (1000, inv), (77, None)):
+        xs = x[..., : 3000 - start, :]
+        want = gate_features(xs, 64, start=start, inv_freq=f)
+        got = gate_features(xs.cuda(), 64, start=start, inv_freq=f)
+        assert got.is_cuda
+        torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
