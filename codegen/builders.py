@@ -324,45 +324,53 @@ def keep_top(keys: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _gate_pool_kernel(X, INV, OUT, sx_h, sx_l, so_h, so_b, L, START, B0, R, BLOCK,
-                      BP: tl.constexpr, D: tl.constexpr, UNROT: tl.constexpr):
-    # One (block, head) per program: the block's rows of x, the model's RoPE undone (pair
+def _gate_pool_kernel(X, INV, OUT, sx_h, sx_l, so_h, so_b, L, START, B0, R, BLOCK, HF,
+                      BP: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, UNROT: tl.constexpr):
+    # One block and HP heads per program: the block's rows of x, the model's RoPE undone (pair
     # (d, d + R) turned back by its position's angle), then average / max / min over the
-    # positions present.
+    # positions present. The angles depend on the position only, so their sines and cosines
+    # (accurate ones: angles reach n radians) are computed once for all HP heads.
     blk = B0 + tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
+    h0 = tl.program_id(1).to(tl.int64) * HP
     i = tl.arange(0, BP)
     pos = blk.to(tl.int64) * BLOCK + i
     rows = pos - START
     ok = (i < BLOCK) & (rows >= 0) & (rows < L)
     d = tl.arange(0, D)
-    base = X + h * sx_h + rows[:, None] * sx_l
-    x = tl.load(base + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    first = d < R
+    rot = d < 2 * R
+    partner = tl.where(first, d + R, tl.where(rot, d - R, d))
     if UNROT:
-        first = d < R
-        rot = d < 2 * R
-        partner = tl.where(first, d + R, tl.where(rot, d - R, d))
-        xp = tl.load(base + partner[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         f = tl.load(INV + tl.where(first, d, d - R), mask=rot, other=0.0)
         # float32 position times float32 frequency: the angle transformers computes.
         ang = pos.to(tl.float32)[:, None] * f[None, :]
         c = tl.cos(ang)
-        s = tl.sin(ang)
-        sign = tl.where(first, 1.0, -1.0)[None, :]
-        x = tl.where(rot[None, :], x * c + sign * xp * s, x)
+        s = tl.sin(ang) * tl.where(first, 1.0, -1.0)[None, :]
     cnt = tl.sum(ok.to(tl.float32), axis=0)
-    avg = tl.sum(tl.where(ok[:, None], x, 0.0), axis=0) / tl.maximum(cnt, 1.0)
-    mx = tl.max(tl.where(ok[:, None], x, float("-inf")), axis=0)
-    mn = tl.min(tl.where(ok[:, None], x, float("inf")), axis=0)
     some = cnt > 0
-    out = OUT + h * so_h + blk.to(tl.int64) * so_b + d
-    tl.store(out, tl.where(some, avg, 0.0))
-    tl.store(out + D, tl.where(some, mx, 0.0))
-    tl.store(out + 2 * D, tl.where(some, mn, 0.0))
+    for j in range(HP):
+        h = h0 + j
+        # [D] all true for a real head: a tensor mask (the interpreter's bool tensor & bool
+        # scalar gives integers, which loads refuse).
+        hm = d < tl.where(h < HF, D, 0)
+        base = X + h * sx_h + rows[:, None] * sx_l
+        m2 = ok[:, None] & hm[None, :]
+        x = tl.load(base + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        if UNROT:
+            xp = tl.load(base + partner[None, :], mask=m2, other=0.0).to(tl.float32)
+            x = tl.where(rot[None, :], x * c + xp * s, x)
+        avg = tl.sum(tl.where(ok[:, None], x, 0.0), axis=0) / tl.maximum(cnt, 1.0)
+        mx = tl.max(tl.where(ok[:, None], x, float("-inf")), axis=0)
+        mn = tl.min(tl.where(ok[:, None], x, float("inf")), axis=0)
+        out = OUT + h * so_h + blk.to(tl.int64) * so_b + d
+        tl.store(out, tl.where(some, avg, 0.0), mask=hm)
+        tl.store(out + D, tl.where(some, mx, 0.0), mask=hm)
+        tl.store(out + 2 * D, tl.where(some, mn, 0.0), mask=hm)
 
 
 def gate_pool(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None,
-              inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+              inv_freq: torch.Tensor | None = None,
+              heads_per_program: int | None = None) -> torch.Tensor:
     """codegen.gate.gate_features in one pass over x [..., L, D] (D a power of two): the
     model's rotary embedding undone when `inv_freq` is given, then average / max / min pooled
     over absolute blocks: [..., nb, 3 D] float32. The torch version makes about ten full-size
@@ -381,10 +389,15 @@ def gate_pool(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = N
     inv = (inv_freq if inv_freq is not None else torch.zeros(1)).to(
         device=x.device, dtype=torch.float32).contiguous()
     if nb > b0 and Hf:
-        _gate_pool_kernel[(nb - b0, Hf)](
+        # Heads per program: enough programs to fill the GPU (about 1024), the rest of the
+        # heads share each program's sines and cosines.
+        hp = heads_per_program or (
+            1 if inv_freq is None else max(1, min(16, (Hf * (nb - b0)) // 1024, Hf)))
+        hp = 1 << (hp.bit_length() - 1)
+        _gate_pool_kernel[(nb - b0, triton.cdiv(Hf, hp))](
             x3, inv, out, x3.stride(0), x3.stride(1), out.stride(0), out.stride(1), L, start,
-            b0, R, block, BP=triton.next_power_of_2(block), D=D, UNROT=inv_freq is not None,
-            num_warps=4)
+            b0, R, block, Hf, BP=triton.next_power_of_2(block), D=D, HP=hp,
+            UNROT=inv_freq is not None, num_warps=4)
     return out.reshape(*lead, nb, 3 * D)
 
 
