@@ -160,7 +160,6 @@ class _Recorder:
         return out.transpose(1, 2).contiguous(), None
 
 
-@torch.no_grad()
 def model_rope(model) -> torch.Tensor | None:
     """The model's rotary inverse frequencies (the `inv_freq` buffer of its rotary embedding
     module), or None when it has none or several different ones (e.g. per layer type): then
@@ -177,6 +176,7 @@ def model_rope(model) -> torch.Tensor | None:
     return found[0]
 
 
+@torch.no_grad()
 def collect(model, sequences: list[torch.Tensor], block: int,
             layers: list[int] | None = None, *, inv_freq: torch.Tensor | None = None,
             gates: GateSet | None = None) -> dict[int, LayerData]:

@@ -318,8 +318,6 @@ def keep_top(keys: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return out
 
 
-
-
 # ---------------------------------------------------------------- the learned gate's pooling
 
 

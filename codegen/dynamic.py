@@ -135,12 +135,28 @@ class IndexSets:
         raise KeyError(kind)
 
 
+def _evaluate_per_head(e: Node, n: int, H: int) -> list:
+    return [np.asarray(num_eval(e, {"n": np.int64(n), "h": np.int64(h)})).reshape(-1)[0]
+            for h in range(H)]
+
+
 @functools.lru_cache(maxsize=1024)
 def _per_head_values(e: Node, n: int, H: int) -> tuple[int, ...]:
     # IR nodes are frozen (hashable): a parameter is evaluated once per (n, heads), not on
     # every call (host time the device would wait for).
-    vals = [num_eval(e, {"n": np.int64(n), "h": np.int64(h)}) for h in range(H)]
-    return tuple(int(np.asarray(v).reshape(-1)[0]) for v in vals)
+    return tuple(int(v) for v in _evaluate_per_head(e, n, H))
+
+
+@functools.lru_cache(maxsize=1024)
+def _threshold32(e: Node, n: int, H: int) -> tuple[float, ...]:
+    """Per head, the smallest float32 not below the float64 threshold e: for float32 scores,
+    score >= it exactly when score >= the threshold in float64 (NaN stays NaN)."""
+    vals = np.array([float(v) for v in _evaluate_per_head(e, n, H)], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        t32 = vals.astype(np.float32)
+    below = t32.astype(np.float64) < vals
+    t32[below] = np.nextafter(t32[below], np.float32(np.inf))
+    return tuple(float(t) for t in t32)
 
 
 def _per_head(e: Node, n: int, H: int) -> torch.Tensor:
@@ -191,15 +207,12 @@ def _at_least(g: torch.Tensor, e: Node, n: int, H: int) -> torch.Tensor:
     """g [H, nb, nb] >= the per-head threshold, as the reference compares: in float64. For
     float32 scores the same test is g >= the smallest float32 not below the threshold, which
     spares a float64 copy of the scores (half a gigabyte per head group at 128k)."""
-    vals = np.array([float(np.asarray(num_eval(e, {"n": np.int64(n), "h": np.int64(h)}))
-                           .reshape(-1)[0]) for h in range(H)], dtype=np.float64)
     if g.dtype != torch.float32:
-        return g.double() >= B.to_device(torch.from_numpy(vals), g.device).view(H, 1, 1)
-    with np.errstate(over="ignore"):
-        t32 = vals.astype(np.float32)
-    below = t32.astype(np.float64) < vals
-    t32[below] = np.nextafter(t32[below], np.float32(np.inf))
-    return g >= B.to_device(torch.from_numpy(t32), g.device).view(H, 1, 1)
+        vals = torch.tensor([float(v) for v in _evaluate_per_head(e, n, H)],
+                            dtype=torch.float64)
+        return g.double() >= B.to_device(vals, g.device).view(H, 1, 1)
+    t32 = torch.tensor(_threshold32(e, n, H), dtype=torch.float32)
+    return g >= B.to_device(t32, g.device).view(H, 1, 1)
 
 
 def _uniform(e: Node, n: int, H: int, what: str) -> int:

@@ -134,9 +134,10 @@ class BlockGate(nn.Module):
     content-dependent relative position, where the prior below is content-independent.
 
     A learned per-head positional prior is added to the block logits: one value per log2
-    bucket of the block distance and one for key block 0 (SeerAttention has RoPE on the pooled
-    features for this; a bucketed bias costs 17 numbers per head and generalises from little
-    calibration text). It starts at 0, so an untrained gate is the pooled-score heuristic.
+    bucket of the block distance and one for key block 0 (a bucketed bias costs 17 numbers per
+    head and generalises from little calibration text; the block rotary dimensions above add
+    position that depends on content). It starts at 0, so an untrained gate is the
+    pooled-score heuristic.
 
     Scores are the block probabilities, or with `relative` the probabilities times the
     number of eligible blocks of the row (1 = the uniform share): a threshold on relative
