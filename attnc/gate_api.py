@@ -21,7 +21,7 @@ from attnc.autotune.gate_train import (
     train_gate,
 )
 from attnc.autotune.model import shape
-from attnc.codegen.gate import BlockGate, GateSet
+from attnc.codegen.gate import SCORE_KINDS, BlockGate, GateSet
 from attnc.compiler.ir import PatternIR
 from attnc.compiler.lower import lower_plan
 from attnc.compiler.rules import rewrite
@@ -130,8 +130,11 @@ def load_gates(path: str | Path, *, model=None, plan=None) -> GateSet:
         gates[ly] = g.set_model_rope(inv_freq)
     gs = GateSet(gates, cells, meta)
     md = meta.get("max_distance")
-    return gs.configure(relative=meta.get("scores") == "relative",
-                        max_distance=int(md) if md else None)
+    kind = meta.get("scores", "probability")
+    if kind not in SCORE_KINDS:
+        raise _fail(path, f"unknown score kind '{kind}' (this attnc reads "
+                          f"{', '.join(SCORE_KINDS)})")
+    return gs.configure(scores=kind, max_distance=int(md) if md else None)
 
 
 class _Masks:

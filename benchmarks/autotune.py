@@ -82,7 +82,7 @@ def _from_report(d: Path):
     cands = _parse_candidates(rep["candidates"])
     from attnc.gate_api import gates_path
 
-    # A plan with gated cells was written with the tuner's gates (relative scores) next to it.
+    # A plan with gated cells was written with the tuner's gates (its score kind) next to it.
     gp = gates_path(d / "plan.attn")
     return SimpleNamespace(report=rep, signals=SimpleNamespace(candidates=cands),
                            plan_text=(d / "plan.attn").read_text(), timings=rep["timings"],

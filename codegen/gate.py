@@ -11,6 +11,9 @@ NEG_INF = float("-inf")
 # Distance buckets of the gate's positional prior: block distance 0, 1, 2-3, 4-7, ... (log2),
 # the last for 2^14 blocks and more; one more bucket for key block 0 (the attention sink).
 DIST_BUCKETS = 16
+# What a gate threshold compares against: the block probability, or it times the sequence's key
+# blocks ("length") or the row's eligible blocks ("relative"); see BlockGate.
+SCORE_KINDS = ("probability", "length", "relative")
 
 
 def pool3(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None) -> torch.Tensor:
@@ -139,10 +142,14 @@ class BlockGate(nn.Module):
     position that depends on content). It starts at 0, so an untrained gate is the
     pooled-score heuristic.
 
-    Scores are the block probabilities, or with `relative` the probabilities times the
-    number of eligible blocks of the row (1 = the uniform share): a threshold on relative
-    scores keeps about the same fraction of a row at any length, where a probability threshold
-    keeps fewer blocks the more a row holds (longer contexts than the calibration text).
+    Scores (`score_kind`, SCORE_KINDS) are the block probabilities ("probability"); or the
+    probabilities times the number of key blocks of the sequence ("length"): at one length the
+    same order and the same selection as probabilities, and a threshold calibrated at one length
+    keeps about the same share at another, where a probability threshold keeps fewer blocks the
+    more a row holds; or times the number of eligible blocks of the row ("relative", 1 = the
+    row's uniform share), which keeps about the same share of every row, short or long. On
+    SmolLM2-135M the per-row rule ("relative") costs far more perplexity at the same density
+    than the other two (docs/gate.md), so "length" is the head tuner's kind.
 
     `block = 0` is the degenerate one-block gate (DuoAttention's `gate(block = n)`): one score
     per head, sigmoid(logit + bias_h), where the softmax over a single block would always be 1.
@@ -180,7 +187,7 @@ class BlockGate(nn.Module):
         self.wk = nn.Parameter(wk)
         self.bias = nn.Parameter(torch.zeros(heads))
         self.dist = nn.Parameter(torch.zeros(heads, DIST_BUCKETS + 1))
-        self.relative = False  # scores relative to the row's uniform share (see above)
+        self.score_kind = "probability"  # see SCORE_KINDS and the class docstring
         self.max_distance: int | None = None  # longest block distance trained on
         # The model's rotary inverse frequencies, when the gate sees Q and K without them.
         self.register_buffer("model_inv_freq", None, persistent=False)
@@ -196,6 +203,15 @@ class BlockGate(nn.Module):
             inv_freq = inv_freq.to(self.wq.device)
         self.model_inv_freq = inv_freq
         return self
+
+    @property
+    def relative(self) -> bool:
+        """Scores relative to the row's uniform share (score_kind "relative")."""
+        return self.score_kind == "relative"
+
+    @relative.setter
+    def relative(self, on: bool) -> None:
+        self.score_kind = "relative" if on else "probability"
 
     @property
     def group(self) -> int:
@@ -246,11 +262,14 @@ class BlockGate(nn.Module):
         return self.scores(self.log_probs(pq, pk, el), el)
 
     def scores(self, lp: torch.Tensor, el: torch.Tensor) -> torch.Tensor:
-        """The selector's scores from log_probs: probabilities, or relative to the row's
-        uniform share (times its eligible blocks) when `relative`."""
+        """The selector's scores from log_probs (el: eligible blocks, key blocks last): the
+        probabilities, times the sequence's key blocks ("length") or the row's eligible blocks
+        ("relative")."""
         p = lp.exp()
-        if self.relative:
+        if self.score_kind == "relative":
             p = p * el.sum(-1, keepdim=True).to(p.dtype)
+        elif self.score_kind == "length":
+            p = p * el.shape[-1]
         return p
 
 
@@ -319,17 +338,24 @@ class GateSet(nn.Module):
         self.cells = sorted(set(cells))
         self.meta = dict(meta or {})
 
-    def configure(self, *, relative: bool | None = None,
+    def configure(self, *, scores: str | None = None, relative: bool | None = None,
                   max_distance: int | None = None) -> GateSet:
-        """Set the score kind (relative or probability) and the longest trained block distance
-        on every layer's gate, and record them in the metadata (so a saved file keeps them)."""
+        """Set the score kind (SCORE_KINDS; `relative=True` is scores="relative", False is
+        "probability") and the longest trained block distance on every layer's gate, and record
+        them in the metadata (so a saved file keeps them)."""
+        if relative is not None:
+            if scores is not None:
+                raise ValueError("give scores= or relative=, not both")
+            scores = "relative" if relative else "probability"
+        if scores is not None and scores not in SCORE_KINDS:
+            raise ValueError(f"score kind is one of {', '.join(SCORE_KINDS)}, not '{scores}'")
         for g in self.layer_gates.values():
-            if relative is not None:
-                g.relative = relative
+            if scores is not None:
+                g.score_kind = scores
             if max_distance is not None:
                 g.max_distance = max_distance
         first = next(iter(self.layer_gates.values()))
-        self.meta["scores"] = "relative" if first.relative else "probability"
+        self.meta["scores"] = first.score_kind
         if first.max_distance is not None:
             self.meta["max_distance"] = str(first.max_distance)
         return self
@@ -337,6 +363,10 @@ class GateSet(nn.Module):
     @property
     def relative(self) -> bool:
         return next(iter(self.layer_gates.values())).relative
+
+    @property
+    def score_kind(self) -> str:
+        return next(iter(self.layer_gates.values())).score_kind
 
     @property
     def model_inv_freq(self) -> torch.Tensor | None:
@@ -362,6 +392,6 @@ class GateSet(nn.Module):
         return str(layer) in self.layer_gates
 
 
-__all__ = ["DIST_BUCKETS", "BlockGate", "GateSet", "block_keep", "block_rope",
+__all__ = ["DIST_BUCKETS", "SCORE_KINDS", "BlockGate", "GateSet", "block_keep", "block_rope",
            "density_thresholds", "distance_buckets", "eligible", "gate_features",
            "own_blocks_first", "pool3", "unrotate"]

@@ -448,6 +448,44 @@ def test_relative_scores_and_trained_distance(tiny, trained, tmp_path):
     torch.testing.assert_close(back[0](q, k), r)
 
 
+def test_length_scores(tiny, trained, tmp_path):
+    """Length scores are probabilities times the sequence's key blocks: at one length the same
+    order as probabilities (a threshold selects the same blocks as the threshold divided by the
+    key blocks), at another length scaled by the other count; the kind survives a file, and an
+    unknown kind is refused."""
+    import copy
+
+    g = copy.deepcopy(trained.gates[0])
+    q, k = torch.randn(4, 100, 16, generator=_gen(5)), torch.randn(2, 100, 16, generator=_gen(6))
+    p = g(q, k)
+    g.score_kind = "length"
+    s = g(q, k)
+    nb = -(-100 // 16)
+    torch.testing.assert_close(s, p * nb)
+    el = eligible(nb, 16, 0, 100)
+    t = float(s[:, el].median())
+    assert torch.equal(block_keep(s, el, 0, t), block_keep(p, el, 0, t / nb))
+    # a decode step (one query at the end of 200 keys): its row is scaled by 200's key blocks
+    q1, k2 = torch.randn(4, 1, 16, generator=_gen(7)), torch.randn(2, 200, 16, generator=_gen(8))
+    s1 = g(q1, k2)
+    g.score_kind = "probability"
+    torch.testing.assert_close(s1, g(q1, k2) * -(-200 // 16))
+    gs = copy.deepcopy(trained.gates).configure(scores="length")
+    assert gs.score_kind == "length" and not gs.relative and gs.meta["scores"] == "length"
+    path = ga.save_gates(gs, tmp_path / "len.gates.safetensors")
+    back = ga.load_gates(path, model=tiny[0])
+    assert back.score_kind == "length"
+    with pytest.raises(ValueError, match="score kind"):
+        copy.deepcopy(trained.gates).configure(scores="row")
+    with pytest.raises(ValueError, match="not both"):
+        copy.deepcopy(trained.gates).configure(scores="length", relative=True)
+    bad = copy.deepcopy(trained.gates)
+    bad.meta["scores"] = "ranked"
+    path = ga.save_gates(bad, tmp_path / "bad.gates.safetensors")
+    with pytest.raises(attnc.AttncError, match="unknown score kind 'ranked'"):
+        ga.load_gates(path, model=tiny[0])
+
+
 def test_density_thresholds_rank_own_blocks_first():
     """Own blocks count before any gate score, also with relative scores above 1 or 2; a
     budget below the own blocks gives a threshold above every gate score."""
