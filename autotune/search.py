@@ -301,6 +301,13 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
         # A DuoAttention-like start: the heads the MoA signal ranks worst stay dense.
         study.enqueue_trial({**base, "w_error": 0.0, "w_mass": 0.0, "loss_power": 2.0,
                              "dense_top": 0.2}, skip_if_exists=True)
+        # Then the base with one signal at a time, and with compounding losses: each varies
+        # one setting, where TPE's early trials move all of them at once and rarely land
+        # near a good point within a few dozen trials (docs/BENCHMARKS.md).
+        for only in SIGNALS:
+            study.enqueue_trial({**base, **{f"w_{s}": float(s == only) for s in SIGNALS}},
+                                skip_if_exists=True)
+        study.enqueue_trial({**base, "loss_power": 2.0}, skip_if_exists=True)
     left = trials - len(study.get_trials(deepcopy=False, states=done_states))
     if left <= 0:
         return study

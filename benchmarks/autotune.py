@@ -68,7 +68,10 @@ def _tune(tune_api, model, calib, held, args, out):
                             validation_length=args.validation_length, trials=args.trials,
                             rows=args.rows, max_ppl_increase=args.max_ppl_increase,
                             latency_budget=args.latency_budget, workdir=out, progress=True,
-                            name="smollm2_tuned", records=args.records, gates=args.gates)
+                            name="smollm2_tuned", records=args.records, gates=args.gates,
+                            granularity=args.granularity, families=args.families,
+                            **({"gate_densities": args.gate_densities}
+                               if args.gate_densities else {}))
     res.write(out / "plan.attn", out / "report.json", out)
     return res
 
@@ -162,6 +165,13 @@ def main() -> None:
     ap.add_argument("--validation-length", type=int, default=8192)
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--granularity", choices=["kv", "q"], default="kv",
+                    help="one decision per KV head (saves KV cache) or per query head")
+    ap.add_argument("--families", nargs="*", default=None,
+                    help="candidate families (default: every shipped one; dense always; none "
+                         "given: only dense and, with --gates, gated)")
+    ap.add_argument("--gate-densities", type=float, nargs="+", default=None,
+                    help="block densities whose global gate thresholds become candidates")
     ap.add_argument("--max-ppl-increase", type=float, default=0.02)
     ap.add_argument("--latency-budget", type=float, default=None)
     ap.add_argument("--passkey-tokens", type=int, default=4096)
