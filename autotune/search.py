@@ -171,7 +171,7 @@ def _suggest(trial: optuna.Trial, prob: Problem, space: Space):
         w = dict.fromkeys(SIGNALS, 1.0)
     agg = trial.suggest_categorical("length_agg", ["max", "mean"])
     tilt = trial.suggest_float("layer_tilt", -2.0, 2.0)
-    split = trial.suggest_categorical("layer_split", ["global", "tilt"])
+    split = trial.suggest_categorical("layer_split", ["global", "tilt", "uniform"])
     fams = {f: trial.suggest_categorical(f"use_{f}", [True, False]) for f in prob.families()}
     power = trial.suggest_float("loss_power", 0.5, 3.0, log=True)
     dense_top = trial.suggest_float("dense_top", 0.0, 0.4)
@@ -205,6 +205,8 @@ def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "
     if clamp:
         floor = float(np.where(allowed & np.isfinite(loss), prob.cost, np.inf).min(1).sum())
         budget = max(budget, floor)
+    if split == "uniform":
+        return _uniform(loss, prob.cost, budget, allowed, clamp)
     groups = []
     if split == "tilt" and prob.layers > 1:
         per_layer = len(prob.units) // prob.layers
@@ -219,6 +221,31 @@ def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "
             sub = max(floor, min(dense_layer, target * dense_layer * wl[ly]))
             groups.append((units, sub * 1.000001))
     return knapsack.solve(loss, prob.cost, budget * 1.000001, allowed=allowed, groups=groups)
+
+
+def _uniform(loss: np.ndarray, cost: np.ndarray, budget: float, allowed: np.ndarray,
+             clamp: bool) -> np.ndarray | None:
+    """The best one-candidate-for-every-unit choice within the budget (units that may not take
+    it stay dense): the uniform plans MoA and DuoAttention compare against, so the front
+    always holds the best of them. Ranked by total loss, ties to the cheaper; with `clamp` and
+    none within the budget, the cheapest."""
+    U, C = loss.shape
+    best, best_key, cheapest, cheapest_cost = None, None, None, np.inf
+    for c in range(1, C):
+        ok = allowed[:, c] & np.isfinite(loss[:, c])
+        if not ok.any() or not (ok | allowed[:, 0]).all():
+            continue
+        choice = np.where(ok, c, 0)
+        total = float(cost[np.arange(U), choice].sum())
+        if total < cheapest_cost:
+            cheapest, cheapest_cost = choice, total
+        if total <= budget * 1.000001:
+            key = (float(loss[np.arange(U), choice].sum()), total)
+            if best_key is None or key < best_key:
+                best, best_key = choice, key
+    if best is None and clamp:
+        return cheapest
+    return best
 
 
 Evaluator = Callable[[dict[tuple[int, int], Candidate]], float]
@@ -301,6 +328,8 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
         # A DuoAttention-like start: the heads the MoA signal ranks worst stay dense.
         study.enqueue_trial({**base, "w_error": 0.0, "w_mass": 0.0, "loss_power": 2.0,
                              "dense_top": 0.2}, skip_if_exists=True)
+        # The best uniform plan (one candidate everywhere) within the budget.
+        study.enqueue_trial({**base, "layer_split": "uniform"}, skip_if_exists=True)
         # Then the base with one signal at a time, and with compounding losses: each varies
         # one setting, where TPE's early trials move all of them at once and rarely land
         # near a good point within a few dozen trials (docs/BENCHMARKS.md).

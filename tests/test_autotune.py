@@ -520,6 +520,20 @@ def test_search_assign_respects_families_and_split(tiny, ids):
     ch = search.assign(prob, 0.01, w, families=fams, clamp=True)
     assert ch is not None and prob.latency(ch) == pytest.approx(cheapest)
     assert search.assign(prob, 0.01, w, families=fams) is None
+    # uniform: one candidate for every unit, the one of least total loss within the budget
+    ch = search.assign(prob, target, w, split="uniform")
+    assert ch is not None and len(set(ch.tolist())) == 1 and ch[0] != 0
+    assert prob.latency(ch) <= target + 1e-6
+    for c in range(1, len(prob.candidates)):
+        every = np.full(len(prob.units), c)
+        if prob.allowed[:, c].all() and np.isfinite(loss[:, c]).all() \
+                and prob.latency(every) <= target:
+            assert loss[:, c].sum() >= loss[:, ch[0]].sum() - 1e-9
+    assert search.assign(prob, 0.01, w, split="uniform") is None
+    ch = search.assign(prob, 0.01, w, split="uniform", clamp=True)
+    every = [np.full(len(prob.units), c) for c in range(1, len(prob.candidates))
+             if prob.allowed[:, c].all() and np.isfinite(loss[:, c]).all()]
+    assert prob.latency(ch) == pytest.approx(min(prob.latency(e) for e in every))
 
 
 def test_apply_through_the_generated_kernels(tiny, ids, monkeypatch):
