@@ -76,6 +76,9 @@ def register(sub) -> None:
     p.add_argument("--gate-rope", type=int, default=32,
                    help="gate dimensions with the gate's own block-level rotary embedding "
                         "(even; 0: none; default 32)")
+    p.add_argument("--gate-retrieval", type=int, default=0, metavar="N",
+                   help="also train the gates on N synthetic retrieval samples: facts hidden in "
+                        "the calibration text and asked for later (default 0)")
     p.add_argument("--gate-post-rope", action="store_true",
                    help="gates see the model's post-RoPE Q and K (default: the rotation undone, "
                         "as SeerAttention's gate sees them)")
@@ -112,10 +115,20 @@ def cmd_tune(args) -> int:
         # Early stopping on the end of the held-out text (validation uses its start).
         stop = held_ids[-tl:] if held_ids.numel() >= 2 * tl + (args.validation_length or 0) \
             else None
+        from attnc.autotune.text import retrieval_ids
+
+        try:
+            extra = [torch.tensor(retrieval_ids(lambda t: tok(t).input_ids, calib_ids.tolist(),
+                                                tl, seed=args.seed + i))
+                     for i in range(args.gate_retrieval)]
+        except ValueError as e:
+            print(f"attnc: --gate-retrieval: {e}", file=sys.stderr)
+            return 2
         gates = train_gate(model, calib_ids, block=args.gate_block, length=tl,
                            sequences=args.gate_sequences, steps=args.gate_steps, seed=args.seed,
                            heldout_ids=stop, stride=args.gate_stride,
-                           rope=args.gate_rope, pre_rope=not args.gate_post_rope)
+                           rope=args.gate_rope, pre_rope=not args.gate_post_rope,
+                           extra_ids=extra)
         print(f"gates: KL {gates.history[0]:.4f} -> {gates.history[-1]:.4f} in "
               f"{gates.seconds['total']:.0f} s", file=sys.stderr)
     res = autotune(model, calib_ids, heldout_ids=held_ids,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -313,7 +313,7 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                init: str = "pooled", seed: int = 0, heldout_ids: torch.Tensor | None = None,
                early_stop: bool = True, log: Callable[[str], None] | None = None,
                stride: int | None = None, rope: int = 32,
-               pre_rope: bool = True) -> TrainResult:
+               pre_rope: bool = True, extra_ids: Sequence[torch.Tensor] = ()) -> TrainResult:
     """Train gates for `model` by distillation: the dense model runs on `sequences` chunks of
     `length` calibration tokens; per layer and head the gate learns the attention probabilities
     max-pooled to blocks (KL(target || gate)). With `plan` (a plan with gated cells: PlanInfo,
@@ -325,7 +325,10 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     chunks, which generalise better from little text (docs/BENCHMARKS.md). `pre_rope`: the
     gates see Q and K with the model's rotary embedding undone (when it has one, see
     model_rope); `rope`: extra gate dimensions with a block-level rotary embedding of their
-    own (0: none). Both lowered held-out KL on SmolLM2 (docs/gate.md)."""
+    own (0: none). Both lowered held-out KL on SmolLM2 (docs/gate.md). `extra_ids`: more
+    training chunks of `length` tokens after the calibration chunks, e.g. synthetic retrieval
+    samples (autotune.text.retrieval_ids), so the gates see attention that fetches a fact
+    from far back."""
     from .apply import _plan_info
 
     t0 = time.perf_counter()
@@ -348,6 +351,12 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     layers = sorted({ly for ly, _ in cells})
     heads = {ly: sorted(h for c, h in cells if c == ly) for ly in layers}
     seqs = _chunks(calib_ids, length, sequences, stride)
+    for i, x in enumerate(extra_ids):
+        x = torch.as_tensor(x).reshape(-1)
+        if x.numel() != length:
+            raise ValueError(f"extra training chunk {i} has {x.numel()} tokens; every chunk "
+                             f"has the training length {length}")
+        seqs.append(x)
     inv_freq = model_rope(model) if pre_rope else None
     data = collect(model, seqs, block, layers, inv_freq=inv_freq)
     t1 = time.perf_counter()
@@ -370,6 +379,7 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     gs = GateSet(gates, cells)
     gs.configure(max_distance=-(-length // block) - 1)
     gs.meta = gate_meta(gs, model, {"length": length, "sequences": len(seqs),
+                                    "extra_chunks": len(extra_ids),
                                     "stride": stride or length, "steps": steps,
                                     "lr": lr, "init": init, "seed": seed,
                                     "kl_first": hist[0], "kl_last": hist[-1],

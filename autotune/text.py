@@ -119,6 +119,46 @@ def passkey_prompt(key: int, filler_sentences: int, depth: float, seed: int = 0)
     return head + " " + " ".join(body) + " What is the pass key? The pass key is"
 
 
+def retrieval_ids(encode, filler_ids, length: int, *, needles: int = 4,
+                  seed: int = 0) -> list[int]:
+    """A synthetic retrieval sample of exactly `length` tokens for calibration (DuoAttention
+    calibrates on passkey retrieval): `needles` facts "The pass key of NAME is NUMBER. ..."
+    hidden in the first 70% of natural filler text (`filler_ids`: token ids of calibration
+    text, at least `length` of them), each asked for, with its answer, at a random later
+    point. `encode` maps text to token ids (a tokenizer's `lambda t: tok(t).input_ids`).
+    The attention that retrieves a fact from far back is what a gate or a tuner calibrated on
+    ordinary prose rarely sees."""
+    if needles < 1:
+        raise ValueError(f"needles must be at least 1, not {needles}")
+    filler_ids = list(filler_ids)
+    r = random.Random(seed)
+    names = r.sample(_FIRST, min(needles, len(_FIRST)))
+    keys = [r.randint(10000, 99999) for _ in names]
+    facts = [list(encode(f" The pass key of {n} is {k}. Remember it. {k} is the pass key of "
+                         f"{n}. ")) for n, k in zip(names, keys, strict=True)]
+    asks = [list(encode(f" What is the pass key of {n}? The pass key of {n} is {k}. "))
+            for n, k in zip(names, keys, strict=True)]
+    extra = sum(map(len, facts)) + sum(map(len, asks))
+    room = length - extra
+    if room < 2 * len(names) or len(filler_ids) < room:
+        raise ValueError(f"a retrieval sample of {length} tokens needs {extra} tokens of facts "
+                         f"and questions and {max(room, 0)} of filler (given "
+                         f"{len(filler_ids)})")
+    start = r.randint(0, len(filler_ids) - room)
+    fill = filler_ids[start:start + room]
+    pieces = []  # (position in the filler, ids): each question after its fact
+    for i, at in enumerate(sorted(r.sample(range(max(1, int(0.7 * room))), len(names)))):
+        pieces.append((at, 0, facts[i]))
+        pieces.append((r.randint(at + 1, room), 1, asks[i]))
+    out: list[int] = []
+    last = 0
+    for at, _, ids in sorted(pieces, key=lambda x: (x[0], x[1])):
+        out += fill[last:at] + ids
+        last = at
+    out += fill[last:]
+    return out
+
+
 def _docs_groups(topics: dict[str, str], min_chars: int = 100) -> list[list[str]]:
     """Topics of pydoc_data that share a paragraph (of >= min_chars characters), joined into
     groups (the reference repeats sections: `specialnames` contains `customization`, ...)."""

@@ -70,6 +70,9 @@ def main() -> None:
                          "calibration chunk is DENSITY (e.g. all:d0.19)")
     ap.add_argument("--rope", type=int, default=32,
                     help="gate dimensions with the gate's block-level rotary embedding")
+    ap.add_argument("--retrieval", type=int, default=0,
+                    help="also train on this many synthetic retrieval samples (facts hidden in "
+                         "calibration text, asked for later)")
     ap.add_argument("--post-rope", action="store_true",
                     help="the gate sees post-RoPE Q and K (default: the model's RoPE undone)")
     ap.add_argument("--sink", type=int, default=64)
@@ -111,10 +114,17 @@ def main() -> None:
         res["train"] = {"reused": a.gates}
     else:
         tl = a.train_length or n
+        from attnc.autotune.text import retrieval_ids
+
+        # Retrieval samples take their filler from the training chunks' text, never from the
+        # chunk after them that thresholds are calibrated on.
+        c0 = (a.sequences - 1) * (a.stride or tl) + tl
+        extra = [torch.tensor(retrieval_ids(lambda t: tok(t).input_ids, calib[:c0].tolist(),
+                                            tl, seed=1000 + i)) for i in range(a.retrieval)]
         r = ga.train_gate(model, calib, block=a.block, d_gate=a.d_gate, length=tl,
                           sequences=a.sequences, steps=a.steps, lr=a.lr,
                           heldout_ids=held[n:n + tl], log=print, stride=a.stride,
-                          rope=a.rope, pre_rope=not a.post_rope)
+                          rope=a.rope, pre_rope=not a.post_rope, extra_ids=extra)
         ga.save_gates(r, gpath)
         gates = r.gates
         res["train"] = {"length": tl, "sequences": a.sequences, "steps": a.steps,

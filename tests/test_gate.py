@@ -3,6 +3,7 @@ tiny Llama, safetensors weights and their checks, apply(), and the kernel path (
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -647,3 +648,49 @@ def test_gpu_gate_features_equal_the_cpu_path():
         got = gate_features(xs.cuda(), 64, start=start, inv_freq=f)
         assert got.is_cuda
         torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_retrieval_samples():
+    """Every fact is hidden in the first 70% of the filler and asked for, with its answer,
+    after it; the sample has exactly the length asked for, is reproducible by seed, and bad
+    sizes are refused."""
+    from attnc.autotune.text import retrieval_ids
+
+    def enc(t):  # one id per character, above the filler's ids
+        return [1000 + ord(c) for c in t]
+
+    filler = list(range(600))
+    x = retrieval_ids(enc, filler, 900, needles=3, seed=4)
+    assert len(x) == 900 and x == retrieval_ids(enc, filler, 900, needles=3, seed=4)
+    assert x != retrieval_ids(enc, filler, 900, needles=3, seed=5)
+    text = "".join(chr(c - 1000) if c >= 1000 else "." for c in x)
+    import re
+
+    facts = {m.group(1): (m.start(), m.group(2))
+             for m in re.finditer(r"The pass key of (\w+) is (\d+)\. Remember", text)}
+    asks = {m.group(1): (m.start(), m.group(2))
+            for m in re.finditer(r"What is the pass key of (\w+)\? The pass key of \w+ is (\d+)",
+                                 text)}
+    assert len(facts) == 3 and facts.keys() == asks.keys()
+    for name, (at, key) in facts.items():
+        assert asks[name][1] == key and asks[name][0] > at
+    plain = [c for c in x if c < 1000]  # the filler, in order, one contiguous run
+    assert plain == list(range(plain[0], plain[0] + len(plain)))
+    with pytest.raises(ValueError, match="needs"):
+        retrieval_ids(enc, filler, 300, needles=3)
+    with pytest.raises(ValueError, match="needles"):
+        retrieval_ids(enc, filler, 900, needles=0)
+
+
+def test_train_gate_with_extra_chunks(tiny):
+    """Extra chunks (retrieval samples) are trained on after the calibration chunks; a chunk
+    of another length is refused."""
+    m, ids = tiny
+    extra = [ids[700:956]]
+    r = gt.train_gate(m, ids[:512], block=16, d_gate=16, length=256, sequences=2, steps=5,
+                      extra_ids=extra, early_stop=False)
+    meta = json.loads(r.gates.meta["train"])
+    assert meta["sequences"] == 3 and meta["extra_chunks"] == 1
+    with pytest.raises(ValueError, match="extra training chunk 0 has 100 tokens"):
+        gt.train_gate(m, ids[:512], block=16, d_gate=16, length=256, sequences=2, steps=1,
+                      extra_ids=[ids[:100]])
