@@ -324,19 +324,18 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
                 "loss_power": 1.0, "dense_top": 0.0,
                 "layer_split": "global", **{f"w_{s}": 1.0 for s in SIGNALS},
                 **{f"use_{f}": True for f in prob.families()}}
-        study.enqueue_trial(base, skip_if_exists=True)
-        # A DuoAttention-like start: the heads the MoA signal ranks worst stay dense.
-        study.enqueue_trial({**base, "w_error": 0.0, "w_mass": 0.0, "loss_power": 2.0,
-                             "dense_top": 0.2}, skip_if_exists=True)
-        # The best uniform plan (one candidate everywhere) within the budget.
-        study.enqueue_trial({**base, "layer_split": "uniform"}, skip_if_exists=True)
+        starts = [base,
+                  # A DuoAttention-like start: the heads the MoA signal ranks worst stay dense.
+                  {**base, "w_error": 0.0, "w_mass": 0.0, "loss_power": 2.0, "dense_top": 0.2},
+                  # The best uniform plan (one candidate everywhere) within the budget.
+                  {**base, "layer_split": "uniform"}]
         # Then the base with one signal at a time, and with compounding losses: each varies
         # one setting, where TPE's early trials move all of them at once and rarely land
         # near a good point within a few dozen trials (docs/BENCHMARKS.md).
-        for only in SIGNALS:
-            study.enqueue_trial({**base, **{f"w_{s}": float(s == only) for s in SIGNALS}},
-                                skip_if_exists=True)
-        study.enqueue_trial({**base, "loss_power": 2.0}, skip_if_exists=True)
+        starts += [{**base, **{f"w_{s}": float(s == only) for s in SIGNALS}} for only in SIGNALS]
+        starts.append({**base, "loss_power": 2.0})
+        for params in starts[:trials]:  # never more than the trials asked for
+            study.enqueue_trial(params, skip_if_exists=True)
     left = trials - len(study.get_trials(deepcopy=False, states=done_states))
     if left <= 0:
         return study
