@@ -117,9 +117,12 @@ def cmd_tune(args) -> int:
             else None
         from attnc.autotune.text import retrieval_ids
 
+        def encode(text: str) -> list[int]:  # no BOS inside a sample
+            return tok(text, add_special_tokens=False).input_ids
+
         try:
-            extra = [torch.tensor(retrieval_ids(lambda t: tok(t).input_ids, calib_ids.tolist(),
-                                                tl, seed=args.seed + i))
+            extra = [torch.tensor(retrieval_ids(encode, calib_ids.tolist(), tl,
+                                                seed=args.seed + i))
                      for i in range(args.gate_retrieval)]
         except ValueError as e:
             print(f"attnc: --gate-retrieval: {e}", file=sys.stderr)

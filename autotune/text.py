@@ -125,7 +125,8 @@ def retrieval_ids(encode, filler_ids, length: int, *, needles: int = 4,
     calibrates on passkey retrieval): `needles` facts "The pass key of NAME is NUMBER. ..."
     hidden in the first 70% of natural filler text (`filler_ids`: token ids of calibration
     text, at least `length` of them), each asked for, with its answer, at a random later
-    point. `encode` maps text to token ids (a tokenizer's `lambda t: tok(t).input_ids`).
+    point. `encode` maps text to token ids without special tokens (`lambda t: tok(t,
+    add_special_tokens=False).input_ids`: a BOS inside the text would be out of place).
     The attention that retrieves a fact from far back is what a gate or a tuner calibrated on
     ordinary prose rarely sees."""
     if needles < 1:

@@ -119,7 +119,8 @@ def main() -> None:
         # Retrieval samples take their filler from the training chunks' text, never from the
         # chunk after them that thresholds are calibrated on.
         c0 = (a.sequences - 1) * (a.stride or tl) + tl
-        extra = [torch.tensor(retrieval_ids(lambda t: tok(t).input_ids, calib[:c0].tolist(),
+        enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731 - no BOS
+        extra = [torch.tensor(retrieval_ids(enc, calib[:c0].tolist(),
                                             tl, seed=1000 + i)) for i in range(a.retrieval)]
         r = ga.train_gate(model, calib, block=a.block, d_gate=a.d_gate, length=tl,
                           sequences=a.sequences, steps=a.steps, lr=a.lr,
