@@ -694,3 +694,17 @@ def test_train_gate_with_extra_chunks(tiny):
     with pytest.raises(ValueError, match="extra training chunk 0 has 100 tokens"):
         gt.train_gate(m, ids[:512], block=16, d_gate=16, length=256, sequences=2, steps=1,
                       extra_ids=[ids[:100]])
+
+
+def test_tuner_gate_copy_uses_length_scores(tiny, trained, tmp_path):
+    """The head tuner scores gated candidates on its own copy of the gates, with length scores
+    (docs/gate.md: per-row relative scores cost far more perplexity); the caller's gates and
+    a gate file it reads are left as they are."""
+    from attnc.tune_api import _gate_set
+
+    gs = _gate_set(trained, tiny[0])
+    assert gs.score_kind == "length" and gs.meta["scores"] == "length"
+    assert trained.gates.score_kind == "probability"
+    path = ga.save_gates(trained, tmp_path / "p.gates.safetensors")
+    assert _gate_set(str(path), tiny[0]).score_kind == "length"
+    assert ga.load_gates(path, model=tiny[0]).score_kind == "probability"
