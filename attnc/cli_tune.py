@@ -120,9 +120,9 @@ def cmd_tune(args) -> int:
         def encode(text: str) -> list[int]:  # no BOS inside a sample
             return tok(text, add_special_tokens=False).input_ids
 
+        filler = calib_ids.tolist()
         try:
-            extra = [torch.tensor(retrieval_ids(encode, calib_ids.tolist(), tl,
-                                                seed=args.seed + i))
+            extra = [torch.tensor(retrieval_ids(encode, filler, tl, seed=args.seed + i))
                      for i in range(args.gate_retrieval)]
         except ValueError as e:
             print(f"attnc: --gate-retrieval: {e}", file=sys.stderr)

@@ -109,19 +109,20 @@ def main() -> None:
     n = a.length
     eval_ids = held[:n].view(1, -1)
     gpath = out / "bench.gates.safetensors"
+    tl = a.train_length or n
+    # The calibration chunk thresholds are set on starts where the training chunks end: it is
+    # never trained on (nor used as retrieval filler).
+    c0 = (a.sequences - 1) * (a.stride or tl) + tl
     if a.gates:
         gates = ga.load_gates(a.gates, model=model)
         res["train"] = {"reused": a.gates}
     else:
-        tl = a.train_length or n
         from attnc.autotune.text import retrieval_ids
 
-        # Retrieval samples take their filler from the training chunks' text, never from the
-        # chunk after them that thresholds are calibrated on.
-        c0 = (a.sequences - 1) * (a.stride or tl) + tl
         enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731 - no BOS
-        extra = [torch.tensor(retrieval_ids(enc, calib[:c0].tolist(),
-                                            tl, seed=1000 + i)) for i in range(a.retrieval)]
+        filler = calib[:c0].tolist()
+        extra = [torch.tensor(retrieval_ids(enc, filler, tl, seed=1000 + i))
+                 for i in range(a.retrieval)]
         r = ga.train_gate(model, calib, block=a.block, d_gate=a.d_gate, length=tl,
                           sequences=a.sequences, steps=a.steps, lr=a.lr,
                           heldout_ids=held[n:n + tl], log=print, stride=a.stride,
@@ -166,8 +167,6 @@ def main() -> None:
             if cal is None:  # the chunk after the training chunks: not used for training
                 from attnc.autotune import gate_train as gt
 
-                tl = a.train_length or n
-                c0 = (a.sequences - 1) * (a.stride or tl) + tl
                 cal = gt.collect(model, [calib[c0:c0 + tl]], a.block, gates=gates)
             # Dense layers count fully: the gated layers get what is left of the budget.
             want = (float(sel[1:]) * L - len(dense_layers)) / (L - len(dense_layers))

@@ -148,10 +148,15 @@ def _per_head_values(e: Node, n: int, H: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=1024)
+def _per_head_floats(e: Node, n: int, H: int) -> tuple[float, ...]:
+    return tuple(float(v) for v in _evaluate_per_head(e, n, H))
+
+
+@functools.lru_cache(maxsize=1024)
 def _threshold32(e: Node, n: int, H: int) -> tuple[float, ...]:
     """Per head, the smallest float32 not below the float64 threshold e: for float32 scores,
     score >= it exactly when score >= the threshold in float64 (NaN stays NaN)."""
-    vals = np.array([float(v) for v in _evaluate_per_head(e, n, H)], dtype=np.float64)
+    vals = np.array(_per_head_floats(e, n, H), dtype=np.float64)
     with np.errstate(over="ignore"):
         t32 = vals.astype(np.float32)
     below = t32.astype(np.float64) < vals
@@ -208,8 +213,7 @@ def _at_least(g: torch.Tensor, e: Node, n: int, H: int) -> torch.Tensor:
     float32 scores the same test is g >= the smallest float32 not below the threshold, which
     spares a float64 copy of the scores (half a gigabyte per head group at 128k)."""
     if g.dtype != torch.float32:
-        vals = torch.tensor([float(v) for v in _evaluate_per_head(e, n, H)],
-                            dtype=torch.float64)
+        vals = torch.tensor(_per_head_floats(e, n, H), dtype=torch.float64)
         return g.double() >= B.to_device(vals, g.device).view(H, 1, 1)
     t32 = torch.tensor(_threshold32(e, n, H), dtype=torch.float32)
     return g >= B.to_device(t32, g.device).view(H, 1, 1)
