@@ -36,7 +36,7 @@ STAGES: dict[str, tuple[list[str], float]] = {
     "gputests": ([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_artifacts.py",
                   "tests/test_tune.py", "tests/test_gate.py", "tests/test_flex.py"], 0.05),
     "kernels": ([sys.executable, os.path.join(HERE, "kernels.py"), "--n", "8192,32768,131072",
-                 "--candidates", "128x128x8x3,128x64x8x3,64x64x4x3,64x64x4x4", "--rep", "40"],
+                 "--rep", "40"],
                 0.55),
     "dynamic": ([sys.executable, os.path.join(HERE, "dynamic.py"), "--quick"], 0.25),
     # Latency records for the head tuner at SmolLM2-135M's shapes (9 heads, 3 KV heads, D 64).

@@ -105,15 +105,15 @@ def run_case(label, pattern, args, n, H, Hkv, D, dtype, tune, rep, lib, out_rows
         bm, cfg, rec = autotune(make_bm, q, k, v, rep_ms=rep, candidates=candidates,
                                 pattern_key=nat.pattern.key)
         row["trials"] = "; ".join(
-            f"{t.block_m}x{t.block_n}/w{t.num_warps}/s{t.num_stages}="
-            + ("fail" if math.isinf(t.ms) else f"{t.ms:.3f}") for t in rec.trials)
+            f"{t.label()}=" + (f"fail ({t.error[:160]})" if math.isinf(t.ms) else f"{t.ms:.3f}")
+            for t in rec.trials)
     else:
         bm = make_bm(Schedule(128, 128))
         cfg = kernel.default_config(bm, D)
     src = kernel.kernel_source(bm)
     row["schedule"] = ("ranges" if "arithmetic ranges" in src.split("\n", 1)[0] else "lists") \
         + (f"+{bm.layout.kind}" if bm.layout is not None else "") \
-        + f" {bm.schedule.block_m}x{bm.schedule.block_n}/w{cfg.num_warps}/s{cfg.num_stages}"
+        + f" {bm.schedule.block_m}x{bm.schedule.block_n}/{cfg.label()}"
 
     def ours():
         return kernel.attention(q, k, v, bm, config=cfg).out
@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--candidates", default=None,
-                    help="launch candidates BMxBNxWARPSxSTAGES,... (default: codegen.tune's)")
+                    help="launch candidates BMxBNxWARPSxSTAGES[+tma][+ws],... (default: "
+                         "codegen.tune's)")
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench rep in ms")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--log", default=None, help="append each case's line to this file")
@@ -206,8 +207,9 @@ def main(argv=None) -> int:
     lib = attnc.loads("")
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float16
     wanted = a.patterns.split(",")
-    cands = [tuple(int(x) for x in c.split("x")) for c in a.candidates.split(",")] \
-        if a.candidates else None
+    from attnc.codegen.tune import parse_candidate
+
+    cands = [parse_candidate(c) for c in a.candidates.split(",")] if a.candidates else None
     rows: list[dict] = []
     for n in [int(x) for x in a.n.split(",")]:
         for label, pattern, args in CASES:

@@ -71,6 +71,34 @@ def _ref(q, k, v, mask, bias, scale, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_forward_matches_reference(case, dtype):
+    _check_case(case, dtype)
+
+
+# Launch options that change the code: TMA descriptors for K and V (1) or Q, K, V and O (2),
+# and the one-loop schedule (full and partial blocks in one loop), with and without TMA. Same
+# results as the default, with index lists and arithmetic ranges, partial last blocks
+# (zero-filled copies), GQA, q_len < n.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
+    "streaming", "a_shape", "shards", "radial", "alibi", "dense")], ids=lambda c: c[0])
+@pytest.mark.parametrize(("tma", "one_loop"), [(1, False), (2, False), (1, True), (0, True)],
+                         ids=["tma-kv", "tma-qkvo", "tma-one-loop", "one-loop"])
+def test_launch_options_match_reference(case, dtype, tma, one_loop):
+    _check_case(case, dtype, kernel.Config(4, 2, tma=tma, one_loop=one_loop))
+
+
+def test_tma_refuses_layouts():
+    from attnc.compiler import layout as L
+
+    pat = lower(LIB, "dilated", {"window": 5, "dilation": 3})
+    lay = next(c for c in L.candidates(pat.mask, 70, 16, 16) if c.kind == "diagonal")
+    bm = build(pat, n=70, heads=2, schedule=Schedule(16, 16), layout=lay)
+    q, k, v = (torch.randn(1, 2, 70, 16, device=DEVICE) for _ in range(3))
+    with pytest.raises(ValueError, match="natural layout"):
+        kernel.attention(q, k, v, bm, config=kernel.Config(4, 2, tma=1))
+
+
+def _check_case(case, dtype, config=None):
     name, args, n, q_len, H, Hkv, D, BM, BN = case
     seed = _fresh_seed()
     g = torch.Generator().manual_seed(seed)
@@ -78,7 +106,7 @@ def test_forward_matches_reference(case, dtype):
     k = torch.randn(2, Hkv, n, D, generator=g).to(dtype).to(DEVICE)
     v = torch.randn(2, Hkv, n, D, generator=g).to(dtype).to(DEVICE)
     bm = build(lower(LIB, name, args), n=n, heads=H, q_len=q_len, schedule=Schedule(BM, BN))
-    res = kernel.attention(q, k, v, bm, poison=True)
+    res = kernel.attention(q, k, v, bm, poison=True, config=config)
     ev = reference.evaluate(LIB, name, n=n, heads=H, q_len=q_len, args=args)
     (o64, lse64), (o_dt, _) = _ref(q.cpu(), k.cpu(), v.cpu(), ev.mask, ev.bias, D**-0.5, dtype)
     out = res.out.cpu().double()
@@ -178,8 +206,11 @@ def test_permuted_layouts(case, dtype):
 
 
 @pytest.mark.parametrize("block", [16, 32])
-def test_strided_per_head_rules_run_as_ranges(block):
-    """shards: a strided rule whose residue depends on h, computed in the kernel per head."""
+@pytest.mark.parametrize("one_loop", [False, True], ids=["two-loops", "one-loop"])
+def test_strided_per_head_rules_run_as_ranges(block, one_loop):
+    """shards: a strided rule whose residue depends on h, computed in the kernel per head;
+    block 16 joins the merged loops, block 32 (two key blocks per pattern block) runs nested
+    loops after them."""
     name, args = "shards", {"stride": 3, "step": 1, "block": block, "local": 10}
     n, H, D = 90, 3, 16
     bm = build(lower(LIB, name, args), n=n, heads=H, schedule=Schedule(16, 16))
@@ -189,7 +220,7 @@ def test_strided_per_head_rules_run_as_ranges(block):
     seed = _fresh_seed()
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, H, n, D, generator=g).to(DEVICE) for _ in range(3))
-    res = kernel.attention(q, k, v, bm, poison=True)
+    res = kernel.attention(q, k, v, bm, poison=True, config=kernel.Config(one_loop=one_loop))
     _check(q, k, v, res, name, args, n, n, H, torch.float32, seed)
 
 
@@ -212,7 +243,9 @@ plan mixed(layers = 2, heads = 6, kv_heads = 3) {
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_plan_layer_runs_in_one_launch(dtype):
+@pytest.mark.parametrize("config", [None, kernel.Config(4, 2, tma=1, one_loop=True)],
+                         ids=["default", "tma-one-loop"])
+def test_plan_layer_runs_in_one_launch(dtype, config):
     """Heads of one layer with different patterns (bias included, GQA, q_len < n): one kernel,
     each head against the reference of its own pattern."""
     prog = attnc.loads(PLAN)
@@ -227,7 +260,7 @@ def test_plan_layer_runs_in_one_launch(dtype):
     q = torch.randn(2, 6, q_len, D, generator=g).to(dtype).to(DEVICE)
     k = torch.randn(2, 3, n, D, generator=g).to(dtype).to(DEVICE)
     v = torch.randn(2, 3, n, D, generator=g).to(dtype).to(DEVICE)
-    res = kernel.attention(q, k, v, pm, poison=True)
+    res = kernel.attention(q, k, v, pm, poison=True, config=config)
     ev = reference.evaluate_plan(plan, layer=0, n=n, q_len=q_len)
     (o64, lse64), (o_dt, _) = _ref(q.cpu(), k.cpu(), v.cpu(), ev.mask, ev.bias, D ** -0.5, dtype)
     out = res.out.cpu().double()

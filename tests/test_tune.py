@@ -78,3 +78,33 @@ def test_unreadable_record_means_tune_again(tmp_path, monkeypatch):
     _, _, again = tune.autotune(make_bm, q, k, v, candidates=[(16, 16, 4, 2)],
                                 directory=tmp_path)
     assert tune.load_record(again.key, tmp_path) is not None
+
+
+def test_launch_options_are_tuned_stored_and_reused(tmp_path, monkeypatch):
+    """TMA and one-loop candidates run (the interpreter runs tensor descriptors), the winner's
+    options are stored in the record and come back as its Config."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _, make_bm, q, k, v = _problem()
+    times = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(tune, "_time", lambda fn, rep: (fn(), next(times))[1])
+    cands = [tune.parse_candidate(c) for c in ("16x16x4x2", "16x16x4x2+tma+one",
+                                               "16x16x4x2+tma2")]
+    _, cfg, rec = tune.autotune(make_bm, q, k, v, candidates=cands, directory=tmp_path)
+    assert cfg == tune.kernel.Config(4, 2, tma=1, one_loop=True)
+    assert [t.label() for t in rec.trials] == ["16x16/w4/s2", "16x16/w4/s2/tma+one",
+                                               "16x16/w4/s2/tma2"]
+    assert all(math.isfinite(t.ms) for t in rec.trials)
+    monkeypatch.setattr(tune, "_time", lambda fn, rep: pytest.fail("must reuse the record"))
+    _, cfg2, again = tune.autotune(make_bm, q, k, v, candidates=cands, directory=tmp_path)
+    assert cfg2 == cfg and again.best == rec.best
+
+
+def test_candidate_spelling():
+    assert tune.parse_candidate("128x64x8x3") == (128, 64, 8, 3)
+    assert tune.parse_candidate("128x64x8x3+tma") == (128, 64, 8, 3, 1, False)
+    assert tune.parse_candidate("64x64x4x3+one") == (64, 64, 4, 3, 0, True)
+    for bad in ("128x64x8", "128x64x8x3+tma+tma2", "128x64x8x3+fast", "axbxcxd"):
+        with pytest.raises(ValueError, match="want BMxBNxWARPSxSTAGES"):
+            tune.parse_candidate(bad)
+    # Without a Hopper GPU the TMA candidates are not offered by default.
+    assert tune.default_candidates(torch.zeros(1)) == tune.CANDIDATES
