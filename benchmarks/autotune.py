@@ -54,13 +54,14 @@ def passkey_trials(tok, n_tokens: int, count: int, seed: int = 0):
 
 @torch.no_grad()
 def passkey_accuracy(model, trials) -> tuple[float, list[bool]]:
-    """Greedy retrieval, teacher-forced: every answer token is the argmax after its prefix."""
+    """Greedy retrieval, teacher-forced: every answer token is the argmax after its prefix.
+    No trials (--passkeys 0): accuracy nan."""
     hits = []
     for ids, start, ans, _key, _depth in trials:
         logits = model(ids.view(1, -1), use_cache=False).logits[0]
         pred = logits[start - 1: start - 1 + len(ans)].argmax(-1).tolist()
         hits.append(pred == list(ans))
-    return sum(hits) / len(hits), hits
+    return (sum(hits) / len(hits) if hits else float("nan")), hits
 
 
 def _tune(tune_api, model, calib, held, args, out):
