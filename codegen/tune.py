@@ -49,9 +49,23 @@ HOPPER_CANDIDATES: list[tuple] = [
 ]
 
 
+# Head dim 64 halves a tile's shared memory and registers: narrower tiles with TMA won there
+# (H200: shards 64x128/4/3, causal at 128k 128x64/8/3, streaming 64x64/4/3).
+HOPPER_CANDIDATES_D64: list[tuple] = [
+    (128, 128, 8, 3, 1),
+    (64, 128, 4, 3, 1),
+    (128, 64, 8, 3, 1),
+    (128, 64, 4, 3, 1),
+    (64, 64, 4, 3, 1),
+    (128, 128, 8, 3),
+    (64, 64, 4, 3),
+]
+
+
 def default_candidates(q: torch.Tensor) -> list[tuple]:
+    """The launch candidates for q's device and head dim."""
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 9:
-        return HOPPER_CANDIDATES
+        return HOPPER_CANDIDATES_D64 if q.shape[-1] <= 64 else HOPPER_CANDIDATES
     return CANDIDATES
 
 
@@ -71,6 +85,13 @@ class Trial:
 
     def label(self) -> str:
         return f"{self.block_m}x{self.block_n}/{self.config().label()}"
+
+
+def _label(cand: tuple) -> str:
+    """A candidate tuple's label, as its Trial writes it."""
+    flags = tuple(cand[4:]) + (0, False)[len(cand) - 4:]
+    return Trial(cand[0], cand[1], cand[2], cand[3], 0.0, "", int(flags[0]),
+                 bool(flags[1])).label()
 
 
 def parse_candidate(text: str) -> tuple:
@@ -195,18 +216,22 @@ def autotune(make_bm: Callable[[Schedule], BlockMaskIR], q: torch.Tensor, k: tor
     (the pattern's own IR key; by default the block mask's, which differs under a layout)."""
     base = make_bm(Schedule())
     key = workload_key(base, q, k)
+    wanted = candidates or default_candidates(q)
     if use_record:
         rec = load_record(key, directory)
-        if rec is not None and math.isfinite(rec.best.ms):
+        # A record answers for the candidates it timed: asked about others, tune again.
+        tried = {t.label() for t in rec.trials} if rec is not None else set()
+        if rec is not None and math.isfinite(rec.best.ms) and \
+                {_label(c) for c in wanted} <= tried:
             b = rec.best
             bm = make_bm(Schedule(b.block_m, b.block_n))
             return bm, b.config(), rec
     trials: list[Trial] = []
     built: dict[tuple[int, int], BlockMaskIR] = {}
-    for cand in candidates or default_candidates(q):
+    for cand in wanted:
         bm_, bn, w, s = cand[:4]
-        cfg = kernel.Config(w, s, int(cand[4]) if len(cand) > 4 else 0,
-                            bool(cand[5]) if len(cand) > 5 else False)
+        flags = tuple(cand[4:]) + (0, False)[len(cand) - 4:]
+        cfg = kernel.Config(w, s, int(flags[0]), bool(flags[1]))
         opts = dict(tma=cfg.tma, one_loop=cfg.one_loop)
         try:
             bm = built.get((bm_, bn)) or make_bm(Schedule(bm_, bn))
@@ -238,6 +263,6 @@ def autotune(make_bm: Callable[[Schedule], BlockMaskIR], q: torch.Tensor, k: tor
     return bm, best.config(), rec
 
 
-__all__ = ["CANDIDATES", "HOPPER_CANDIDATES", "Record", "Trial", "autotune",
-           "default_candidates", "load_record", "parse_candidate", "save_record",
+__all__ = ["CANDIDATES", "HOPPER_CANDIDATES", "HOPPER_CANDIDATES_D64", "Record", "Trial",
+           "autotune", "default_candidates", "load_record", "parse_candidate", "save_record",
            "workload_key"]

@@ -61,6 +61,11 @@ def test_stored_record_is_reused_without_timing(tmp_path, monkeypatch):
     bm, cfg, again = tune.autotune(make_bm, q, k, v, candidates=[(16, 16, 4, 2)],
                                    directory=tmp_path)
     assert again.key == first.key and again.best == first.best
+    # Asked about a candidate the record never timed: tuned again.
+    monkeypatch.setattr(tune, "_time", lambda fn, rep: 1.5)
+    _, _, third = tune.autotune(make_bm, q, k, v, candidates=[(16, 16, 4, 2), (32, 16, 4, 2)],
+                                directory=tmp_path)
+    assert [t.label() for t in third.trials] == ["16x16/w4/s2", "32x16/w4/s2"]
     # A different workload (another length) is a different key: it is tuned afresh.
     assert tune.workload_key(make_bm(Schedule()), q, k) == first.key
     q2 = torch.randn(1, 2, 40, 16, dtype=torch.float16)
