@@ -5,7 +5,9 @@ PARTIAL key blocks (the pattern's predicate and bias inlined as Triton code), on
 base 2, output 0 and LSE -inf for rows that keep nothing. Hooks: the predicate, the bias, the
 key-block schedule (ranges computed in the kernel from the rules' closed forms, or index
 lists), the layout (original positions of permuted rows, loaded and stored in place) and the
-dynamic selectors' side tensor. launch_args() builds a launch as data; attention() runs it.
+dynamic selectors' side tensor. Launch options (Config) choose the loads (pointers or, on
+Hopper, TMA descriptors) and whether full and partial blocks share one loop. launch_args()
+builds a launch as data; attention() runs it.
 """
 
 from __future__ import annotations
