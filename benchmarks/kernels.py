@@ -190,8 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--candidates", default=None,
-                    help="launch candidates BMxBNxWARPSxSTAGES[+tma][+ws],... (default: "
-                         "codegen.tune's)")
+                    help="launch candidates BMxBNxWARPSxSTAGES[+tma|+tma2][+one],... (default: "
+                         "codegen.tune's for the GPU and head dim)")
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench rep in ms")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--log", default=None, help="append each case's line to this file")

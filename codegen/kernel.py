@@ -13,7 +13,7 @@ builds a launch as data; attention() runs it.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -188,12 +188,12 @@ def arithmetic_rules(bm: BlockMaskIR):
 
 
 def _segments_loop(segs: list[tuple[str, str, int]], tag: str, masked: bool | int,
-                   suffix: str, indent: str = "    ") -> list[str]:
+                   suffix: str, ind: str = "    ") -> list[str]:
     """One loop over the concatenation of segments (start, count, step): the block index of
     step t is the start of the last segment whose offset t has reached, plus step times the
     rest. masked: True or False for every block, or an int j: segments from j on are
-    partial (one loop for both kinds, the mask applied under a scalar branch)."""
-    ind = indent
+    partial (one loop for both kinds, the mask applied under a scalar branch). ind: the
+    indentation of the generated lines."""
     L = [f"{ind}{tag}o0 = tl.zeros([], tl.int64)"]
     for j, (_, cnt, _) in enumerate(segs):
         L.append(f"{ind}{tag}o{j + 1} = {tag}o{j} + tl.maximum({cnt}, 0)")
@@ -398,19 +398,16 @@ def attnc_block{suffix}(acc, l_i, m_i, q, kb, q_pos, h, hk, b, n_var, qk_scale,
 {bias}
     # APPLY_MASK 1: a partial block; 2: the one-loop schedule, partial when `part` (a scalar
     # branch after the product, so full and partial blocks share one software pipeline).
-    if APPLY_MASK == 1:
+    if APPLY_MASK != 0:
+        # Bound outside the runtime branch: a bias may have bound k_pos as int64 already, and
+        # a branch must not change a variable's type.
         if POS32:
             k_pos = offs_n.to(tl.int32)[None, :]
         else:
             k_pos = offs_n[None, :]
+    if APPLY_MASK == 1:
         s = tl.where(col_ok[None, :] & ({mask}), s, float("-inf"))
     elif APPLY_MASK == 2:
-        # Positions outside the runtime branch: a bias may have bound k_pos as int64 already,
-        # and a branch must not change a variable's type.
-        if POS32:
-            k_pos = offs_n.to(tl.int32)[None, :]
-        else:
-            k_pos = offs_n[None, :]
         if part:
             s = tl.where(col_ok[None, :] & ({mask}), s, float("-inf"))
     # Full blocks keep every score, so their rows always have a finite maximum.
@@ -671,7 +668,8 @@ def default_config(bm: BlockMaskIR, head_dim: int) -> Config:
 
 def _tma_by_default(q: torch.Tensor, layout) -> bool:
     """TMA loads without a tuning record: on Hopper and newer, 16-bit inputs, head dims up to
-    128, natural layout (faster in every case measured on an H200, docs/BENCHMARKS.md)."""
+    128, natural layout (on an H200: 9-16% faster in every head-dim-128 case measured; at head
+    dim 64 from 1% slower to 10% faster, docs/BENCHMARKS.md)."""
     return (q.device.type == "cuda" and layout is None and q.shape[-1] <= 128
             and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device)[0] >= 9)
@@ -778,7 +776,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
     upcast = bool(interpret and q.dtype != torch.float32)
     cfg = config or default_config(bm, D)
     if config is None and _tma_by_default(q, lay):
-        cfg = Config(cfg.num_warps, cfg.num_stages, tma=1, one_loop=cfg.one_loop)
+        cfg = replace(cfg, tma=1)
     kd, vd = k, v
     if cfg.tma:
         if lay is not None:

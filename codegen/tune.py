@@ -87,11 +87,10 @@ class Trial:
         return f"{self.block_m}x{self.block_n}/{self.config().label()}"
 
 
-def _label(cand: tuple) -> str:
-    """A candidate tuple's label, as its Trial writes it."""
-    flags = tuple(cand[4:]) + (0, False)[len(cand) - 4:]
-    return Trial(cand[0], cand[1], cand[2], cand[3], 0.0, "", int(flags[0]),
-                 bool(flags[1])).label()
+def _trial(cand: tuple, ms: float = math.inf, error: str = "") -> Trial:
+    """The Trial of a candidate tuple (block_m, block_n, warps, stages[, tma[, one_loop]])."""
+    tma, one_loop = (tuple(cand[4:]) + (0, False)[len(cand) - 4:])[:2]
+    return Trial(*cand[:4], ms, error, int(tma), bool(one_loop))
 
 
 def parse_candidate(text: str) -> tuple:
@@ -222,17 +221,15 @@ def autotune(make_bm: Callable[[Schedule], BlockMaskIR], q: torch.Tensor, k: tor
         # A record answers for the candidates it timed: asked about others, tune again.
         tried = {t.label() for t in rec.trials} if rec is not None else set()
         if rec is not None and math.isfinite(rec.best.ms) and \
-                {_label(c) for c in wanted} <= tried:
+                {_trial(c).label() for c in wanted} <= tried:
             b = rec.best
             bm = make_bm(Schedule(b.block_m, b.block_n))
             return bm, b.config(), rec
     trials: list[Trial] = []
     built: dict[tuple[int, int], BlockMaskIR] = {}
     for cand in wanted:
-        bm_, bn, w, s = cand[:4]
-        flags = tuple(cand[4:]) + (0, False)[len(cand) - 4:]
-        cfg = kernel.Config(w, s, int(flags[0]), bool(flags[1]))
-        opts = dict(tma=cfg.tma, one_loop=cfg.one_loop)
+        trial = _trial(cand)
+        bm_, bn, cfg = trial.block_m, trial.block_n, trial.config()
         try:
             bm = built.get((bm_, bn)) or make_bm(Schedule(bm_, bn))
             built[(bm_, bn)] = bm
@@ -240,10 +237,9 @@ def autotune(make_bm: Callable[[Schedule], BlockMaskIR], q: torch.Tensor, k: tor
             if q.device.type == "cuda":
                 torch.cuda.synchronize()
             ms = _time(lambda bm=bm, cfg=cfg: kernel.attention(q, k, v, bm, config=cfg), rep_ms)
-            trials.append(Trial(bm_, bn, w, s, ms, **opts))
+            trials.append(_trial(cand, ms))
         except Exception as e:  # noqa: BLE001 - a failed candidate is infinitely slow
-            msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            trials.append(Trial(bm_, bn, w, s, math.inf, msg, **opts))
+            trials.append(_trial(cand, error=f"{type(e).__name__}: {e}".splitlines()[0][:300]))
     best = min(trials, key=lambda t: t.ms)
     bm = built.get((best.block_m, best.block_n)) or make_bm(Schedule(best.block_m,
                                                                       best.block_n))
