@@ -79,6 +79,13 @@ def register(sub) -> None:
     p.add_argument("--gate-retrieval", type=int, default=0, metavar="N",
                    help="also train the gates on N synthetic retrieval samples: facts hidden in "
                         "the calibration text and asked for later (default 0)")
+    p.add_argument("--retrieval-heads", type=int, default=0, metavar="R",
+                   help="keep the R units (KV heads, or heads with --granularity q) dense whose "
+                        "attention recalls facts from far back, measured on synthetic retrieval "
+                        "samples (DuoAttention's retrieval heads; default 0)")
+    p.add_argument("--retrieval-samples", type=int, default=4, metavar="N",
+                   help="retrieval samples (of the longest tuning length, 4 facts each) that "
+                        "rank the units for --retrieval-heads (default 4)")
     p.add_argument("--gate-post-rope", action="store_true",
                    help="gates see the model's post-RoPE Q and K (default: the rotation undone, "
                         "as SeerAttention's gate sees them)")
@@ -108,6 +115,25 @@ def cmd_tune(args) -> int:
         lengths = [top // 2, top]
     out = Path(args.output)
     gates = args.gates
+    from attnc.autotune.text import retrieval_ids
+
+    def encode(text: str) -> list[int]:  # no BOS inside a sample
+        return tok(text, add_special_tokens=False).input_ids
+
+    retrieval = None
+    if args.retrieval_heads < 0 or args.retrieval_samples < 1:
+        print("attnc: --retrieval-heads must be >= 0 and --retrieval-samples >= 1",
+              file=sys.stderr)
+        return 2
+    if args.retrieval_heads:
+        try:
+            # Seeds apart from the gates' retrieval samples (args.seed + i).
+            retrieval = [retrieval_ids(encode, calib_ids.tolist(), max(lengths),
+                                       seed=args.seed + 1000 + i, spans=True)
+                         for i in range(args.retrieval_samples)]
+        except ValueError as e:
+            print(f"attnc: --retrieval-heads: {e}", file=sys.stderr)
+            return 2
     if args.train_gate and gates is None:
         from attnc.gate_api import train_gate
 
@@ -115,11 +141,6 @@ def cmd_tune(args) -> int:
         # Early stopping on the end of the held-out text (validation uses its start).
         stop = held_ids[-tl:] if held_ids.numel() >= 2 * tl + (args.validation_length or 0) \
             else None
-        from attnc.autotune.text import retrieval_ids
-
-        def encode(text: str) -> list[int]:  # no BOS inside a sample
-            return tok(text, add_special_tokens=False).input_ids
-
         filler = calib_ids.tolist()
         try:
             extra = [torch.tensor(retrieval_ids(encode, filler, tl, seed=args.seed + i))
@@ -143,7 +164,8 @@ def cmd_tune(args) -> int:
                    block=args.block, storage=args.storage, study_name=args.study_name,
                    sampler=args.sampler, seed=args.seed, name=args.name,
                    workdir=out.parent if str(out.parent) else ".",
-                   progress=not args.no_progress, worker=args.worker, gates=gates)
+                   progress=not args.no_progress, worker=args.worker, gates=gates,
+                   retrieval=retrieval, retrieval_heads=args.retrieval_heads)
     if res is None:
         print("attnc: worker finished its trials", file=sys.stderr)
         return 0

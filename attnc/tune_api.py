@@ -111,7 +111,9 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
              study_name: str | None = None, sampler: str = "tpe", seed: int = 0,
              name: str = "tuned", workdir: str | Path = ".", progress: bool = False,
              worker: bool = False, gates=None,
-             gate_densities: Sequence[float] = GATE_DENSITIES) -> TuneResult | None:
+             gate_densities: Sequence[float] = GATE_DENSITIES,
+             retrieval: Sequence | None = None,
+             retrieval_heads: int = 0) -> TuneResult | None:
     """Choose a pattern per head (per KV head with granularity "kv") of a transformers causal LM.
 
     Signals are measured on calibration segments at `lengths` (default: half and all of
@@ -131,7 +133,14 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     that a threshold keeps about the same share at other lengths. Their signals
     and densities come from the gate run on the captured Q and K, their latency from gate
     records (or the block model plus the gate's pass); a plan with gated
-    cells is evaluated through attnc.gate_api and written with its weights next to it."""
+    cells is evaluated through attnc.gate_api and written with its weights next to it.
+
+    `retrieval_heads` units (KV heads, or query heads with granularity "q") stay dense in
+    every trial: those whose attention, on the `retrieval` samples (token ids with the spans
+    of each fact and of its recalled key, autotune.text.retrieval_ids(..., spans=True)),
+    puts the most mass on the fact while the model recalls it (DuoAttention's retrieval
+    heads, measured on the dense model instead of trained). Calibration prose rarely asks
+    for a fact from far back, so its signals do not see which heads do that."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     calib_ids = calib_ids.reshape(-1)
@@ -179,6 +188,20 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     prob = search.build_problem(sig, lat, layers=L, granularity=granularity,
                                 latency_n=max(validation_length, lengths[-1]))
     timings["latency_s"] = time.perf_counter() - t1
+    retrieval_rows = []
+    if retrieval_heads:
+        t1 = time.perf_counter()
+        if not retrieval:
+            raise ValueError("retrieval_heads needs retrieval samples (token ids with fact and "
+                             "answer spans: autotune.text.retrieval_ids(..., spans=True))")
+        from attnc.autotune.retrieval import retrieval_scores, top_units
+
+        rs = retrieval_scores(model, retrieval)
+        top = top_units(rs, retrieval_heads, G, granularity)
+        prob.force_dense(top)
+        per = rs.reshape(L, G, H // G).max(-1) if granularity == "kv" else rs
+        retrieval_rows = [{"layer": ly, "unit": u, "score": float(per[ly, u])} for ly, u in top]
+        timings["retrieval_s"] = time.perf_counter() - t1
 
     # 3. search
     t1 = time.perf_counter()
@@ -264,6 +287,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     report = _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val,
                      validation_length, max_ppl_increase, latency_budget, timings, storage,
                      (L, H, G, D))
+    report["retrieval_heads"] = retrieval_rows
     return TuneResult(text, cells, report, study_name, storage, timings, sig, gs)
 
 

@@ -34,6 +34,18 @@ class Problem:
     allowed: np.ndarray  # [U, C] valid at every length
     units: list[tuple[int, int]] = field(default_factory=list)
     sources: dict[str, int] = field(default_factory=dict)  # latency source counts
+    dense_units: list[tuple[int, int]] = field(default_factory=list)  # forced dense
+
+    def force_dense(self, units: list[tuple[int, int]]) -> None:
+        """Keep these units dense in every trial (retrieval heads): only candidate 0."""
+        index = {u: i for i, u in enumerate(self.units)}
+        for u in units:
+            if tuple(u) not in index:
+                kind = "KV head" if self.granularity == "kv" else "head"
+                raise ValueError(f"no unit {tuple(u)} (layer, {kind})")
+            self.allowed[index[tuple(u)], 1:] = False
+            if tuple(u) not in self.dense_units:
+                self.dense_units.append(tuple(u))
 
     @property
     def candidates(self) -> list[Candidate]:
@@ -95,9 +107,11 @@ class Problem:
         return float(self.dens[np.arange(len(choice)), choice].mean())
 
     def fingerprint(self) -> str:
-        return json.dumps({"candidates": [c.call_text() for c in self.candidates],
-                           "units": self.units, "lengths": self.signals.lengths,
-                           "latency_n": self.latency_n}, sort_keys=True)
+        d = {"candidates": [c.call_text() for c in self.candidates], "units": self.units,
+             "lengths": self.signals.lengths, "latency_n": self.latency_n}
+        if self.dense_units:  # a study with other forced units is another problem
+            d["dense_units"] = sorted(self.dense_units)
+        return json.dumps(d, sort_keys=True)
 
 
 def build_problem(sig: Signals, lat: LatencyModel, *, layers: int, granularity: str = "kv",

@@ -120,7 +120,7 @@ def passkey_prompt(key: int, filler_sentences: int, depth: float, seed: int = 0)
 
 
 def retrieval_ids(encode, filler_ids, length: int, *, needles: int = 4,
-                  seed: int = 0) -> list[int]:
+                  seed: int = 0, spans: bool = False):
     """A synthetic retrieval sample of exactly `length` tokens for calibration (DuoAttention
     calibrates on passkey retrieval): `needles` facts "The pass key of NAME is NUMBER. ..."
     hidden in the first 70% of natural filler text (`filler_ids`: token ids of calibration
@@ -128,7 +128,9 @@ def retrieval_ids(encode, filler_ids, length: int, *, needles: int = 4,
     point. `encode` maps text to token ids without special tokens (`lambda t: tok(t,
     add_special_tokens=False).input_ids`: a BOS inside the text would be out of place).
     The attention that retrieves a fact from far back is what a gate or a tuner calibrated on
-    ordinary prose rarely sees."""
+    ordinary prose rarely sees. spans=True also returns, per needle, (fact start, fact end,
+    answer start, answer end): token positions (end exclusive) of the fact sentences and of
+    the key's tokens in its answer."""
     if needles < 1:
         raise ValueError(f"needles must be at least 1, not {needles}")
     filler_ids = list(filler_ids)
@@ -149,15 +151,32 @@ def retrieval_ids(encode, filler_ids, length: int, *, needles: int = 4,
     fill = filler_ids[start:start + room]
     pieces = []  # (position in the filler, ids): each question after its fact
     for i, at in enumerate(sorted(r.sample(range(max(1, int(0.7 * room))), len(names)))):
-        pieces.append((at, 0, facts[i]))
-        pieces.append((r.randint(at + 1, room), 1, asks[i]))
+        pieces.append((at, 0, i, facts[i]))
+        pieces.append((r.randint(at + 1, room), 1, i, asks[i]))
     out: list[int] = []
+    where: dict[tuple[int, int], int] = {}  # (needle, fact 0 / ask 1) -> start in out
     last = 0
-    for at, _, ids in sorted(pieces, key=lambda x: (x[0], x[1])):
-        out += fill[last:at] + ids
+    for at, kind, i, ids in sorted(pieces, key=lambda x: (x[0], x[1])):
+        out += fill[last:at]
+        where[(i, kind)] = len(out)
+        out += ids
         last = at
     out += fill[last:]
-    return out
+    if not spans:
+        return out
+    found = []
+    for i, k in enumerate(keys):
+        key = list(encode(f" {k}"))
+        ask = asks[i]
+        # The key's tokens in its answer: the last place they occur in the question and answer
+        # (tokenizers split at the space before a number, so they appear as encoded alone).
+        at = max((j for j in range(len(ask) - len(key) + 1) if ask[j:j + len(key)] == key),
+                 default=None)
+        if at is None:
+            raise ValueError(f"the tokenizer does not keep the key {k} apart in its answer")
+        f0, a0 = where[(i, 0)], where[(i, 1)] + at
+        found.append((f0, f0 + len(facts[i]), a0, a0 + len(key)))
+    return out, found
 
 
 def _docs_groups(topics: dict[str, str], min_chars: int = 100) -> list[list[str]]:

@@ -64,13 +64,24 @@ def passkey_accuracy(model, trials) -> tuple[float, list[bool]]:
     return (sum(hits) / len(hits) if hits else float("nan")), hits
 
 
-def _tune(tune_api, model, calib, held, args, out):
+def _tune(tune_api, model, tok, calib, held, args, out):
+    retrieval = None
+    if args.retrieval_heads:
+        from attnc.autotune.text import retrieval_ids
+
+        def encode(text):  # no BOS inside a sample
+            return tok(text, add_special_tokens=False).input_ids
+
+        # Seeds 1000+ (the gates' own retrieval samples use 0+): not the passkey prompts.
+        retrieval = [retrieval_ids(encode, calib.tolist(), max(args.lengths), seed=1000 + i,
+                                   spans=True) for i in range(args.retrieval_samples)]
     res = tune_api.autotune(model, calib, heldout_ids=held, lengths=args.lengths,
                             validation_length=args.validation_length, trials=args.trials,
                             rows=args.rows, max_ppl_increase=args.max_ppl_increase,
                             latency_budget=args.latency_budget, workdir=out, progress=True,
                             name="smollm2_tuned", records=args.records, gates=args.gates,
                             granularity=args.granularity, families=args.families,
+                            retrieval=retrieval, retrieval_heads=args.retrieval_heads,
                             **({"gate_densities": args.gate_densities}
                                if args.gate_densities else {}))
     res.write(out / "plan.attn", out / "report.json", out)
@@ -185,6 +196,10 @@ def main() -> None:
                     help="latency records (a directory or a shipped set: h200)")
     ap.add_argument("--gates", default=None,
                     help="a gate file trained for every head: gated candidates join the grid")
+    ap.add_argument("--retrieval-heads", type=int, default=0,
+                    help="units kept dense as retrieval heads (ranked on synthetic retrieval "
+                         "samples, never the passkey prompts)")
+    ap.add_argument("--retrieval-samples", type=int, default=4)
     ap.add_argument("--out", default="bench-autotune")
     ap.add_argument("--from-report", metavar="DIR",
                     help="skip tuning: compare the front of a saved report.json")
@@ -219,7 +234,7 @@ def main() -> None:
         res = _from_study(args.from_study, model, held[: args.validation_length])
         tune_s = None
     else:
-        res = _tune(tune_api, model, calib, held, args, out)
+        res = _tune(tune_api, model, tok, calib, held, args, out)
         tune_s = time.perf_counter() - t0
     rep = res.report
     n_val = args.validation_length

@@ -457,6 +457,10 @@ def test_cli_tune(tmp_path, capsys):
     lat = [t["values"][0] for t in rep["trials"] if t["state"] == "COMPLETE"]
     assert lat and max(lat) <= max(0.9, min(lat)) + 1e-9
     assert main(["tune", "--model", str(tmp_path / "nope"), "-o", str(out)]) != 0
+    capsys.readouterr()
+    assert main(["tune", "--model", str(model_dir), "--retrieval-heads", "-1", "-o",
+                 str(out)]) == 2
+    assert "--retrieval-heads must be >= 0" in capsys.readouterr().err
 
 
 def test_cli_tune_with_trained_gates(tmp_path, capsys):
@@ -694,3 +698,72 @@ def test_shipped_h200_records_cover_the_grid():
         g = Candidate("gated", (("block", "64"), ("topk", "0"), ("threshold", "0.01")))
         assert m.source(g, n) == "gate-measured"
         assert m.gated_ms(n, 0.3) > m.gated_ms(n, 0.1) > 0
+
+
+# ---------------------------------------------------------------- retrieval heads
+
+
+def test_fact_mass_and_top_units():
+    from attnc.autotune.retrieval import fact_mass, top_units
+
+    k = torch.zeros(1, 10, 4)
+    k[0, 3, 0] = 1.0
+    q = torch.zeros(2, 10, 4)
+    q[0, 8, 0] = 50.0  # head 0 looks at key 3; head 1 spreads evenly over keys 0..8
+    m = fact_mass(q, k, torch.tensor([8]), 3, 4, 1.0)
+    assert m[0] > 0.999 and m[1].item() == pytest.approx(1 / 9)
+    # causal: a row sees no key after it
+    assert fact_mass(q, k, torch.tensor([2]), 3, 4, 1.0).abs().max() == 0
+    s = np.array([[0.1, 0.9, 0.2, 0.3], [0.5, 0.0, 0.8, 0.1]])
+    assert top_units(s, 2, kv_heads=2) == [(0, 0), (1, 1)]  # a KV head scores as its best
+    assert top_units(s, 3, kv_heads=2, granularity="q") == [(0, 1), (1, 2), (1, 0)]
+
+
+def _retrieval_sample(n: int, seed: int):
+    from attnc.autotune.text import retrieval_ids
+
+    g = torch.Generator().manual_seed(seed)
+    filler = torch.randint(0, 200, (n,), generator=g).tolist()
+    return retrieval_ids(lambda t: [200 + ord(c) % 56 for c in t], filler, n, needles=2,
+                         seed=seed, spans=True)
+
+
+def test_retrieval_scores_match_the_attention_weights(tiny):
+    """The score is the mean softmax mass the rows predicting each key token put on its fact,
+    the same as the model's own (eager) attention weights give."""
+    from attnc.autotune.retrieval import retrieval_scores
+
+    sample = _retrieval_sample(300, 3)
+    got = retrieval_scores(tiny, [sample])
+    ids, spans = sample
+    impl = tiny.config._attn_implementation
+    tiny.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            att = tiny(torch.tensor([ids]), output_attentions=True).attentions
+    finally:
+        tiny.config._attn_implementation = impl
+    want = np.zeros_like(got)
+    for f0, f1, a0, a1 in spans:
+        for ly, a in enumerate(att):
+            want[ly] += a[0, :, a0 - 1:a1 - 1, f0:f1].sum(-1).mean(-1).double().numpy()
+    np.testing.assert_allclose(got, want / len(spans), rtol=1e-4, atol=1e-6)
+    assert got.shape == (2, 4) and (got >= 0).all() and (got <= 1).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        retrieval_scores(tiny, [(ids, [(50, 40, 60, 62)])])
+
+
+def test_autotune_keeps_retrieval_heads_dense(tiny, tmp_path):
+    from attnc.autotune.retrieval import retrieval_scores, top_units
+
+    samples = [_retrieval_sample(400, s) for s in (5, 6)]
+    res = _tune(tiny, tmp_path, 3, max_ppl_increase=0.5, retrieval=samples, retrieval_heads=1)
+    want = top_units(retrieval_scores(tiny, samples), 1, kv_heads=2)
+    got = [(r["layer"], r["unit"]) for r in res.report["retrieval_heads"]]
+    assert got == want
+    ly, g = want[0]
+    assert all(res.cells[(ly, h)].dense for h in (2 * g, 2 * g + 1))
+    # every trial kept it dense, not only the chosen one
+    assert all(p["choice"][ly * 2 + g] == 0 for p in res.report["front"])
+    with pytest.raises(ValueError, match="retrieval samples"):
+        _tune(tiny, tmp_path / "b", 2, retrieval_heads=1)

@@ -676,6 +676,17 @@ def test_retrieval_samples():
         assert asks[name][1] == key and asks[name][0] > at
     plain = [c for c in x if c < 1000]  # the filler, in order, one contiguous run
     assert plain == list(range(plain[0], plain[0] + len(plain)))
+    # spans=True: the same ids, and where each fact and its recalled key sit.
+    y, spans = retrieval_ids(enc, filler, 900, needles=3, seed=4, spans=True)
+    assert y == x and len(spans) == 3
+    for f0, f1, a0, a1 in spans:
+        fact = text[f0:f1]
+        m = re.match(r" The pass key of (\w+) is (\d+)\. Remember it\. \2 is the pass key of "
+                     r"\1\. $", fact)
+        assert m, fact
+        name, key = m.groups()
+        assert text[a0:a1] == " " + key and f1 <= a0
+        assert text[:a0].endswith(f"The pass key of {name} is")
     with pytest.raises(ValueError, match="needs"):
         retrieval_ids(enc, filler, 300, needles=3)
     with pytest.raises(ValueError, match="needles"):

@@ -1,0 +1,68 @@
+"""Retrieval heads: how much attention each head pays to a fact when the model recalls it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .capture import capture
+
+# A sample: token ids and, per needle, (fact start, fact end, answer start, answer end), the
+# layout autotune.text.retrieval_ids(..., spans=True) returns.
+Sample = tuple[Sequence[int], Sequence[tuple[int, int, int, int]]]
+
+
+def fact_mass(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, lo: int, hi: int,
+              scaling: float) -> torch.Tensor:
+    """Per query head, the mean over `rows` of the causal softmax attention mass on keys
+    lo..hi-1. q [H, L, D] and k [G, L, D] post-RoPE (H a multiple of G). Only the rows are
+    formed (len(rows) x L scores per head), never the L x L map."""
+    H, G = q.shape[0], k.shape[0]
+    top = int(rows.max()) + 1
+    kx = k[:, :top].repeat_interleave(H // G, 0).float()
+    s = torch.einsum("hrd,hkd->hrk", q[:, rows].float(), kx) * scaling
+    causal = torch.arange(top).view(1, -1) <= rows.view(-1, 1)
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+    return p[:, :, lo:hi].sum(-1).mean(-1)
+
+
+def retrieval_scores(model, samples: Sequence[Sample]) -> np.ndarray:
+    """[layers, heads]: for every needle of every sample, the attention mass that the rows
+    predicting the answer's key tokens put on the sentences that state the fact, averaged.
+    A head that copies the key from far back scores near 1, a local or sink head near 0:
+    DuoAttention's retrieval heads, measured on the dense model instead of trained (one
+    forward pass per sample, no gradients)."""
+    total, count = None, 0
+    for ids, spans in samples:
+        if not spans:
+            continue
+        cap = capture(model, torch.as_tensor(list(ids)).view(1, -1), grad=False)
+        if total is None:
+            total = np.zeros((len(cap.layers), cap.heads))
+        for f0, f1, a0, a1 in spans:
+            if not 0 <= f0 < f1 <= a0 - 1 < a1 <= cap.n:
+                raise ValueError(f"retrieval span ({f0}, {f1}, {a0}, {a1}) does not fit a "
+                                 f"sample of {cap.n} tokens (fact before its answer)")
+            # The row before each answer token predicts it.
+            rows = torch.arange(a0 - 1, a1 - 1)
+            for ly, lc in enumerate(cap.layers):
+                total[ly] += fact_mass(lc.q, lc.k, rows, f0, f1, cap.scaling).numpy()
+            count += 1
+    if not count:
+        raise ValueError("no retrieval samples with needles")
+    return total / count
+
+
+def top_units(scores: np.ndarray, count: int, kv_heads: int, granularity: str = "kv"
+              ) -> list[tuple[int, int]]:
+    """The `count` units (layer, KV head) or (layer, query head) with the highest retrieval
+    score (a KV head scores as its best query head), best first."""
+    L, H = scores.shape
+    per = scores.reshape(L, kv_heads, H // kv_heads).max(-1) if granularity == "kv" else scores
+    flat = np.argsort(-per.reshape(-1), kind="stable")[:max(count, 0)]
+    return [(int(i) // per.shape[1], int(i) % per.shape[1]) for i in flat]
+
+
+__all__ = ["Sample", "fact_mass", "retrieval_scores", "top_units"]
