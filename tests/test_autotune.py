@@ -765,5 +765,8 @@ def test_autotune_keeps_retrieval_heads_dense(tiny, tmp_path):
     assert all(res.cells[(ly, h)].dense for h in (2 * g, 2 * g + 1))
     # every trial kept it dense, not only the chosen one
     assert all(p["choice"][ly * 2 + g] == 0 for p in res.report["front"])
+    # Other forced units are another problem: another study, not a resumed one.
+    res2 = _tune(tiny, tmp_path, 2, max_ppl_increase=0.5, retrieval=samples, retrieval_heads=2)
+    assert res2.study_name != res.study_name and len(res2.report["retrieval_heads"]) == 2
     with pytest.raises(ValueError, match="retrieval samples"):
         _tune(tiny, tmp_path / "b", 2, retrieval_heads=1)
