@@ -86,6 +86,9 @@ def register(sub) -> None:
     p.add_argument("--retrieval-samples", type=int, default=4, metavar="N",
                    help="retrieval samples (of the longest tuning length, 4 facts each) that "
                         "rank the units for --retrieval-heads (default 4)")
+    p.add_argument("--retrieval-eval", type=int, default=0, metavar="N",
+                   help="N of the retrieval samples join the trials' calibration perplexity, so "
+                        "that plans which stop recalling their keys score worse (default 0)")
     p.add_argument("--gate-post-rope", action="store_true",
                    help="gates see the model's post-RoPE Q and K (default: the rotation undone, "
                         "as SeerAttention's gate sees them)")
@@ -121,11 +124,12 @@ def cmd_tune(args) -> int:
         return tok(text, add_special_tokens=False).input_ids
 
     retrieval = None
-    if args.retrieval_heads < 0 or args.retrieval_samples < 1:
-        print("attnc: --retrieval-heads must be >= 0 and --retrieval-samples >= 1",
-              file=sys.stderr)
+    if args.retrieval_heads < 0 or args.retrieval_samples < 1 or \
+            not 0 <= args.retrieval_eval <= args.retrieval_samples:
+        print("attnc: --retrieval-heads must be >= 0, --retrieval-samples >= 1 and "
+              "--retrieval-eval between 0 and --retrieval-samples", file=sys.stderr)
         return 2
-    if args.retrieval_heads:
+    if args.retrieval_heads or args.retrieval_eval:
         try:
             # Seeds apart from the gates' retrieval samples (args.seed + i).
             retrieval = [retrieval_ids(encode, calib_ids.tolist(), max(lengths),
@@ -165,7 +169,8 @@ def cmd_tune(args) -> int:
                    sampler=args.sampler, seed=args.seed, name=args.name,
                    workdir=out.parent if str(out.parent) else ".",
                    progress=not args.no_progress, worker=args.worker, gates=gates,
-                   retrieval=retrieval, retrieval_heads=args.retrieval_heads)
+                   retrieval=retrieval, retrieval_heads=args.retrieval_heads,
+                   retrieval_eval=args.retrieval_eval)
     if res is None:
         print("attnc: worker finished its trials", file=sys.stderr)
         return 0

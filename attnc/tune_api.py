@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -113,7 +114,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
              worker: bool = False, gates=None,
              gate_densities: Sequence[float] = GATE_DENSITIES,
              retrieval: Sequence | None = None,
-             retrieval_heads: int = 0) -> TuneResult | None:
+             retrieval_heads: int = 0, retrieval_eval: int = 0) -> TuneResult | None:
     """Choose a pattern per head (per KV head with granularity "kv") of a transformers causal LM.
 
     Signals are measured on calibration segments at `lengths` (default: half and all of
@@ -140,7 +141,9 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     of each fact and of its recalled key, autotune.text.retrieval_ids(..., spans=True)),
     puts the most mass on the fact while the model recalls it (DuoAttention's retrieval
     heads, measured on the dense model instead of trained). Calibration prose rarely asks
-    for a fact from far back, so its signals do not see which heads do that."""
+    for a fact from far back, so its signals do not see which heads do that.
+    `retrieval_eval` of the samples join the trials' calibration perplexity (weighted by
+    length), so that a plan which stops recalling their keys scores worse."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     calib_ids = calib_ids.reshape(-1)
@@ -206,8 +209,19 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     # 3. search
     t1 = time.perf_counter()
     eval_ids = calib_ids[: lengths[-1]]
+    if retrieval_eval < 0 or retrieval_eval > len(retrieval or []):
+        raise ValueError(f"retrieval_eval {retrieval_eval}: between 0 and the "
+                         f"{len(retrieval or [])} retrieval samples given")
+    # The trials' calibration text: the prose segment, then retrieval samples whose recalled
+    # keys cost a plan that loses them (their perplexity joins, weighted by length).
+    trial_ids = [eval_ids] + [torch.as_tensor(list(ids)) for ids, _ in
+                              (retrieval or [])[:retrieval_eval]]
 
-    def ppl_with(cells, ids) -> float:
+    def mean_ppl(seqs) -> float:
+        logs = [math.log(perplexity(model, x)) * x.numel() for x in seqs]
+        return math.exp(sum(logs) / sum(x.numel() for x in seqs))
+
+    def ppl_with(cells, *seqs) -> float:
         full = expand(cells, heads=H, kv_heads=G, granularity=granularity)
         if any(c.gated for c in full.values()):
             from attnc import gate_api
@@ -217,19 +231,20 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         else:
             apply(model, full)
         try:
-            return perplexity(model, ids)
+            return mean_ppl(seqs)
         finally:
             remove(model)
 
-    dense_ppl = perplexity(model, eval_ids)
-    fp = hashlib.sha256(prob.fingerprint().encode()).hexdigest()[:10]
+    dense_ppl = mean_ppl(trial_ids)
+    fp_text = prob.fingerprint() + (f"\nretrieval eval {retrieval_eval}" if retrieval_eval else "")
+    fp = hashlib.sha256(fp_text.encode()).hexdigest()[:10]
     study_name = study_name or f"{name}-{fp}"
     if storage is None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         storage = search.default_storage(str(Path(workdir) / "attnc-tune.db"))
     study = search.open_study(storage, study_name, sampler=sampler, seed=seed)
     space = search.Space(latency_budget=latency_budget)
-    search.run(prob, lambda cells: ppl_with(cells, eval_ids), dense_ppl, study, trials=trials,
+    search.run(prob, lambda cells: ppl_with(cells, *trial_ids), dense_ppl, study, trials=trials,
                space=space, progress=progress)
     timings["search_s"] = time.perf_counter() - t1
     if worker:

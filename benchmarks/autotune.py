@@ -66,7 +66,7 @@ def passkey_accuracy(model, trials) -> tuple[float, list[bool]]:
 
 def _tune(tune_api, model, tok, calib, held, args, out):
     retrieval = None
-    if args.retrieval_heads:
+    if args.retrieval_heads or args.retrieval_eval:
         from attnc.autotune.text import retrieval_ids
 
         def encode(text):  # no BOS inside a sample
@@ -82,6 +82,7 @@ def _tune(tune_api, model, tok, calib, held, args, out):
                             name="smollm2_tuned", records=args.records, gates=args.gates,
                             granularity=args.granularity, families=args.families,
                             retrieval=retrieval, retrieval_heads=args.retrieval_heads,
+                            retrieval_eval=args.retrieval_eval,
                             **({"gate_densities": args.gate_densities}
                                if args.gate_densities else {}))
     res.write(out / "plan.attn", out / "report.json", out)
@@ -200,6 +201,8 @@ def main() -> None:
                     help="units kept dense as retrieval heads (ranked on synthetic retrieval "
                          "samples, never the passkey prompts)")
     ap.add_argument("--retrieval-samples", type=int, default=4)
+    ap.add_argument("--retrieval-eval", type=int, default=0,
+                    help="retrieval samples that join the trials' calibration perplexity")
     ap.add_argument("--out", default="bench-autotune")
     ap.add_argument("--from-report", metavar="DIR",
                     help="skip tuning: compare the front of a saved report.json")

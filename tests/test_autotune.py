@@ -4,6 +4,7 @@ plans, apply, the search with SQLite storage (resume and kill), and the CLI."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -461,6 +462,8 @@ def test_cli_tune(tmp_path, capsys):
     assert main(["tune", "--model", str(model_dir), "--retrieval-heads", "-1", "-o",
                  str(out)]) == 2
     assert "--retrieval-heads must be >= 0" in capsys.readouterr().err
+    assert main(["tune", "--model", str(model_dir), "--retrieval-eval", "5", "-o",
+                 str(out)]) == 2
 
 
 def test_cli_tune_with_trained_gates(tmp_path, capsys):
@@ -765,6 +768,19 @@ def test_autotune_keeps_retrieval_heads_dense(tiny, tmp_path):
     assert all(res.cells[(ly, h)].dense for h in (2 * g, 2 * g + 1))
     # every trial kept it dense, not only the chosen one
     assert all(p["choice"][ly * 2 + g] == 0 for p in res.report["front"])
+    # Retrieval samples in the trials' objective: the dense calibration perplexity is the
+    # length-weighted mean over the prose segment and the samples; another study again.
+    res3 = _tune(tiny, tmp_path, 2, max_ppl_increase=0.5, retrieval=samples, retrieval_heads=1,
+                 retrieval_eval=2)
+    assert res3.study_name != res.study_name
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, 256, (1200,), generator=g)
+    seqs = [calib[:128]] + [torch.tensor(ids) for ids, _ in samples]
+    logs = sum(math.log(ap.perplexity(tiny, x)) * x.numel() for x in seqs)
+    assert res3.report["dense"]["calib_ppl"] == pytest.approx(
+        math.exp(logs / sum(x.numel() for x in seqs)), rel=1e-6)
+    with pytest.raises(ValueError, match="retrieval_eval"):
+        _tune(tiny, tmp_path / "c", 2, retrieval=samples, retrieval_eval=3)
     # Other forced units are another problem: another study, not a resumed one.
     res2 = _tune(tiny, tmp_path, 2, max_ppl_increase=0.5, retrieval=samples, retrieval_heads=2)
     assert res2.study_name != res.study_name and len(res2.report["retrieval_heads"]) == 2
