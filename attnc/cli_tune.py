@@ -118,7 +118,7 @@ def cmd_tune(args) -> int:
         lengths = [top // 2, top]
     out = Path(args.output)
     gates = args.gates
-    from attnc.autotune.text import retrieval_ids
+    from attnc.autotune.text import retrieval_ids, retrieval_samples
 
     def encode(text: str) -> list[int]:  # no BOS inside a sample
         return tok(text, add_special_tokens=False).input_ids
@@ -131,12 +131,10 @@ def cmd_tune(args) -> int:
         return 2
     if args.retrieval_heads or args.retrieval_eval:
         try:
-            # Seeds apart from the gates' retrieval samples (args.seed + i).
-            retrieval = [retrieval_ids(encode, calib_ids.tolist(), max(lengths),
-                                       seed=args.seed + 1000 + i, spans=True)
-                         for i in range(args.retrieval_samples)]
+            retrieval = retrieval_samples(encode, calib_ids.tolist(), max(lengths),
+                                          args.retrieval_samples, seed=args.seed)
         except ValueError as e:
-            print(f"attnc: --retrieval-heads: {e}", file=sys.stderr)
+            print(f"attnc: --retrieval-samples: {e}", file=sys.stderr)
             return 2
     if args.train_gate and gates is None:
         from attnc.gate_api import train_gate

@@ -197,12 +197,12 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         if not retrieval:
             raise ValueError("retrieval_heads needs retrieval samples (token ids with fact and "
                              "answer spans: autotune.text.retrieval_ids(..., spans=True))")
-        from attnc.autotune.retrieval import retrieval_scores, top_units
+        from attnc.autotune.retrieval import retrieval_scores, top_units, unit_scores
 
         rs = retrieval_scores(model, retrieval)
         top = top_units(rs, retrieval_heads, G, granularity)
         prob.force_dense(top)
-        per = rs.reshape(L, G, H // G).max(-1) if granularity == "kv" else rs
+        per = unit_scores(rs, G, granularity)
         retrieval_rows = [{"layer": ly, "unit": u, "score": float(per[ly, u])} for ly, u in top]
         timings["retrieval_s"] = time.perf_counter() - t1
 

@@ -55,14 +55,19 @@ def retrieval_scores(model, samples: Sequence[Sample]) -> np.ndarray:
     return total / count
 
 
+def unit_scores(scores: np.ndarray, kv_heads: int, granularity: str = "kv") -> np.ndarray:
+    """[layers, units]: per KV head its best query head's score, or the heads' own."""
+    L, H = scores.shape
+    return scores.reshape(L, kv_heads, H // kv_heads).max(-1) if granularity == "kv" else scores
+
+
 def top_units(scores: np.ndarray, count: int, kv_heads: int, granularity: str = "kv"
               ) -> list[tuple[int, int]]:
     """The `count` units (layer, KV head) or (layer, query head) with the highest retrieval
     score (a KV head scores as its best query head), best first."""
-    L, H = scores.shape
-    per = scores.reshape(L, kv_heads, H // kv_heads).max(-1) if granularity == "kv" else scores
+    per = unit_scores(scores, kv_heads, granularity)
     flat = np.argsort(-per.reshape(-1), kind="stable")[:max(count, 0)]
     return [(int(i) // per.shape[1], int(i) % per.shape[1]) for i in flat]
 
 
-__all__ = ["Sample", "fact_mass", "retrieval_scores", "top_units"]
+__all__ = ["Sample", "fact_mass", "retrieval_scores", "top_units", "unit_scores"]

@@ -179,6 +179,15 @@ def retrieval_ids(encode, filler_ids, length: int, *, needles: int = 4,
     return out, found
 
 
+def retrieval_samples(encode, filler_ids, length: int, count: int, seed: int = 0) -> list:
+    """`count` retrieval samples with their spans (retrieval_ids(..., spans=True)), seeds
+    seed + 1000 + i: apart from the gates' own retrieval samples (seed + i), so the heads are
+    not ranked on text a gate was trained on."""
+    filler_ids = list(filler_ids)
+    return [retrieval_ids(encode, filler_ids, length, seed=seed + 1000 + i, spans=True)
+            for i in range(count)]
+
+
 def _docs_groups(topics: dict[str, str], min_chars: int = 100) -> list[list[str]]:
     """Topics of pydoc_data that share a paragraph (of >= min_chars characters), joined into
     groups (the reference repeats sections: `specialnames` contains `customization`, ...)."""

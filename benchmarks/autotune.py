@@ -67,14 +67,11 @@ def passkey_accuracy(model, trials) -> tuple[float, list[bool]]:
 def _tune(tune_api, model, tok, calib, held, args, out):
     retrieval = None
     if args.retrieval_heads or args.retrieval_eval:
-        from attnc.autotune.text import retrieval_ids
+        from attnc.autotune.text import retrieval_samples
 
-        def encode(text):  # no BOS inside a sample
-            return tok(text, add_special_tokens=False).input_ids
-
-        # Seeds 1000+ (the gates' own retrieval samples use 0+): not the passkey prompts.
-        retrieval = [retrieval_ids(encode, calib.tolist(), max(args.lengths), seed=1000 + i,
-                                   spans=True) for i in range(args.retrieval_samples)]
+        # Never the passkey prompts: facts hidden in calibration text.
+        retrieval = retrieval_samples(lambda t: tok(t, add_special_tokens=False).input_ids,
+                                      calib.tolist(), max(args.lengths), args.retrieval_samples)
     res = tune_api.autotune(model, calib, heldout_ids=held, lengths=args.lengths,
                             validation_length=args.validation_length, trials=args.trials,
                             rows=args.rows, max_ppl_increase=args.max_ppl_increase,
