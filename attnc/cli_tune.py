@@ -179,7 +179,8 @@ def cmd_tune(args) -> int:
     ch = res.report["chosen"]
     atomic.write_text(out, res.plan_text)
     print(f"plan {out}: latency {ch['latency']:.3f} of dense, held-out perplexity "
-          f"x{ch['heldout_ppl_ratio']:.4f}, mean density {ch['density']:.3f}"
+          f"x{ch['heldout_ppl_ratio']:.4f}, mean density {ch['density']:.3f} "
+          f"({ch['heldout_density']:.3f} on the held-out text)"
           + ("" if res.report["budget_met"] else " (budget NOT met: the closest front point)"))
     print("wrote " + ", ".join(str(p) for p in paths[1:]))
     if gates is not None and not res.gated:

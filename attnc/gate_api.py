@@ -6,10 +6,12 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from attnc import atomic, reference
+from attnc.autotune import dynamic as dyn
 from attnc.autotune.apply import NAME, _plan_info, padding_mask, perplexity, remove
 from attnc.autotune.gate_train import (
     FORMAT,
@@ -139,13 +141,15 @@ def load_gates(path: str | Path, *, model=None, plan=None) -> GateSet:
 
 class _Masks:
     """Per layer: the static cells' masks (evaluated from the IR, cached by pattern, head and
-    shape) and the gated heads, whose masks the reference evaluator computes from the gate's
-    block scores at run time."""
+    shape), the gated heads, whose masks the reference evaluator computes from the gate's
+    block scores at run time, and the dynamic heads (vertical-slash, block top-k), whose
+    selectors run on the layer's own Q and K (attnc.autotune.dynamic)."""
 
     def __init__(self, info: PlanInfo, gates: GateSet | None, cache_bytes: int = 1 << 30):
         self.info, self.gates = info, gates
         self.cells: dict[tuple[int, int], PatternIR] = {}
         self.gated: dict[int, list[int]] = {}
+        self.dynamic: dict[int, list[int]] = {}
         for (ly, h), ir in lower_plan(info).items():
             if ir.bias is not None:
                 raise ValueError(f"cell {(ly, h)}: pattern {ir.name} has a bias; masks only")
@@ -153,9 +157,12 @@ class _Masks:
                 if gates is None:
                     raise ValueError(f"cell {(ly, h)} is gated: pass the gates")
                 self.gated.setdefault(ly, []).append(h)
+            elif ir.dynamic and dyn.supported(ir):
+                self.dynamic.setdefault(ly, []).append(h)
             elif ir.dynamic:
-                raise ValueError(f"cell {(ly, h)}: dynamic pattern {ir.name} needs a run-time "
-                                 "index builder; gated and static patterns are supported")
+                raise ValueError(f"cell {(ly, h)}: dynamic pattern {ir.name} reads run-time "
+                                 "data apply() does not have (segment ids); static, gated, "
+                                 "vertical-slash and block top-k patterns are supported")
             self.cells[(ly, h)] = PatternIR(ir.name, rewrite(ir.mask))
         for ly in self.gated:
             self.gated[ly].sort()
@@ -191,13 +198,20 @@ class _Masks:
         return {g.block_size(n): s[self.gated[ly]]}
 
     def rows(self, ly: int, n: int, q_len: int, s: int, e: int,
-             scores: dict[int, torch.Tensor] | None) -> torch.Tensor:
-        """[H, e - s, n] bool: rows s..e-1 of the layer's masks (queries: last q_len)."""
+             scores: dict[int, torch.Tensor] | None,
+             sel: dyn.Selection | None = None) -> torch.Tensor:
+        """[H, e - s, n] bool: rows s..e-1 of the layer's masks (queries: last q_len); `sel`:
+        the dynamic heads' selections on this input."""
         H = self.info.heads
         gated = self.gated.get(ly, [])
+        dynamic = self.dynamic.get(ly, [])
         out = torch.empty(H, e - s, n, dtype=torch.bool)
+        q0 = n - q_len
         for h in range(H):
-            if h not in gated:
+            if h in dynamic:
+                m = dyn.mask_rows(self.cells[(ly, h)], sel, np.arange(q0 + s, q0 + e), h)
+                out[h] = torch.from_numpy(np.ascontiguousarray(m))
+            elif h not in gated:
                 out[h] = self.static(ly, h, n, q_len)[s:e]
         if gated:
             ev = reference.evaluate_plan(self.info, layer=ly, n=n, q_start=n - q_len + s,
@@ -249,10 +263,12 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     q0 = n - Lq
     for b in range(B):
         sc = masks.scores(ly, query[b], key[b]) if ly in masks.gated else None
+        sel = dyn.Selection(query[b].float(), key[b].float(), scale) \
+            if ly in masks.dynamic else None
         for s in range(0, Lq, chunk):
             e = min(Lq, s + chunk)
             kend = q0 + e  # keys after the chunk's last query are masked for every head
-            m = masks.rows(ly, n, Lq, s, e, sc)
+            m = masks.rows(ly, n, Lq, s, e, sc, sel)
             if b == 0:
                 masks.record(ly, m, n, Lq, s)
             m = m[:, :, :kend].unsqueeze(0).to(query.device)
@@ -279,7 +295,8 @@ def apply(model, plan, *, gates: GateSet | TrainResult | str | Path | None = Non
     if gates is None and not stats and not isinstance(plan, (str, Path, PlanInfo, Program)):
         return static.apply(model, plan, **kwargs)
     info = _plan_info(plan)
-    if gates is None and not stats and gate_cells(info)[0] is None:
+    if gates is None and not stats and gate_cells(info)[0] is None and \
+            not any(ir.dynamic for ir in lower_plan(info).values()):
         return static.apply(model, info, **kwargs)
     if kwargs:
         raise TypeError(f"unexpected arguments {sorted(kwargs)} for a gated plan")

@@ -221,19 +221,25 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         logs = [math.log(perplexity(model, x)) * x.numel() for x in seqs]
         return math.exp(sum(logs) / sum(x.numel() for x in seqs))
 
-    def ppl_with(cells, *seqs) -> float:
+    def ppl_with(cells, *seqs, measure: bool = False):
+        """Perplexity with a plan; with `measure`, also the kept / causal pairs it realised on
+        the sequences (a gate's share depends on the text and its length, so the estimate
+        the search used is not the density the plan has at the validation length)."""
         full = expand(cells, heads=H, kv_heads=G, granularity=granularity)
-        if any(c.gated for c in full.values()):
+        masks = None
+        if measure or any(c.input_dependent for c in full.values()):
             from attnc import gate_api
 
-            gate_api.apply(model, plan_text(name, layers=L, heads=H, kv_heads=G, choice=full,
-                                            granularity="q"), gates=gs)
+            masks = gate_api.apply(
+                model, plan_text(name, layers=L, heads=H, kv_heads=G, choice=full,
+                                 granularity="q"), gates=gs, stats=measure)
         else:
             apply(model, full)
         try:
-            return mean_ppl(seqs)
+            ppl = mean_ppl(seqs)
         finally:
             remove(model)
+        return (ppl, masks.density()[0]) if measure else ppl
 
     dense_ppl = mean_ppl(trial_ids)
     fp_text = prob.fingerprint() + (f"\nretrieval eval {retrieval_eval}" if retrieval_eval else "")
@@ -259,10 +265,11 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     with _bar(len(fr), "validate", progress) as bar:
         for t in fr:
             choice = np.asarray(t.user_attrs["choice"])
-            ppl = ppl_with(prob.choice_cells(choice), val_ids)
+            ppl, realised = ppl_with(prob.choice_cells(choice), val_ids, measure=True)
             pts.append({"trial": t.number, "latency": t.values[0],
                         "calib_ppl_ratio": t.values[1], "heldout_ppl": ppl,
                         "heldout_ppl_ratio": ppl / dense_val, "density": prob.mean_density(choice),
+                        "heldout_density": realised,
                         "choice": choice.tolist(), "params": t.params})
             if bar is not None:
                 bar.update(1)
@@ -286,6 +293,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         dense_choice = np.zeros(len(prob.units), dtype=np.int64)
         chosen = {"trial": None, "latency": 1.0, "calib_ppl_ratio": 1.0,
                   "heldout_ppl": dense_val, "heldout_ppl_ratio": 1.0, "density": 1.0,
+                  "heldout_density": 1.0,
                   "choice": dense_choice.tolist(), "params": {}}
         met = True
     choice = np.asarray(chosen["choice"])
@@ -295,7 +303,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     comments = [
         f"attnc tune: {len(study.trials)} trials; latency {chosen['latency']:.3f} of dense "
         f"(model at n = {prob.latency_n}); held-out perplexity x{chosen['heldout_ppl_ratio']:.4f} "
-        f"at n = {validation_length}; mean density {chosen['density']:.3f}",
+        f"at n = {validation_length}; mean density {chosen['density']:.3f} (search), "
+        f"{chosen['heldout_density']:.3f} (held-out text at n = {validation_length})",
     ]
     text = plan_text(name, layers=L, heads=H, kv_heads=G, choice=unit_cells,
                      granularity=granularity, comments=comments)
@@ -339,9 +348,9 @@ def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val
     rows = []
     for (ly, h), c in sorted(cells.items()):
         i = ci[c]
-        if c.gated:  # measured on the longest calibration text, per layer and head
+        if c.input_dependent:  # measured on the longest calibration text, per layer and head
             d = sig.cell_density(len(sig.lengths) - 1, ly, h, i)
-            ms = lat.gated_ms(prob.latency_n, d, int(dict(c.args)["block"]))
+            ms = lat.input_ms(c, prob.latency_n, d)
         else:
             hh = h if c.head_dependent else 0
             d, ms = density(c, prob.latency_n, hh), lat.ms(c, prob.latency_n, hh)

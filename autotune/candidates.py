@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import numpy as np
+import torch
 from attnc.compiler.ir import PatternIR, free_vars
 from attnc.compiler.lower import lower_pattern
 from attnc.compiler.numeric import evaluate as num_eval
@@ -33,6 +34,15 @@ GRIDS: dict[str, list[dict[str, str]]] = {
                for s in ("4", "8") for loc in ("128 + n // 16", "256 + n // 8")],
     "radial": [{"block": "64", "dense": d, "causal": "true"} for d in ("2", "4", "8")],
     "power": [{"block": "64", "local": loc, "sink": "1"} for loc in ("2", "4", "8")],
+    # Dynamic (MInference): key columns and diagonals chosen from the last 64 queries' attention
+    # (the first 30 columns and the 100 nearest diagonals always kept), and block top-k from
+    # mean-pooled Q and K. Their masks depend on the input: signals and densities are measured
+    # on the captured Q and K per layer and head, like the learned gate's.
+    "vertical_slash": [{"vertical": v, "slash": s, "last_q": "64"}
+                       for v in ("30 + n // 64", "30 + n // 16")
+                       for s in ("100 + n // 32", "100 + n // 16", "100 + n // 8")],
+    "block_topk": [{"topk": t, "block": "64"}
+                   for t in ("1 + n // 2048", "2 + n // 1024", "4 + n // 512")],
 }
 # Library patterns that are not candidates, and why.
 NOT_CANDIDATES = {
@@ -43,8 +53,6 @@ NOT_CANDIDATES = {
     "prefix_lm": "a superset of causal",
     "alibi": "a bias, not a sparsity pattern",
     "document": "needs segment ids", "fixed_documents": "a data layout, not a head choice",
-    "vertical_slash": "dynamic: needs the run-time index builder (issue 6)",
-    "block_topk": "dynamic: needs the run-time index builder (issue 6)",
     "duo": "dynamic: its one-block gate has no distillation target yet",
 }
 # `gated` is a candidate when the tuner is given trained gates (autotune(..., gates=)): its
@@ -76,7 +84,8 @@ class Candidate:
 
     def mask_rows(self, rows: np.ndarray, n: int, head: int = 0) -> np.ndarray:
         """The mask (intersected with causal) on query rows `rows` (absolute positions) and all
-        n keys: a [len(rows), n] bool array; nothing n x n is formed unless rows has n rows."""
+        n keys: a [len(rows), n] bool array; nothing n x n is formed unless rows has n rows.
+        Static candidates only (dynamic ones: autotune.dynamic.mask_rows on a Selection)."""
         ir = self.ir()
         q = np.asarray(rows, dtype=np.int64).reshape(-1, 1)
         k = np.arange(n, dtype=np.int64).reshape(1, -1)
@@ -92,6 +101,17 @@ class Candidate:
         """Chosen per (query block, key block) by a learned gate: its mask depends on the
         input, so its signals and density come from the gate run on captured Q and K."""
         return self.family == GATED
+
+    @property
+    def dynamic(self) -> bool:
+        """Chosen at run time from the input's own Q and K (vertical-slash, block top-k): its
+        signals and density come from autotune.dynamic on captured Q and K."""
+        return not self.gated and _dynamic(self)
+
+    @property
+    def input_dependent(self) -> bool:
+        """Gated or dynamic: the mask, and so the density, differ per layer, head and input."""
+        return self.gated or self.dynamic
 
     def threshold(self) -> float:
         return float(dict(self.args)["threshold"])
@@ -110,6 +130,13 @@ def _ir(c: Candidate) -> PatternIR:
     low = lower_pattern(p, args)
     return PatternIR(low.name, rewrite(low.mask),
                      rewrite(low.bias) if low.bias is not None else None)
+
+
+@lru_cache(maxsize=4096)
+def _dynamic(c: Candidate) -> bool:
+    from .dynamic import supported
+
+    return supported(_ir(c))
 
 
 def candidate(family: str, **args: object) -> Candidate:
@@ -160,8 +187,10 @@ def valid_at(c: Candidate, n: int) -> bool:
 
     if c.gated:
         return n >= 1
+    # Dynamic selectors read scores; any will do to check the arguments' ranges.
+    scores = torch.zeros(1, 1, n, dtype=torch.float64) if c.dynamic else None
     try:
-        reference.evaluate(_library(), c.family, n=n, q_len=1,
+        reference.evaluate(_library(), c.family, n=n, q_len=1, scores=scores,
                            args={k: parse_expr(v) for k, v in c.args})
     except AttncError:
         return False

@@ -27,7 +27,12 @@ def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *,
     uu, cc = np.nonzero(ok)
     V = uu.size
     c = loss[uu, cc].astype(np.float64)
-    w = cost[uu, cc].astype(np.float64)
+    # Costs in units of the budget: per-head times of 1e-5 ms are far below HiGHS's absolute
+    # tolerances, which then misjudge a budget that only the cheapest choice meets.
+    scale = budget if np.isfinite(budget) and budget > 0 else 1.0
+    w = cost[uu, cc].astype(np.float64) / scale
+    budget = budget / scale
+    groups = [(units, sub / scale) for units, sub in groups]
     rows = [csr_matrix((np.ones(V), (uu, np.arange(V))), shape=(U, V))]
     lo, hi = [np.ones(U)], [np.ones(U)]
     rows.append(csr_matrix(w.reshape(1, -1)))

@@ -21,6 +21,9 @@ head_dim and dtype, and device when one is asked for); otherwise the block-count
 coefficients are fitted by non-negative least squares on all records (with a per-launch
 constant), or, without records, the documented defaults below.
 
+Dynamic candidates (vertical-slash, block top-k) cost their builder (one pass over the query
+blocks) plus their kept pairs as partial blocks of the block model.
+
 Gated candidates (a learned gate picks key blocks at run time) are timed end to end, gate and
 index builder included, by `benchmarks/latency_records.py` into gate records (objects with
 "kind": "gate": n, heads, head_dim, dtype, device, block, kept_blocks, causal_blocks, ms).
@@ -258,7 +261,25 @@ class LatencyModel:
         s = block * block / (self.block_m * self.block_n)
         return 2 * k["q_block"] * s * nb + k["full"] * s * kept
 
+    def dynamic_ms(self, n: int, density: float) -> float:
+        """Per-head time of a dynamic pattern (vertical-slash, block top-k) keeping `density`
+        of the causal pairs at n: its builder as one more pass over the query blocks, and the
+        kept pairs as partial blocks of the schedule (gathered columns and diagonal edges
+        need the predicate), from the block model."""
+        k = self.coeffs
+        nq = -(-n // self.block_m)
+        kept = density * n * (n + 1) / 2 / (self.block_m * self.block_n)
+        return 2 * k["q_block"] * nq + k["partial"] * kept
+
+    def input_ms(self, c: Candidate, n: int, density: float) -> float:
+        """Per-head time of an input-dependent candidate at the density it keeps."""
+        if c.gated:
+            return self.gated_ms(n, density, int(dict(c.args)["block"]))
+        return self.dynamic_ms(n, density)
+
     def source(self, c: Candidate, n: int) -> str:
+        if c.dynamic:
+            return "dynamic-modelled"
         if c.gated:
             block = int(dict(c.args)["block"])
             if self._gate_line(n, block):

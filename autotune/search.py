@@ -129,7 +129,7 @@ def build_problem(sig: Signals, lat: LatencyModel, *, layers: int, granularity: 
     ok_n = np.array([valid_at(c, n) for c in sig.candidates])
     for ci, c in enumerate(sig.candidates):
         sources[lat.source(c, n)] = sources.get(lat.source(c, n), 0) + 1
-        if c.gated:
+        if c.input_dependent:
             continue  # per layer and head, below
         for h in range(H):
             hh = h if c.head_dependent else 0
@@ -150,14 +150,13 @@ def build_problem(sig: Signals, lat: LatencyModel, *, layers: int, granularity: 
     # Gated candidates: density measured per (layer, head) on the longest captured text (the
     # gate's choice depends on the input), time from the gated latency model at n.
     for ci, c in enumerate(sig.candidates):
-        if not c.gated:
+        if not c.input_dependent:
             continue
-        block = int(dict(c.args)["block"])
         for ui, (ly, u) in enumerate(units):
             hs = range(u * g, (u + 1) * g)
             d = [sig.cell_density(len(sig.lengths) - 1, ly, h, ci) for h in hs]
             dens[ui, ci] = float(np.mean(d))
-            cost[ui, ci] = sum(lat.gated_ms(n, x, block) for x in d)
+            cost[ui, ci] = sum(lat.input_ms(c, n, x) for x in d)
     return Problem(sig, layers, H, G, granularity, n, cost, dens, allowed, units, sources)
 
 

@@ -47,7 +47,7 @@ class Signals:
 
     def cell_density(self, li: int, layer: int, head: int, ci: int) -> float:
         """Kept / causal pairs of candidate ci on (layer, head) at the li-th length."""
-        if self.candidates[ci].gated and self.layer_density is not None:
+        if self.candidates[ci].input_dependent and self.layer_density is not None:
             return float(self.layer_density[li, layer, head, ci])
         return float(self.density[li, head, ci])
 
@@ -109,6 +109,26 @@ def gate_masks(gate, q: torch.Tensor, k: torch.Tensor, rows: np.ndarray,
     return torch.stack(masks), torch.stack(dens)
 
 
+def dynamic_masks(q: torch.Tensor, k: torch.Tensor, scale: float, rows: np.ndarray,
+                  cands: Sequence[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of dynamic candidates (vertical-slash, block top-k) on one layer's captured q
+    [H, n, D] and k [G, n, D]: their selectors run on this input as attnc.reference runs
+    them, [C', H, R, n] bool on the sampled query rows, and kept / causal pairs over all n
+    rows, [C', H] (closed forms: no n x n mask)."""
+    from .dynamic import Selection, mask_rows, pair_density
+
+    sel = Selection(q, k, scale)
+    H = q.shape[0]
+    masks = torch.zeros(len(cands), H, rows.size, k.shape[1], dtype=torch.bool)
+    dens = torch.zeros(len(cands), H, dtype=torch.float64)
+    for i, c in enumerate(cands):
+        ir = c.ir()
+        for h in range(H):
+            masks[i, h] = torch.from_numpy(np.ascontiguousarray(mask_rows(ir, sel, rows, h)))
+            dens[i, h] = pair_density(ir, sel, h)
+    return masks, dens
+
+
 def gate_thresholds(gates, cap: Capture, densities: Sequence[float]) -> list[float]:
     """Global gate thresholds that keep about `densities` of the causal blocks (own blocks
     counted, as `gated` keeps them) over every head of every layer on one capture."""
@@ -138,6 +158,7 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
     K, so they, and their densities (`layer_density`), differ per layer and head."""
     cands = list(candidates)
     gated = [ci for ci, c in enumerate(cands) if c.gated]
+    dyn = [ci for ci, c in enumerate(cands) if c.dynamic]
     if gated:
         _check_gates(gates, captures[0])
     C = len(cands)
@@ -151,20 +172,21 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
     err = np.zeros((Ls, nl, H, C))
     valid = np.zeros((Ls, C), dtype=bool)
     dens = np.ones((Ls, H, C))
-    ldens = np.full((Ls, nl, H, C), np.nan) if gated else None
+    ldens = np.full((Ls, nl, H, C), np.nan) if gated or dyn else None
     for li, cap in enumerate(captures):
         n = cap.n
         rws = sample_rows(n, rows, seed)
         R = rws.size
         valid[li] = [valid_at(c, n) for c in cands]
         for ci, c in enumerate(cands):
-            if valid[li, ci] and not c.gated:
+            if valid[li, ci] and not c.input_dependent:
                 hs = range(H) if c.head_dependent else [0]
                 d = {h: density(c, n, h) for h in hs}
                 dens[li, :, ci] = [d[h if c.head_dependent else 0] for h in range(H)]
         # Masks on the sampled rows, shared by every layer: [C, R, n] per head class.
         live = [ci for ci in range(C) if valid[li, ci] and not cands[ci].dense
-                and not cands[ci].gated]
+                and not cands[ci].input_dependent]
+        dyn_live = [ci for ci in dyn if valid[li, ci]]
         by_head: dict[int, torch.Tensor] = {}
         shared = torch.from_numpy(np.stack(
             [cands[ci].mask_rows(rws, n, 0) for ci in live])) if live else None
@@ -181,7 +203,12 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
             if gated:
                 gm, gd = gate_masks(gates[layer], lc.q, lc.k, rws, [cands[ci] for ci in gated])
                 ldens[li, layer][:, gated] = gd.T.numpy()
-            ids_all = live + gated
+            dm = None
+            if dyn_live:
+                dm, dd = dynamic_masks(lc.q, lc.k, cap.scaling, rws,
+                                       [cands[ci] for ci in dyn_live])
+                ldens[li, layer][:, dyn_live] = dd.T.numpy()
+            ids_all = live + gated + dyn_live
             for h in range(H):
                 g = h // group
                 acc_mass = torch.zeros(len(ids_all), dtype=torch.float64)
@@ -201,7 +228,8 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
                     if not ids_all:
                         continue
                     parts = ([by_head[h][:, s:e]] if live else []) + \
-                        ([gm[:, h, s:e]] if gated else [])
+                        ([gm[:, h, s:e]] if gated else []) + \
+                        ([dm[:, h, s:e]] if dyn_live else [])
                     M = torch.cat(parts).float()  # [C', r, n]
                     Am = M * A
                     kept = Am.sum(-1)  # [C', r]
@@ -247,4 +275,5 @@ def _check_gates(gates, cap: Capture) -> None:
             raise ValueError("gated candidates need block gates, not the one-block gate")
 
 
-__all__ = ["Signals", "compute", "density", "gate_masks", "gate_thresholds", "sample_rows"]
+__all__ = ["Signals", "compute", "density", "dynamic_masks", "gate_masks", "gate_thresholds",
+           "sample_rows"]

@@ -246,33 +246,41 @@ def main() -> None:
 
     from attnc.autotune.signals import density
 
+    def realised(point: dict) -> float:
+        """The kept / causal pairs the point realised on the held-out text at the validation
+        length (the search's estimate for a study read back without validation)."""
+        d = point.get("heldout_density")
+        return point["density"] if d is None else d
+
     def compare(label: str, point: dict) -> dict:
         """A front point vs uniform streaming of the same mean density at the validation
-        length: held-out perplexity and passkey retrieval."""
+        length (the density the point realised on the held-out text): held-out perplexity
+        and passkey retrieval, and the density the point keeps on the passkey prompts."""
         cells = tune_api.expand_choice(res, point["choice"])
-        uni = uniform_streaming(n_val, point["density"])
+        uni = uniform_streaming(n_val, realised(point))
         uni_cells = {(ly, h): uni for ly in range(L) for h in range(H)}
         ap_.apply(model, uni_cells)
         uni_ppl = ap_.perplexity(model, val)
         uni_acc, uni_hits = passkey_accuracy(model, pk)
         ap_.remove(model)
-        if any(c.gated for c in cells.values()):  # gated cells attend through gate_api
-            from attnc.autotune.planio import plan_text
+        from attnc.autotune.planio import plan_text
 
-            from attnc import gate_api
+        from attnc import gate_api
 
-            gate_api.apply(model, plan_text("bench", layers=L, heads=H,
-                                            kv_heads=rep["model"]["kv_heads"], choice=cells,
-                                            granularity="q"),
-                           gates=getattr(res, "gates", None) or args.gates)
-        else:
-            ap_.apply(model, cells)
+        gated = any(c.gated for c in cells.values())
+        masks = gate_api.apply(model, plan_text("bench", layers=L, heads=H,
+                                                kv_heads=rep["model"]["kv_heads"], choice=cells,
+                                                granularity="q"),
+                               gates=(getattr(res, "gates", None) or args.gates) if gated
+                               else None, stats=True)
         acc, hits = passkey_accuracy(model, pk)
         ap_.remove(model)
         return {
             "label": label,
             "tuned": {"heldout_ppl": point["heldout_ppl"], "ratio": point["heldout_ppl_ratio"],
                       "density": point["density"], "latency": point["latency"],
+                      "heldout_density": point.get("heldout_density"),
+                      "passkey_density": masks.density()[0] if pk else None,
                       "passkey": acc, "hits": hits,
                       "families": _families(res, point["choice"])},
             "uniform": {"pattern": uni.call_text(), "density": density(uni, n_val),
@@ -287,7 +295,7 @@ def main() -> None:
         rows = [compare("chosen (fastest within the accuracy budget)", rep["chosen"])]
     # The front point at density <= 25% picked by calibration perplexity (tuning text), never
     # by held-out perplexity: its held-out number is then an honest estimate.
-    sparse = [p for p in rep["front"] if p["density"] <= 0.25]
+    sparse = [p for p in rep["front"] if realised(p) <= 0.25]
     if sparse and not args.from_study:
         best = min(sparse, key=lambda p: (p["calib_ppl_ratio"], p["latency"]))
         if best is not rep["chosen"] and best.get("trial") != rep["chosen"].get("trial"):
@@ -310,7 +318,8 @@ def main() -> None:
         "passkey_tokens": [int(x[0].numel()) for x in pk],
         "comparisons": rows,
         "front": [{k: p.get(k) for k in ("trial", "latency", "calib_ppl_ratio",
-                                         "heldout_ppl_ratio", "density")}
+                                         "heldout_ppl_ratio", "density",
+                                         "heldout_density")}
                   for p in rep["front"]],
         "budget_met": rep["budget_met"],
     }

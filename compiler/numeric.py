@@ -56,8 +56,11 @@ class NumericError(Exception):
     pass
 
 
-def evaluate(e: Node, env: dict[str, object]):
-    """Evaluate IR with variables bound to numpy arrays (broadcasting) or scalars."""
+def evaluate(e: Node, env: dict[str, object], selectors=None):
+    """Evaluate IR with variables bound to numpy arrays (broadcasting) or scalars.
+    `selectors(sel, elem)`: the run-time data of dynamic selectors, a bool array for a Sel
+    node and its evaluated element (None for elementless selectors); without it a selector
+    raises NumericError."""
     memo: dict[Node, object] = {}
 
     def go(x: Node):
@@ -76,7 +79,9 @@ def evaluate(e: Node, env: dict[str, object]):
         if isinstance(x, Var):
             return np.asarray(env[x.name])
         if isinstance(x, Sel):
-            raise NumericError(f"dynamic selector {x.kind} needs run-time data")
+            if selectors is None:
+                raise NumericError(f"dynamic selector {x.kind} needs run-time data")
+            return np.asarray(selectors(x, None if x.elem is None else go(x.elem)))
         assert isinstance(x, Op)
         o = x.op
         if o == "and":
