@@ -179,6 +179,20 @@ def test_knapsack_matches_brute_force():
     got = knapsack.solve(loss, cost, 8.0, groups=[([0, 1], 2.5)])
     assert cost[[0, 1], got[:2]].sum() <= 2.5 + 1e-9 and (got[2:] == 0).all()
     assert knapsack.solve(loss, cost, 1.0) is None
+    # Per-head times of microseconds (a tiny model), a budget only the cheapest option of
+    # every unit meets, and that option lossy: HiGHS's absolute tolerances once called this
+    # infeasible (every trial of a tune was pruned).
+    for _ in range(10):
+        U, C = 4, 12
+        cost = np.full((U, C), 7.78e-6) + rng.random((U, C)) * 3e-7
+        cost[:, 0] = 1.13e-5
+        cheap = int(rng.integers(1, C))
+        cost[:, cheap] = 6.8e-6 + rng.random(U) * 2e-7
+        loss = rng.random((U, C)) * 1e-5
+        loss[:, 0] = 0
+        loss[:, cheap] = 30 + rng.random(U) * 50
+        got = knapsack.solve(loss, cost, cost.min(1).sum() * 1.000001)
+        assert got is not None and (got == cheap).all()
 
 
 # ---------------------------------------------------------------- latency
