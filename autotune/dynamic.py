@@ -137,6 +137,18 @@ def mask_rows(ir: PatternIR, sel: Selection, rows: np.ndarray, head: int) -> np.
     n = sel.n
     q = np.asarray(rows, dtype=np.int64).reshape(-1, 1)
     k = np.arange(n, dtype=np.int64).reshape(1, -1)
+    form = _form(ir)
+    if form is not None:
+        # The two library forms directly (the tuner evaluates them for every head, layer and
+        # length): column flags or'ed with diagonal flags at q - k, or a block lookup.
+        causal = k <= q
+        if form[0] == "vs":
+            cols = sel.flags(form[1][0], head).numpy()
+            diags = sel.flags(form[1][1], head).numpy()
+            return causal & (cols[None, :] | diags[np.clip(q - k, 0, n - 1)])
+        f = sel.flags(form[1][0], head).numpy()
+        b = max(_param(form[1][0], "block", n, head), 1)
+        return causal & f[np.ix_(q[:, 0] // b, k[0] // b)]
 
     def pick(s: Sel, elem):
         return sel.lookup(s, head, elem, q, k)

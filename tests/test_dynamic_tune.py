@@ -78,6 +78,30 @@ def test_dynamic_selection_matches_reference(q_len):
                    for h in range(H))
 
 
+def test_dynamic_selection_of_other_forms():
+    """A pattern outside the two library forms (columns only, or'ed with a static term) goes
+    through the numeric evaluator's selector hook, and agrees with the reference too."""
+    from attnc.compiler.ir import PatternIR
+    from attnc.compiler.lower import lower_pattern
+    from attnc.compiler.rules import rewrite
+
+    prog = loads("pattern cols(c: int = 35) {\n    mask causal & (k in top_columns(c, 16) | "
+                 "q - k < 3)\n}\n")
+    low = lower_pattern(prog.pattern("cols"), {})
+    ir = PatternIR(low.name, rewrite(low.mask))
+    H, G, n, D = 2, 1, 200, 8
+    q, k = torch.randn(H, n, D), torch.randn(G, n, D)
+    logits = (q.double() @ k.double().repeat_interleave(H, 0).transpose(-1, -2)) * D ** -0.5
+    ref = reference.evaluate(prog, "cols", n=n, heads=H, scores=logits).mask
+    ref = ref & (torch.arange(n).view(1, -1) <= torch.arange(n).view(-1, 1))
+    sel = dyn.Selection(q, k, D ** -0.5)
+    assert dyn._form(ir) is None
+    for h in range(H):
+        assert (dyn.mask_rows(ir, sel, np.arange(n), h) == ref[h].numpy()).all()
+        assert dyn.pair_density(ir, sel, h) == pytest.approx(
+            float(ref[h].sum()) / (n * (n + 1) / 2), abs=1e-12)
+
+
 def test_selector_hook_of_the_numeric_evaluator():
     c = CASES[0]
     with pytest.raises(NumericError, match="needs run-time data"):
