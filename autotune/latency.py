@@ -21,8 +21,13 @@ head_dim and dtype, and device when one is asked for); otherwise the block-count
 coefficients are fitted by non-negative least squares on all records (with a per-launch
 constant), or, without records, the documented defaults below.
 
-Dynamic candidates (vertical-slash, block top-k) cost their builder (one pass over the query
-blocks) plus their kept pairs as partial blocks of the block model.
+Dynamic candidates (vertical-slash, block top-k) are timed end to end (index builder and
+kernel, one CUDA graph) by `benchmarks/latency_records.py` into dynamic records (objects with
+"kind": "dynamic": family, pattern, n, heads, head_dim, dtype, device, kept_pairs, ms); a
+dynamic head costs, per the records of its family and n (else the nearest recorded n), the
+least-squares line ms = a + b * kept pairs divided among the heads; without records, its
+builder (one pass over the query blocks) plus its kept pairs as partial blocks of the block
+model.
 
 Gated candidates (a learned gate picks key blocks at run time) are timed end to end, gate and
 index builder included, by `benchmarks/latency_records.py` into gate records (objects with
@@ -128,8 +133,9 @@ SHIPPED = Path(__file__).parent / "data" / "records"
 def shipped_records() -> list[str]:
     """Names of the record sets that ship with attnc (autotune/data/records/NAME): `h200`
     holds every candidate of the default grid timed at SmolLM2-135M's shapes (9 heads, 3 KV
-    heads, head dim 64, fp16) on an NVIDIA H200 at n = 2048 (part), 4096 and 8192, and gated
-    patterns end to end (CUDA graphs) at 4096 and 8192."""
+    heads, head dim 64, fp16) on an NVIDIA H200 at n = 2048 (part), 4096 and 8192, gated
+    patterns end to end (CUDA graphs) at 4096 and 8192, and the dynamic candidates
+    (vertical-slash, block top-k: index builder and kernel, CUDA graphs) at 2048-8192."""
     return sorted(p.name for p in SHIPPED.iterdir() if p.is_dir()) if SHIPPED.exists() else []
 
 
@@ -155,8 +161,23 @@ def _items(directory: str | Path | None):
 
 
 def load_records(directory: str | Path | None) -> list[Record]:
-    """The kernel tuning records under directory (gate records aside)."""
-    return [Record.from_json(x) for x in _items(directory) if x.get("kind") != "gate"]
+    """The kernel tuning records under directory (gate and dynamic records aside)."""
+    return [Record.from_json(x) for x in _items(directory)
+            if x.get("kind") not in ("gate", "dynamic")]
+
+
+def load_dynamic_records(directory: str | Path | None) -> list[dict]:
+    """The dynamic-pattern records (end-to-end times of vertical-slash and block top-k: index
+    builder and kernel) under directory."""
+    keys = ("family", "n", "heads", "head_dim", "dtype", "kept_pairs", "ms")
+    out = []
+    for x in _items(directory):
+        if x.get("kind") == "dynamic":
+            missing = [k for k in keys if k not in x]
+            if missing:
+                raise ValueError(f"dynamic record lacks {missing}")
+            out.append(x)
+    return out
 
 
 def load_gate_records(directory: str | Path | None) -> list[dict]:
@@ -185,9 +206,11 @@ class LatencyModel:
     coeffs: dict[str, float] = field(default_factory=dict)
     fitted: bool = False
     gate_records: list[dict] = field(default_factory=list)
+    dynamic_records: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self._lines: dict[tuple[int, int, bool], tuple[float, float, int] | None] = {}
+        self._dlines: dict[tuple[str, int, bool], tuple[float, float, int] | None] = {}
         if not self.coeffs:
             s = self.block_m * self.block_n * self.head_dim / _REF_WORK
             self.coeffs = {k: v * s for k, v in DEFAULT_COEFFS.items()}
@@ -201,7 +224,8 @@ class LatencyModel:
     @classmethod
     def from_records(cls, directory: str | Path | None, **kw) -> LatencyModel:
         recs = load_records(directory)
-        m = cls(records=recs, gate_records=load_gate_records(directory), **kw)
+        m = cls(records=recs, gate_records=load_gate_records(directory),
+                dynamic_records=load_dynamic_records(directory), **kw)
         usable = [r for r in recs if r.head_dim == m.head_dim and r.dtype == m.dtype
                   and (not m.device or not r.device or r.device == m.device)]
         if len(usable) >= 4:
@@ -261,11 +285,44 @@ class LatencyModel:
         s = block * block / (self.block_m * self.block_n)
         return 2 * k["q_block"] * s * nb + k["full"] * s * kept
 
-    def dynamic_ms(self, n: int, density: float) -> float:
+    def _dynamic_line(self, family: str, n: int, exact: bool = True
+                      ) -> tuple[float, float, int] | None:
+        """(a, b, heads) of ms = a + b * kept pairs over the dynamic records of (family, n)
+        (with exact=False those of the nearest recorded n when n has none)."""
+        key = (family, n, exact)
+        if key not in self._dlines:
+            rs = [r for r in self.dynamic_records if r["family"] == family
+                  and r["head_dim"] == self.head_dim and r["dtype"] == self.dtype
+                  and (not self.device or not r.get("device") or r["device"] == self.device)]
+            m = n
+            if not exact and rs and not any(r["n"] == n for r in rs):
+                m = min({r["n"] for r in rs}, key=lambda x: abs(np.log(x / n)))
+            rs = [r for r in rs if r["n"] == m]
+            line = None
+            if rs:
+                x = np.array([float(r["kept_pairs"]) for r in rs])
+                y = np.array([float(r["ms"]) for r in rs])
+                if len(rs) == 1 or np.ptp(x) == 0:
+                    line = float(y.mean()), 0.0, int(rs[0]["heads"])
+                else:
+                    b, a = np.polyfit(x, y, 1)
+                    line = float(max(a, 0.0)), float(max(b, 0.0)), int(rs[0]["heads"])
+            self._dlines[key] = line
+        return self._dlines[key]
+
+    def dynamic_ms(self, n: int, density: float, family: str | None = None) -> float:
         """Per-head time of a dynamic pattern (vertical-slash, block top-k) keeping `density`
-        of the causal pairs at n: its builder as one more pass over the query blocks, and the
-        kept pairs as partial blocks of the schedule (gathered columns and diagonal edges
-        need the predicate), from the block model."""
+        of the causal pairs at n: from the family's records (measured end to end, index
+        builder included) as a line in the kept pairs of n, or of the nearest recorded n
+        (pairs scale with n squared, so the line is read at this n's pairs); without
+        records, the builder as one more pass over the query blocks and the kept pairs as
+        partial blocks of the schedule (gathered columns and diagonal edges need the
+        predicate), from the block model."""
+        kept_pairs = density * n * (n + 1) / 2
+        line = self._dynamic_line(family, n, exact=False) if family else None
+        if line is not None:
+            a, b, heads = line
+            return a / heads + b * kept_pairs
         k = self.coeffs
         nq = -(-n // self.block_m)
         kept = density * n * (n + 1) / 2 / (self.block_m * self.block_n)
@@ -275,11 +332,14 @@ class LatencyModel:
         """Per-head time of an input-dependent candidate at the density it keeps."""
         if c.gated:
             return self.gated_ms(n, density, int(dict(c.args)["block"]))
-        return self.dynamic_ms(n, density)
+        return self.dynamic_ms(n, density, c.family)
 
     def source(self, c: Candidate, n: int) -> str:
         if c.dynamic:
-            return "dynamic-modelled"
+            if self._dynamic_line(c.family, n):
+                return "dynamic-measured"
+            return "dynamic-nearest-n" if self._dynamic_line(c.family, n, exact=False) \
+                else "dynamic-modelled"
         if c.gated:
             block = int(dict(c.args)["block"])
             if self._gate_line(n, block):
@@ -310,5 +370,5 @@ def fit(records: list[Record]) -> dict[str, float]:
 
 
 __all__ = ["DEFAULT_COEFFS", "SHIPPED", "Blocks", "LatencyModel", "Record", "blocks", "fit",
-           "load_gate_records", "load_records", "pattern_key", "records_path",
-           "shipped_records"]
+           "load_dynamic_records", "load_gate_records", "load_records", "pattern_key",
+           "records_path", "shipped_records"]

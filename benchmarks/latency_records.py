@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=400.0, help="seconds; stops cleanly after")
     ap.add_argument("--gated-only", action="store_true",
                     help="only the gated patterns and dense causal (long contexts)")
+    ap.add_argument("--dynamic-only", action="store_true",
+                    help="only the dynamic candidates (vertical-slash, block top-k)")
     a = ap.parse_args()
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("needs a CUDA device and compiled kernels (TRITON_INTERPRET unset)")
@@ -53,6 +55,8 @@ def main() -> None:
     dev = torch.cuda.get_device_name()
     print(f"{dev}, torch {torch.__version__}, {a.dtype}, H={H}, KV={G}, D={D}")
     cands = grid(list(GRIDS)) if not a.gated_only else grid([])
+    if a.dynamic_only:
+        cands = []
     rows = []
     for n in (int(x) for x in a.n.split(",")):
         q = torch.randn(1, H, n, D, device="cuda", dtype=dt)
@@ -63,7 +67,7 @@ def main() -> None:
                 print("time budget spent; stopping")
                 break
             if c.dynamic or not valid_at(c, n):
-                continue  # dynamic candidates are timed by the block model (autotune.latency)
+                continue  # dynamic candidates: dynamic_records below
             ir = c.ir()
 
             def make_bm(s: Schedule, ir=ir, n=n):
@@ -80,8 +84,12 @@ def main() -> None:
                          f"/s{b.num_stages}", rec.visited_blocks))
             print(f"{c!s:<58} n={n:<6} {rec.ms:8.4f} ms  {rows[-1][3]}  "
                   f"{rec.visited_blocks} blocks", flush=True)
+        if a.dynamic_only:
+            dynamic_records(q, k, v, n, a, dev, out, t_start)
+            continue
         gated_records(q, k, v, n, a, dev, out, t_start)
         if not a.gated_only:
+            dynamic_records(q, k, v, n, a, dev, out, t_start)
             plan_kernel(q, k, v, n, a.rep)
     print(f"{len(rows)} records in {out} ({time.monotonic() - t_start:.0f} s)")
 
@@ -140,6 +148,49 @@ def gated_records(q, k, v, n: int, a, dev: str, out: Path, t_start: float) -> No
         old = json.loads(path.read_text()) if path.exists() else []
         old = [r for r in old if not (r["n"] == n and r["device"] == dev)]
         atomic.write_text(path, json.dumps(old + gate_recs, indent=1) + "\n")
+
+
+def dynamic_records(q, k, v, n: int, a, dev: str, out: Path, t_start: float) -> None:
+    """The dynamic candidates of the grid (vertical-slash, block top-k) end to end: index
+    builder and kernel replayed as one CUDA graph (codegen.dynamic.Graphed), with the pairs
+    they keep on these inputs counted by autotune.dynamic; appended to OUT/dynamic.json
+    (kind "dynamic")."""
+    import numpy as np
+    from attnc.autotune import dynamic as adyn
+    from attnc.autotune.candidates import GRIDS, grid, valid_at
+    from attnc.codegen import dynamic as dyn
+    from attnc.codegen import tune as ktune
+    from attnc.compiler.blockmask import Schedule, build
+
+    H, G, D = q.shape[1], k.shape[1], q.shape[3]
+    sel = adyn.Selection(q[0].float().cpu(), k[0].float().cpu(), D ** -0.5)
+    recs = []
+    for c in grid(list(GRIDS)):
+        if not c.dynamic or not valid_at(c, n) or time.monotonic() - t_start > a.budget:
+            continue
+        ir = c.ir()
+        bm = build(ir, n=n, heads=H, schedule=Schedule(64, 64))
+        try:
+            eager = ktune._time(lambda bm=bm: dyn.dynamic_attention(q, k, v, bm), a.rep)
+            graph_ms = ktune._time(dyn.Graphed(q, k, v, bm), a.rep)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"{c} n={n}: failed: {e!s:.200}")
+            continue
+        kept = float(np.sum([adyn.pair_density(ir, sel, h) for h in range(H)])) \
+            * n * (n + 1) / 2
+        recs.append({"kind": "dynamic", "family": c.family, "pattern": c.call_text(), "n": n,
+                     "heads": H, "kv_heads": G, "head_dim": D, "dtype": a.dtype, "device": dev,
+                     "kept_pairs": kept, "causal_pairs": H * n * (n + 1) / 2, "ms": graph_ms,
+                     "eager_ms": eager, "torch": torch.__version__})
+        print(f"{c!s:<58} n={n:<6} graphed {graph_ms:.4f} ms, eager {eager:.4f} ms, density "
+              f"{kept / (H * n * (n + 1) / 2):.3f}", flush=True)
+    if recs:
+        from attnc import atomic
+
+        path = out / "dynamic.json"
+        old = json.loads(path.read_text()) if path.exists() else []
+        old = [r for r in old if not (r["n"] == n and r["device"] == dev)]
+        atomic.write_text(path, json.dumps(old + recs, indent=1) + "\n")
 
 
 def plan_kernel(q, k, v, n: int, rep: float) -> None:

@@ -149,11 +149,30 @@ def test_dynamic_signals_match_brute_force(tiny, ids):
     assert (sig.error[..., 1:] > 0).any()
 
 
-def test_dynamic_latency_grows_with_density():
+def test_dynamic_latency_from_records(tmp_path):
+    """Without records: the block model, growing with density. With dynamic records: the
+    family's line in kept pairs at its n, the nearest recorded n's line elsewhere."""
+    import json
+
     m = latency.LatencyModel(head_dim=64)
     c = CASES[1]
     assert m.source(c, 4096) == "dynamic-modelled"
     assert 0 < m.input_ms(c, 4096, 0.1) < m.input_ms(c, 4096, 0.3) == m.dynamic_ms(4096, 0.3)
+    recs = [{"kind": "dynamic", "family": "vertical_slash", "n": 4096, "heads": 9,
+             "head_dim": 64, "dtype": "float16", "device": "GPU X", "kept_pairs": kp,
+             "ms": 0.3 + 2e-8 * kp} for kp in (1e6, 4e6, 9e6)]
+    (tmp_path / "dynamic.json").write_text(json.dumps(recs))
+    m = latency.LatencyModel.from_records(tmp_path, head_dim=64, dtype="float16")
+    assert m.records == [] and len(m.dynamic_records) == 3
+    assert m.source(c, 4096) == "dynamic-measured" and m.source(c, 8192) == "dynamic-nearest-n"
+    assert m.source(CASES[2], 4096) == "dynamic-modelled"  # block top-k has no records
+    pairs = 0.2 * 4096 * 4097 / 2
+    assert m.input_ms(c, 4096, 0.2) == pytest.approx(0.3 / 9 + 2e-8 * pairs, rel=1e-6)
+    pairs8 = 0.2 * 8192 * 8193 / 2
+    assert m.input_ms(c, 8192, 0.2) == pytest.approx(0.3 / 9 + 2e-8 * pairs8, rel=1e-6)
+    with pytest.raises(ValueError, match="dynamic record lacks"):
+        (tmp_path / "bad.json").write_text(json.dumps({"kind": "dynamic", "n": 1}))
+        latency.load_dynamic_records(tmp_path)
 
 
 def _plan(last: str, layers: int = 2) -> str:
