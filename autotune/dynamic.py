@@ -3,6 +3,8 @@ chosen as attnc.reference chooses them, without forming the n x n scores."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 from attnc.compiler.ir import Op, PatternIR, Sel, Var, walk
@@ -158,6 +160,7 @@ def mask_rows(ir: PatternIR, sel: Selection, rows: np.ndarray, head: int) -> np.
     return np.broadcast_to(m, (q.shape[0], n)) & (k <= q)
 
 
+@lru_cache(maxsize=256)
 def _form(ir: PatternIR) -> tuple[str, tuple[Sel, ...]] | None:
     """("vs", (columns, diagonals)) for causal & (k in C | q - k in D), ("blocks", (sel,))
     for causal & top_blocks(...): the forms whose kept pairs have closed forms."""

@@ -166,31 +166,28 @@ def load_records(directory: str | Path | None) -> list[Record]:
             if x.get("kind") not in ("gate", "dynamic")]
 
 
+def _load_kind(directory: str | Path | None, kind: str, keys: tuple[str, ...]) -> list[dict]:
+    out = []
+    for x in _items(directory):
+        if x.get("kind") == kind:
+            missing = [k for k in keys if k not in x]
+            if missing:
+                raise ValueError(f"{kind} record lacks {missing}")
+            out.append(x)
+    return out
+
+
 def load_dynamic_records(directory: str | Path | None) -> list[dict]:
     """The dynamic-pattern records (end-to-end times of vertical-slash and block top-k: index
     builder and kernel) under directory."""
-    keys = ("family", "n", "heads", "head_dim", "dtype", "kept_pairs", "ms")
-    out = []
-    for x in _items(directory):
-        if x.get("kind") == "dynamic":
-            missing = [k for k in keys if k not in x]
-            if missing:
-                raise ValueError(f"dynamic record lacks {missing}")
-            out.append(x)
-    return out
+    return _load_kind(directory, "dynamic",
+                      ("family", "n", "heads", "head_dim", "dtype", "kept_pairs", "ms"))
 
 
 def load_gate_records(directory: str | Path | None) -> list[dict]:
     """The gate records (end-to-end times of gated patterns) under directory."""
-    keys = ("n", "heads", "head_dim", "dtype", "block", "kept_blocks", "ms")
-    out = []
-    for x in _items(directory):
-        if x.get("kind") == "gate":
-            missing = [k for k in keys if k not in x]
-            if missing:
-                raise ValueError(f"gate record lacks {missing}")
-            out.append(x)
-    return out
+    return _load_kind(directory, "gate",
+                      ("n", "heads", "head_dim", "dtype", "block", "kept_blocks", "ms"))
 
 
 @dataclass
@@ -257,15 +254,20 @@ class LatencyModel:
         return self._lines[key]
 
     def _fit_gate_line(self, n: int, block: int, exact: bool):
-        rs = [r for r in self.gate_records if r["block"] == block
-              and r["head_dim"] == self.head_dim and r["dtype"] == self.dtype
+        return self._fit_line([r for r in self.gate_records if r["block"] == block], n, exact,
+                              "kept_blocks")
+
+    def _fit_line(self, recs: list[dict], n: int, exact: bool, x_key: str):
+        """(a, b, heads) of ms = a + b * x over the records of this head dim, dtype and device
+        at n (with exact=False, at the nearest recorded n when n has none), or None."""
+        rs = [r for r in recs if r["head_dim"] == self.head_dim and r["dtype"] == self.dtype
               and (not self.device or not r.get("device") or r["device"] == self.device)]
         if not exact and rs and not any(r["n"] == n for r in rs):
             n = min({r["n"] for r in rs}, key=lambda m: abs(np.log(m / n)))
         rs = [r for r in rs if r["n"] == n]
         if not rs:
             return None
-        x = np.array([float(r["kept_blocks"]) for r in rs])
+        x = np.array([float(r[x_key]) for r in rs])
         y = np.array([float(r["ms"]) for r in rs])
         if len(rs) == 1 or np.ptp(x) == 0:
             return float(y.mean()), 0.0, int(rs[0]["heads"])
@@ -291,23 +293,9 @@ class LatencyModel:
         (with exact=False those of the nearest recorded n when n has none)."""
         key = (family, n, exact)
         if key not in self._dlines:
-            rs = [r for r in self.dynamic_records if r["family"] == family
-                  and r["head_dim"] == self.head_dim and r["dtype"] == self.dtype
-                  and (not self.device or not r.get("device") or r["device"] == self.device)]
-            m = n
-            if not exact and rs and not any(r["n"] == n for r in rs):
-                m = min({r["n"] for r in rs}, key=lambda x: abs(np.log(x / n)))
-            rs = [r for r in rs if r["n"] == m]
-            line = None
-            if rs:
-                x = np.array([float(r["kept_pairs"]) for r in rs])
-                y = np.array([float(r["ms"]) for r in rs])
-                if len(rs) == 1 or np.ptp(x) == 0:
-                    line = float(y.mean()), 0.0, int(rs[0]["heads"])
-                else:
-                    b, a = np.polyfit(x, y, 1)
-                    line = float(max(a, 0.0)), float(max(b, 0.0)), int(rs[0]["heads"])
-            self._dlines[key] = line
+            self._dlines[key] = self._fit_line(
+                [r for r in self.dynamic_records if r["family"] == family], n, exact,
+                "kept_pairs")
         return self._dlines[key]
 
     def dynamic_ms(self, n: int, density: float, family: str | None = None) -> float:

@@ -141,13 +141,7 @@ def gated_records(q, k, v, n: int, a, dev: str, out: Path, t_start: float) -> No
         print(f"gated(block = 64, topk = {topk}) n={n}: graphed {graph_ms:.4f} ms, eager "
               f"{ms:.4f} ms (gate module {g_ms:.4f} ms), kept blocks {kept} of "
               f"{causal_blocks}", flush=True)
-    if gate_recs:
-        from attnc import atomic
-
-        path = out / "gates.json"
-        old = json.loads(path.read_text()) if path.exists() else []
-        old = [r for r in old if not (r["n"] == n and r["device"] == dev)]
-        atomic.write_text(path, json.dumps(old + gate_recs, indent=1) + "\n")
+    _replace_records(out / "gates.json", gate_recs, n, dev)
 
 
 def dynamic_records(q, k, v, n: int, a, dev: str, out: Path, t_start: float) -> None:
@@ -184,13 +178,18 @@ def dynamic_records(q, k, v, n: int, a, dev: str, out: Path, t_start: float) -> 
                      "eager_ms": eager, "torch": torch.__version__})
         print(f"{c!s:<58} n={n:<6} graphed {graph_ms:.4f} ms, eager {eager:.4f} ms, density "
               f"{kept / (H * n * (n + 1) / 2):.3f}", flush=True)
-    if recs:
-        from attnc import atomic
+    _replace_records(out / "dynamic.json", recs, n, dev)
 
-        path = out / "dynamic.json"
-        old = json.loads(path.read_text()) if path.exists() else []
-        old = [r for r in old if not (r["n"] == n and r["device"] == dev)]
-        atomic.write_text(path, json.dumps(old + recs, indent=1) + "\n")
+
+def _replace_records(path: Path, recs: list[dict], n: int, dev: str) -> None:
+    """Write recs into the JSON list at path in place of its records of (n, device)."""
+    if not recs:
+        return
+    from attnc import atomic
+
+    old = json.loads(path.read_text()) if path.exists() else []
+    old = [r for r in old if not (r["n"] == n and r["device"] == dev)]
+    atomic.write_text(path, json.dumps(old + recs, indent=1) + "\n")
 
 
 def plan_kernel(q, k, v, n: int, rep: float) -> None:

@@ -66,3 +66,20 @@ def assert_within_torch_error(out, o64, o_dt, dtype, note: str = "") -> None:
     torch_err = (o_dt - o64).norm().item() / scale
     floor = 1e-6 if dtype == torch.float32 else 0.0
     assert ours <= 2 * torch_err + floor, f"error {ours:.3e} vs PyTorch {torch_err:.3e} {note}"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama (2 layers, 4 heads, 2 KV heads) for the head tuner's tests."""
+    from attnc.autotune.model import tiny_llama
+
+    return tiny_llama(layers=2, heads=4, kv_heads=2, hidden=64, vocab=256, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    """80 random token ids for `tiny`."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (1, 80), generator=g)

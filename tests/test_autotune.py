@@ -27,17 +27,6 @@ from attnc.dsl.parser import parse_expr  # noqa: E402
 from attnc import reference  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama(layers=2, heads=4, kv_heads=2, hidden=64, vocab=256, seed=0)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (1, 80), generator=g)
-
-
 def _ref_mask(c: Candidate, n: int, h: int) -> np.ndarray:
     ev = reference.evaluate(loads(""), c.family, n=n, heads=[h],
                             args={k: parse_expr(v) for k, v in c.args})

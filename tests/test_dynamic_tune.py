@@ -15,7 +15,6 @@ from attnc.autotune import dynamic as dyn  # noqa: E402
 from attnc.autotune import latency, signals  # noqa: E402
 from attnc.autotune.candidates import Candidate, candidate, valid_at  # noqa: E402
 from attnc.autotune.capture import capture  # noqa: E402
-from attnc.autotune.model import tiny_llama  # noqa: E402
 from attnc.compiler.numeric import NumericError  # noqa: E402
 from attnc.compiler.numeric import evaluate as num_eval  # noqa: E402
 from attnc.dsl.check import loads  # noqa: E402
@@ -31,17 +30,6 @@ CASES = [
     candidate("block_topk", topk="1 + h", block="16"),
     candidate("block_topk", topk="3", block="7"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama(layers=2, heads=4, kv_heads=2, hidden=64, vocab=256, seed=0)
-
-
-@pytest.fixture(scope="module")
-def ids():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (1, 80), generator=g)
 
 
 def _ref(c: Candidate, scores: torch.Tensor, n: int, q_len: int) -> torch.Tensor:
