@@ -78,6 +78,25 @@ def _rows_lse_kernel(Q, K, M_OUT, L_OUT, LQ, sq_h, sq_m, sk_h, sk_n, s_o_h, s_o_
 
 
 @triton.jit
+def _lse_combine_kernel(M, LS, LSE2, s_h, s_c, CHUNKS, BLOCK_C: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+    """Per head, the chunks' partial (max, sum of exp2) combined into each last row's log2
+    sum of exp2 (+inf for a row with no key, so its probabilities are 0)."""
+    h = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    r = tl.arange(0, BLOCK_R)
+    ptr = h * s_h + c[:, None] * s_c + r[None, :]
+    ok = (c < CHUNKS)[:, None]
+    m = tl.load(M + ptr, mask=ok, other=float("-inf"))
+    ls = tl.load(LS + ptr, mask=ok, other=0.0)
+    mx = tl.max(m, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    tot = tl.sum(ls * tl.exp2(m - mx_safe[None, :]), 0)
+    lse2 = tl.where(tot > 0, mx_safe + tl.log2(tl.maximum(tot, 1e-38)), float("inf"))
+    tl.store(LSE2 + h * BLOCK_R + r, lse2)
+
+
+@triton.jit
 def _rows_probs_kernel(Q, K, LSE2, LQ, P, COL, sq_h, sq_m, sk_h, sk_n, s_p_h, s_p_r,
                        N_CTX, Q_ABS0, ROWS, qk_scale, GROUP,
                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -134,10 +153,13 @@ def last_rows_scores(q: torch.Tensor, k: torch.Tensor, last_q: torch.Tensor, q_s
     lq = last_q.to(dtype=torch.int32).clamp(0, Lq).contiguous()
     rows = int(lq.max().item()) if H else 0  # free for a host last_q (the builders pass one)
     lq = to_device(lq, q.device)
-    col = torch.zeros(H, n, device=q.device, dtype=torch.float32)
-    diag = torch.zeros(H, n, device=q.device, dtype=torch.float32)
     if rows == 0 or n == 0:
-        return col, diag
+        z = torch.zeros(H, n, device=q.device, dtype=torch.float32)
+        return z, z.clone()
+    # Every entry is written below: the probabilities kernel writes each column's sum, the
+    # diagonal kernel each offset's.
+    col = torch.empty(H, n, device=q.device, dtype=torch.float32)
+    diag = torch.empty(H, n, device=q.device, dtype=torch.float32)
     BR = max(16, triton.next_power_of_2(rows))
     qr = q[:, Lq - rows:, :]
     if qr.stride(-1) != 1:
@@ -157,11 +179,9 @@ def last_rows_scores(q: torch.Tensor, k: torch.Tensor, last_q: torch.Tensor, q_s
         qr, k, m, ls, lq, qr.stride(0), qr.stride(1), k.stride(0), k.stride(1), m.stride(0),
         m.stride(1), n, q_abs0, rows, scale2, group, chunk,
         BLOCK_R=BR, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast, IEEE=ieee)
-    mx = m.max(1).values
-    mx_safe = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
-    tot = (ls * torch.exp2(m - mx_safe[:, None, :])).sum(1)
-    lse2 = torch.where(tot > 0, mx_safe + torch.log2(tot.clamp(min=1e-38)),
-                       torch.full_like(tot, float("inf"))).contiguous()
+    lse2 = torch.empty(H, BR, device=q.device, dtype=torch.float32)
+    _lse_combine_kernel[(H,)](m, ls, lse2, m.stride(0), m.stride(1), chunks,
+                              BLOCK_C=triton.next_power_of_2(chunks), BLOCK_R=BR)
     p = torch.empty(H, BR, n, device=q.device, dtype=torch.float32)
     _rows_probs_kernel[(H, triton.cdiv(n, BN))](
         qr, k, lse2, lq, p, col, qr.stride(0), qr.stride(1), k.stride(0), k.stride(1),
@@ -268,6 +288,38 @@ def rank_keys(score: torch.Tensor) -> torch.Tensor:
     key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     idx = torch.arange(s.shape[-1], device=s.device, dtype=torch.int64)
     return key * 4294967296 + (4294967295 - idx)
+
+
+@triton.jit
+def _forced_keys_kernel(S, KEEP, OUT_S, OUT_K, N, BLOCK: tl.constexpr):
+    """rank_keys of the scores [H, N] with each head's first KEEP[h] entries forced to +inf
+    (top_columns' keep_first, top_diagonals' keep_near); the forced scores are stored too."""
+    h = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < N
+    keep = tl.load(KEEP + h)
+    s = tl.load(S + h * N + i, mask=ok, other=0.0)
+    s = tl.where(i < keep, float("inf"), s)
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ranks as 0.0
+    tl.store(OUT_S + h * N + i, s, mask=ok)
+    bits = s.to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    tl.store(OUT_K + h * N + i, key * 4294967296 + (4294967295 - i), mask=ok)
+
+
+def forced_keys(score: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forced scores, rank keys) for float32 scores [H, n] whose first keep[h] entries (a
+    host tensor) rank first: one launch for what is otherwise a dozen elementwise ops."""
+    H, n = score.shape
+    score = score.to(torch.float32).contiguous()
+    keep = to_device(keep.to(torch.int64).clamp(min=0), score.device)
+    out_s = torch.empty_like(score)
+    out_k = torch.empty(H, n, dtype=torch.int64, device=score.device)
+    if H and n:
+        BLOCK = 1024
+        _forced_keys_kernel[(H, triton.cdiv(n, BLOCK))](score, keep, out_s, out_k, n,
+                                                         BLOCK=BLOCK)
+    return out_s, out_k
 
 
 _ON_DEVICE: dict[tuple, torch.Tensor] = {}
@@ -399,5 +451,5 @@ def gate_pool(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = N
     return out.reshape(*lead, nb, 3 * D)
 
 
-__all__ = ["block_keys", "gate_pool", "keep_top", "last_rows_scores", "pool_blocks", "rank_keys",
-           "to_device"]
+__all__ = ["block_keys", "forced_keys", "gate_pool", "keep_top", "last_rows_scores",
+           "pool_blocks", "rank_keys", "to_device"]

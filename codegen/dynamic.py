@@ -57,8 +57,21 @@ def _exprs(pattern: PatternIR) -> list[Node]:
     return out
 
 
+def _memo(pattern: PatternIR, name: str, fn: Callable):
+    """fn(pattern), kept on the (frozen, never mutated) pattern object: the builders ask for
+    its slots and form on every call, host time that the device would wait for."""
+    memo = pattern.__dict__.setdefault("_dynamic_memo", {})
+    if name not in memo:
+        memo[name] = fn(pattern)
+    return memo[name]
+
+
 def slots(pattern: PatternIR) -> list[Slot]:
     """The pattern's distinct selectors, in slot order."""
+    return list(_memo(pattern, "slots", _slots))
+
+
+def _slots(pattern: PatternIR) -> list[Slot]:
     found: dict[tuple, Slot] = {}
     for e in _exprs(pattern):
         order: list[Sel] = []
@@ -243,11 +256,9 @@ def _select(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, sl: list[Slot], s
             col, diag = scores[key]
             score = col if s.kind == "in_columns" else diag
             keep_name = "keep_first" if s.kind == "in_columns" else "keep_near"
-            keep = B.to_device(_per_head(s.param(keep_name), bm.n_var, H), dev)
-            first = torch.arange(n, device=dev).view(1, -1) < keep.view(-1, 1)
-            score = torch.where(first, torch.full_like(score, float("inf")), score)
+            score, keys = B.forced_keys(score, _per_head(s.param(keep_name), bm.n_var, H))
             extra[f"score{s.index}"] = score
-            out.append(B.keep_top(B.rank_keys(score), _per_head(s.param("count"), bm.n_var, H)))
+            out.append(B.keep_top(keys, _per_head(s.param("count"), bm.n_var, H)))
         elif s.kind == "top_blocks":
             blk = max(_uniform(s.param("block"), bm.n_var, H, "top_blocks' block"), 1)
             causal = bool(_uniform(s.param("causal"), bm.n_var, H, "top_blocks' causal"))
@@ -481,6 +492,10 @@ def build_index(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, *,
 def vertical_slash_form(pattern: PatternIR) -> tuple[Sel, Sel] | None:
     """(columns, diagonals) when the mask is exactly causal & (k in C | q - k in D): then the
     kernel visits diagonal ranges and gathered columns instead of key blocks."""
+    return _memo(pattern, "vs_form", _vs_form)
+
+
+def _vs_form(pattern: PatternIR) -> tuple[Sel, Sel] | None:
     m = rewrite(pattern.mask)
     if pattern.bias is not None or not (isinstance(m, Op) and m.op == "and"
                                         and len(m.args) == 2):
@@ -690,55 +705,82 @@ def vs_kernel_source(pattern: PatternIR) -> str:
     return VS_TEMPLATE.format(key=pattern.key, prelude=PRELUDE, pad=VS_PAD)
 
 
-_SCAN_CHUNK = 1024
 
 
-def _scan(x: torch.Tensor, op: str) -> torch.Tensor:
-    """Inclusive int32 prefix sum ("sum") or maximum ("max") along the last dim of [H, n], in
-    two levels (chunks of 1024, then the chunks' totals): one scan over few long rows runs on
-    few thread blocks (0.17 ms for a 16 x 131072 cumsum on an H200, measured)."""
-    H, n = x.shape
-    x = x.to(torch.int32)
-    C = _SCAN_CHUNK
-    if n <= 4 * C:
-        return x.cumsum(-1, dtype=torch.int32) if op == "sum" else x.cummax(-1).values
-    m = -(-n // C) * C
-    fill = 0 if op == "sum" else torch.iinfo(torch.int32).min
-    xp = torch.nn.functional.pad(x, (0, m - n), value=fill).view(H, m // C, C)
-    if op == "sum":
-        loc = xp.cumsum(-1, dtype=torch.int32)
-        carry = loc[:, :, -1].cumsum(-1, dtype=torch.int32)
-        loc[:, 1:, :] += carry[:, :-1, None]
-    else:
-        loc = xp.cummax(-1).values
-        carry = loc[:, :, -1].cummax(-1).values
-        loc[:, 1:, :] = torch.maximum(loc[:, 1:, :], carry[:, :-1, None])
-    return loc.view(H, m)[:, :n]
-
-
-def _compact(flags: torch.Tensor, width: int, fill: int) -> torch.Tensor:
-    """Per row, the indices of the set flags in ascending order, in `width` slots (the rest
-    `fill`): a prefix sum and a scatter, no sort and no wait for the device."""
-    H, n = flags.shape
-    pos = _scan(flags, "sum") - 1
-    # Unset flags (and any beyond the width) write to a spare last slot, dropped after.
-    pos = torch.where(flags & (pos < width), pos, width).to(torch.int64)
-    out = torch.full((H, width + 1), fill, dtype=torch.int32, device=flags.device)
-    idx = torch.arange(n, device=flags.device, dtype=torch.int32).expand(H, n)
-    out.scatter_(1, pos, idx)
-    return out[:, :width].contiguous()
-
-
-def _pack_bits(flags: torch.Tensor, pad: int) -> torch.Tensor:
-    """[H, n] flags as int32 words, bit (i + pad) % 32 of word (i + pad) // 32 for flag i, with
-    `pad` zero bits before and enough zero words after for any row of a tile to read."""
-    H, n = flags.shape
-    words = -(-(n + pad) // 32) + 16
-    bits = torch.zeros(H, words * 32, dtype=torch.int64, device=flags.device)
-    bits[:, pad:pad + n] = flags
-    shift = torch.arange(32, device=flags.device, dtype=torch.int64)
-    w = (bits.view(H, words, 32) << shift).sum(-1)
-    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32).contiguous()
+@triton.jit
+def _vs_plan_kernel(COLS, DIAGS, CNT, GLO, GHI, NG, AHI, CLIST, NCOLS, DBITS,
+                    s_c_h, s_d_h, s_cnt_h, s_g_h, s_a_h, s_cl_h, s_db_h,
+                    N, G, C, PAD_WORDS, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """One program per head builds the vertical-slash plan from the column and diagonal flags
+    in three passes over the offsets (one launch instead of a hundred small torch ops, whose
+    launches cost the host more than their device time; docs/BENCHMARKS.md):
+    1. prefix counts of the selected diagonals, the selected columns compacted, the diagonal
+       flags packed 32 per word;
+    2. diagonal groups: a selected offset starts a group when no selected offset lies within
+       BLOCK_M below it and ends one likewise (two runs merge when their key ranges touch in a
+       full query block); starts and ends compacted; per offset x, the index of the group
+       with the largest start <= x;
+    3. that index replaced by the group's end (ahi[x], -1 before the first group).
+    Each pass reads what others threads wrote in the one before: a barrier between them."""
+    h = tl.program_id(0).to(tl.int64)
+    tl.store(CNT + h * s_cnt_h, 0)
+    carry = 0
+    ccarry = 0
+    for c0 in range(0, N, CHUNK):
+        i = c0 + tl.arange(0, CHUNK)
+        ok = i < N
+        d = tl.load(DIAGS + h * s_d_h + i, mask=ok, other=0).to(tl.int32)
+        tl.store(CNT + h * s_cnt_h + i + 1, carry + tl.cumsum(d, 0), mask=ok)
+        carry += tl.sum(d, 0)
+        c = tl.load(COLS + h * s_c_h + i, mask=ok, other=0).to(tl.int32)
+        pos = ccarry + tl.cumsum(c, 0) - 1
+        tl.store(CLIST + h * s_cl_h + pos, i, mask=(c > 0) & (pos < C))
+        ccarry += tl.sum(c, 0)
+        # Bit i % 32 of word PAD_WORDS + i // 32 (CHUNK is a multiple of 32).
+        bits = d.to(tl.int64) << (i % 32).to(tl.int64)
+        w = tl.sum(tl.reshape(bits, [CHUNK // 32, 32]), 1)
+        w = tl.where(w >= 2147483648, w - 4294967296, w).to(tl.int32)
+        j = c0 // 32 + tl.arange(0, CHUNK // 32)
+        tl.store(DBITS + h * s_db_h + PAD_WORDS + j, w, mask=j * 32 < N)
+    tl.store(NCOLS + h, tl.minimum(ccarry, C))
+    for f0 in range(0, C, CHUNK):
+        f = f0 + tl.arange(0, CHUNK)
+        tl.store(CLIST + h * s_cl_h + f, tl.full([CHUNK], 0, tl.int32) + N,
+                 mask=(f < C) & (f >= ccarry))
+    tl.debug_barrier()
+    scarry = 0
+    ecarry = 0
+    for c0 in range(0, N, CHUNK):
+        i = c0 + tl.arange(0, CHUNK)
+        ok = i < N
+        d = tl.load(DIAGS + h * s_d_h + i, mask=ok, other=0).to(tl.int32) > 0
+        base = CNT + h * s_cnt_h
+        below = tl.load(base + i, mask=ok, other=0) - tl.load(base + tl.maximum(i - BLOCK_M, 0),
+                                                              mask=ok, other=0)
+        above = tl.load(base + tl.minimum(i + BLOCK_M + 1, N), mask=ok, other=0) \
+            - tl.load(base + i + 1, mask=ok, other=0)
+        st = ok & d & (below == 0)
+        en = ok & d & (above == 0)
+        sp = scarry + tl.cumsum(st.to(tl.int32), 0) - 1
+        ep = ecarry + tl.cumsum(en.to(tl.int32), 0) - 1
+        tl.store(GLO + h * s_g_h + sp, i, mask=st)
+        tl.store(GHI + h * s_g_h + ep, i, mask=en)
+        tl.store(AHI + h * s_a_h + i, sp, mask=ok)
+        scarry += tl.sum(st.to(tl.int32), 0)
+        ecarry += tl.sum(en.to(tl.int32), 0)
+    tl.store(NG + h, scarry)
+    for f0 in range(0, G, CHUNK):
+        f = f0 + tl.arange(0, CHUNK)
+        fill = tl.full([CHUNK], 0, tl.int32) + N
+        tl.store(GLO + h * s_g_h + f, fill, mask=(f < G) & (f >= scarry))
+        tl.store(GHI + h * s_g_h + f, fill, mask=(f < G) & (f >= scarry))
+    tl.debug_barrier()
+    for c0 in range(0, N, CHUNK):
+        i = c0 + tl.arange(0, CHUNK)
+        ok = i < N
+        g = tl.load(AHI + h * s_a_h + i, mask=ok, other=-1)
+        e = tl.load(GHI + h * s_g_h + tl.maximum(g, 0), mask=ok & (g >= 0), other=-1)
+        tl.store(AHI + h * s_a_h + i, e, mask=ok)
 
 
 def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR,
@@ -746,44 +788,48 @@ def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR,
     """From column / diagonal flags [H, n]: the diagonal groups (offsets [dlo, dhi]), prefix
     counts of the selected offsets (full tiles), and per query block the columns outside every
     group's key range. `max_cols` bounds the selected columns per head (the selector's count;
-    measured on the device, with a wait, when not given)."""
+    measured on the device, with a wait, when not given). Two launches: the plan kernel (one
+    program per head) and the per-query-block column lists."""
     H, n = diags.shape
     dev = diags.device
     BM = bm.schedule.block_m
-    cnt = torch.nn.functional.pad(_scan(diags, "sum"), (1, 0))  # [H, n + 1]
-    idx = torch.arange(n, device=dev)
-    # A selected offset starts a group when no selected offset lies within BM below it (two
-    # runs merge when their key ranges touch in a full query block), and ends one likewise.
-    below = cnt[:, idx] - cnt[:, (idx - BM).clamp(min=0)]
-    above = cnt[:, (idx + BM + 1).clamp(max=n)] - cnt[:, idx + 1]
-    starts, ends = diags & (below == 0), diags & (above == 0)
-    ng = starts.sum(-1, dtype=torch.int32)
+    cols, diags = cols.contiguous(), diags.contiguous()
+    if max_cols is None:
+        max_cols = int(cols.sum(-1).max().item()) if H else 0
+    C = max(min(max_cols, n), 1)
     # Groups are more than BM apart: at most ceil(n / (BM + 1)) of them, a bound known on the
     # host (no wait for the device to size the lists).
     G = max(-(-n // (BM + 1)), 1)
-    glo, ghi = _compact(starts, G, n), _compact(ends, G, n)
-    valid = torch.arange(G, device=dev).view(1, -1) < ng.view(-1, 1)
-    glo_c, ghi_c = glo.clamp(max=n - 1).to(torch.int64), ghi.clamp(max=n - 1)
-    # ahi[x]: dhi of the group with the largest dlo <= x (or -1).
-    ahi = torch.full((H, n), -1, dtype=torch.int32, device=dev)
-    ahi.scatter_(1, glo_c, torch.where(valid, ghi_c, torch.full_like(ghi_c, -1)))
-    ahi = _scan(ahi, "max").contiguous()
-    ncols = cols.sum(-1, dtype=torch.int32)
-    if max_cols is None:
-        max_cols = int(ncols.max().item()) if H else 0
-    C = max(min(max_cols, n), 1)
-    ncols = ncols.clamp(max=C).contiguous()  # never read past a row's C slots
-    col_list = _compact(cols, C, n)
+    i32 = torch.int32
+    cnt = torch.empty(H, n + 1, dtype=i32, device=dev)
+    glo = torch.empty(H, G, dtype=i32, device=dev)
+    ghi = torch.empty(H, G, dtype=i32, device=dev)
+    ng = torch.empty(H, dtype=i32, device=dev)
+    ahi = torch.empty(H, max(n, 1), dtype=i32, device=dev)
+    col_list = torch.empty(H, C, dtype=i32, device=dev)
+    ncols = torch.empty(H, dtype=i32, device=dev)
+    # Packed diagonal flags: VS_PAD zero bits first, and enough zero words after for any row
+    # of a tile to read.
+    dbits = torch.zeros(H, -(-(n + VS_PAD) // 32) + 16, dtype=i32, device=dev)
+    if H and n:
+        chunk = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 2048
+        _vs_plan_kernel[(H,)](cols.view(torch.int8), diags.view(torch.int8), cnt, glo, ghi, ng,
+                              ahi, col_list, ncols, dbits, cols.stride(0), diags.stride(0),
+                              cnt.stride(0), glo.stride(0), ahi.stride(0), col_list.stride(0),
+                              dbits.stride(0), n, G, C, VS_PAD // 32, BLOCK_M=BM, CHUNK=chunk,
+                              num_warps=8)
+    else:
+        cnt.zero_(), glo.fill_(n), ghi.fill_(n), ng.zero_(), ahi.fill_(-1)
+        col_list.fill_(n), ncols.zero_()
     QB = -(-bm.q_len // BM)
-    out = torch.empty(H, QB, C, dtype=torch.int32, device=dev)
-    nout = torch.empty(H, QB, dtype=torch.int32, device=dev)
+    out = torch.empty(H, QB, C, dtype=i32, device=dev)
+    nout = torch.empty(H, QB, dtype=i32, device=dev)
     chunk = min(1024, triton.next_power_of_2(C))
     _vs_columns_kernel[(H, QB)](col_list, ncols, ahi, out, nout, col_list.stride(0),
                                 ahi.stride(0), out.stride(0), out.stride(1), nout.stride(0),
                                 bm.q_start, bm.q_len, BLOCK_M=BM, CHUNK=chunk)
-    return {"glo": glo, "ghi": ghi, "dcount": cnt.contiguous(), "ngroups": ng.contiguous(),
-            "cols": out, "ncols": nout, "dbits": _pack_bits(diags, VS_PAD),
-            "cflags": cols.contiguous().view(torch.int8)}
+    return {"glo": glo, "ghi": ghi, "dcount": cnt, "ngroups": ng,
+            "cols": out, "ncols": nout, "dbits": dbits, "cflags": cols.view(torch.int8)}
 
 
 def vs_max_columns(bm: BlockMaskIR, H: int) -> int:

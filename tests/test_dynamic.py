@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from attnc.compiler.blockmask import Schedule, build
@@ -146,6 +147,21 @@ def test_rank_keys_order():
     score = torch.tensor([[1.0, float("inf"), -0.0, 0.0, 2.0, 2.0, -1.0, float("-inf")]])
     kept = builders.keep_top(builders.rank_keys(score), torch.tensor([5]))
     assert kept.tolist() == [[True, True, True, False, True, True, False, False]]
+
+
+def test_forced_keys_equal_rank_keys_of_forced_scores():
+    """The fused kernel forces each head's first keep[h] entries to +inf and ranks as
+    rank_keys does (-0.0 as 0.0, ties to the lower index), over more than one program."""
+    g = torch.Generator().manual_seed(5)
+    n = 2500
+    score = torch.randint(-3, 4, (3, n), generator=g).float() / 2  # many ties
+    score[0, 7] = -0.0
+    score[1, 100:110] = float("-inf")
+    keep = torch.tensor([0, 3, 1200])
+    forced, keys = builders.forced_keys(score, keep)
+    want = torch.where(torch.arange(n).view(1, -1) < keep.view(-1, 1), float("inf"), score)
+    assert torch.equal(forced, want)
+    assert torch.equal(keys, builders.rank_keys(want))
 
 
 @pytest.mark.parametrize("case", [(100, 100, 2, 1, 16, 16, True), (150, 77, 3, 3, 32, 32, True),
@@ -352,22 +368,70 @@ def test_gpu_graphed_equals_eager(name):
         g(q[:, :, :100], k, v)
 
 
-@pytest.mark.parametrize("n", [7, 4096, 5000, 9000])
-def test_two_level_scans_equal_torch(n):
+def _plan_spec(cols, diags, BM, C, q_start, q_len):
+    """The vertical-slash plan from its definition, one head at a time in plain Python."""
+    H, n = diags.shape
+    G = max(-(-n // (BM + 1)), 1)
+    out = {k: [] for k in ("glo", "ghi", "ng", "ahi", "clist", "ncols", "bits", "qcols")}
+    for h in range(H):
+        d = [bool(x) for x in diags[h]]
+        sel = [i for i in range(n) if d[i]]
+        starts = [i for i in sel if not any(d[max(i - BM, 0):i])]
+        ends = [i for i in sel if not any(d[i + 1:i + BM + 1])]
+        assert len(starts) == len(ends) <= G
+        out["glo"].append(starts + [n] * (G - len(starts)))
+        out["ghi"].append(ends + [n] * (G - len(ends)))
+        out["ng"].append(len(starts))
+        ahi = []
+        for x in range(n):
+            g = [e for s_, e in zip(starts, ends, strict=True) if s_ <= x]
+            ahi.append(g[-1] if g else -1)
+        out["ahi"].append(ahi)
+        cl = [i for i in range(n) if cols[h, i]][:C]
+        out["ncols"].append(len(cl))
+        out["clist"].append(cl + [n] * (C - len(cl)))
+        out["bits"].append([False] * dyn.VS_PAD + d)
+        qcols = []
+        for qb in range(-(-q_len // BM)):
+            q0 = q_start + qb * BM
+            q1 = min(q0 + BM - 1, q_start + q_len - 1)
+            # A column is gathered where no group's key range covers it for this block.
+            qcols.append([c for c in cl if c <= q1 and ahi[q1 - c] < q0 - c])
+        out["qcols"].append(qcols)
+    return out
+
+
+@pytest.mark.parametrize("n,q_len,p", [(5, 5, 0.5), (200, 200, 0.3), (300, 131, 0.02),
+                                       (700, 700, 0.6), (1000, 257, 0.9)])
+def test_vertical_slash_plan_matches_its_definition(n, q_len, p):
+    """The plan kernel (prefix counts, diagonal groups, the group end by offset, compacted and
+    per-query-block columns, packed flags) against a plain-Python construction, on random
+    flags of lengths that are not chunk or block multiples, several chunks long."""
+    ir = lower(attnc.loads(""), "vertical_slash", {"vertical": 40, "slash": 40, "last_q": 8})
+    H = 3
+    bm = build(ir, n=n, heads=H, q_len=q_len, schedule=Schedule(16, 16))
     g = torch.Generator().manual_seed(n)
-    x = torch.rand(3, n, generator=g) < 0.3
-    assert torch.equal(dyn._scan(x, "sum"), x.to(torch.int32).cumsum(-1, dtype=torch.int32))
-    y = torch.randint(-5, 1000, (3, n), dtype=torch.int32, generator=g)
-    assert torch.equal(dyn._scan(y, "max"), y.cummax(-1).values)
-
-
-def test_packed_diagonal_bits_round_trip():
-    g = torch.Generator().manual_seed(1)
-    flags = torch.rand(2, 100, generator=g) < 0.4
-    words = dyn._pack_bits(flags, dyn.VS_PAD)
-    bits = torch.stack([(words >> i) & 1 for i in range(32)], -1).reshape(2, -1).bool()
-    assert torch.equal(bits[:, dyn.VS_PAD:dyn.VS_PAD + 100], flags)
-    assert not bits[:, :dyn.VS_PAD].any() and not bits[:, dyn.VS_PAD + 100:].any()
+    cols = torch.rand(H, n, generator=g) < p
+    diags = torch.rand(H, n, generator=g) < p
+    diags[1] = torch.rand(n, generator=g) < p / 8  # sparse: several groups
+    cols[2] = False
+    C = 37
+    plan = dyn.vs_plan(cols, diags, bm, max_cols=C)
+    want = _plan_spec(cols, diags, 16, C, n - q_len, q_len)
+    assert plan["dcount"].tolist() == [[0] + np.cumsum(d.numpy()).tolist() for d in diags]
+    assert plan["glo"].tolist() == want["glo"] and plan["ghi"].tolist() == want["ghi"]
+    assert plan["ngroups"].tolist() == want["ng"]
+    words = plan["dbits"]
+    bits = torch.stack([(words >> i) & 1 for i in range(32)], -1).reshape(H, -1).bool()
+    assert bits[:, :dyn.VS_PAD + n].tolist() == want["bits"]
+    assert not bits[:, dyn.VS_PAD + n:].any()
+    assert plan["cflags"].bool().tolist() == cols.tolist()
+    for h in range(H):
+        for qb, qc in enumerate(want["qcols"][h]):
+            k = int(plan["ncols"][h, qb])
+            assert plan["cols"][h, qb, :k].tolist() == qc
+    assert torch.equal(dyn.vs_plan(cols, diags, bm)["ncols"],
+                       dyn.vs_plan(cols, diags, bm, max_cols=n)["ncols"])
 
 
 def test_gate_threshold_compares_as_float64():
