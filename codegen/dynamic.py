@@ -448,29 +448,31 @@ def _csr(mask: torch.Tensor, trim: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def block_lists(bm: BlockMaskIR, H: int, n: int, sl: list[Slot], data, device,
-                mask: Node | None = None) -> tuple[dict, dict]:
+                mask: Node | None = None, flex: bool = True) -> tuple[dict, dict]:
     """Partial and full key blocks per query block: (trimmed lists for the kernel, full-width
-    lists for FlexAttention)."""
+    lists for FlexAttention; empty without `flex`)."""
     ev = _Blocks(bm, H, n, sl, data, device)
     t, f = ev.eval(rewrite(bm.pattern.mask) if mask is None else mask)
     shape = (H, ev.QB, ev.KB)
     t, f = t.expand(shape), f.expand(shape)
     partial, full = t & f, t & ~f
-    out, flex = {}, {}
+    out: dict[str, torch.Tensor] = {}
+    flex_lists: dict[str, torch.Tensor] = {}
     for name, m in (("kv", partial), ("full_kv", full)):
-        for trim, dst in ((True, out), (False, flex)):
+        for trim, dst in ((True, out), (False, flex_lists))[:2 if flex else 1]:
             num, idx = _csr(m, trim)
             dst[f"{name}_num_blocks"], dst[f"{name}_indices"] = num, idx
-    return out, flex
+    return out, flex_lists
 
 
 def build_index(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, *,
                 sm_scale: float | None = None, segments: torch.Tensor | None = None,
                 lists: bool = True, gates: GateInput | None = None,
-                side: bool = True) -> IndexSets:
+                side: bool = True, flex: bool = True) -> IndexSets:
     """Run the pattern's index builders for one batch element: q [H, Lq, D], k [Hkv, n, D].
     `gates`: the learned gate's block scores for gate() (see GateInput). side=False skips the
-    side tensor (the vertical-slash kernel reads packed flags instead)."""
+    side tensor (the vertical-slash kernel reads packed flags instead); flex=False skips the
+    full-width lists for FlexAttention (the kernel reads the trimmed ones)."""
     H, Lq, D = q.shape
     n = k.shape[1]
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
@@ -480,10 +482,10 @@ def build_index(q: torch.Tensor, k: torch.Tensor, bm: BlockMaskIR, *,
     side_t = _side(sl, data, H, n, q.device) if side or lists else \
         torch.zeros(1, 1, 1, dtype=torch.int32, device=q.device)
     if lists:
-        trimmed, flex = block_lists(bm, H, n, sl, data, q.device)
+        trimmed, flex_lists = block_lists(bm, H, n, sl, data, q.device, flex=flex)
     else:
-        trimmed, flex = {}, {}
-    return IndexSets(sl, data, side_t, trimmed, flex, extra)
+        trimmed, flex_lists = {}, {}
+    return IndexSets(sl, data, side_t, trimmed, flex_lists, extra)
 
 
 # ---------------------------------------------------------------- vertical-slash fast path
@@ -916,7 +918,7 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
     for b in range(Bsz):
         ix = build_index(q[b], k[b], bm, sm_scale=sm_scale, segments=segments,
                          lists=not fast or return_index, gates=gates,
-                         side=not fast or return_index)
+                         side=not fast or return_index, flex=return_index)
         sets.append(ix)
         if fast:
             plan = vs_plan(ix.of("in_columns"), ix.of("in_diagonals"), bm,
