@@ -218,6 +218,17 @@ def _pool_kernel(X, OUT, s_x_h, s_x_m, s_o_h, s_o_b, X_ABS0, X_LEN, BLOCK,
 
 
 @triton.jit
+def _rank_key(s, idx):
+    """rank_keys in Triton: float32 scores to int64 keys (order-preserving float bits in the
+    high word, the complement of the index in the low word: ties to the lower index), with
+    -0.0 ranked as 0.0."""
+    s = tl.where(s == 0.0, 0.0, s)
+    bits = s.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+    return key * 4294967296 + (4294967295 - idx.to(tl.int64))
+
+
+@triton.jit
 def _block_keys_kernel(QM, KM, OUT, QB_ABS, Q_LAST, s_q_h, s_q_b, s_k_h, s_o_h, s_o_m, NBQ, NBK,
                        BLOCK, sm_scale, GROUP, CAUSAL: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -245,10 +256,7 @@ def _block_keys_kernel(QM, KM, OUT, QB_ABS, Q_LAST, s_q_h, s_q_b, s_k_h, s_o_h, 
         last = tl.minimum((QB_ABS + i).to(tl.int64) * BLOCK + BLOCK - 1, Q_LAST)
         el = j[None, :].to(tl.int64) * BLOCK <= last[:, None]
         s = tl.where(el, s, float("-inf"))
-    s = s + 0.0  # -0.0 ranks as 0.0
-    bits = s.to(tl.int32, bitcast=True)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-    packed = key * 4294967296 + (4294967295 - j[None, :].to(tl.int64))
+    packed = _rank_key(s, j[None, :])
     ok = (i < NBQ)[:, None] & (j < NBK)[None, :]
     tl.store(OUT + h * s_o_h + i[:, None].to(tl.int64) * s_o_m + j[None, :], packed, mask=ok)
 
@@ -308,11 +316,8 @@ def _forced_keys_kernel(S, KEEP, OUT_S, OUT_K, N, BLOCK: tl.constexpr):
     keep = tl.load(KEEP + h)
     s = tl.load(S + h * N + i, mask=ok, other=0.0)
     s = tl.where(i < keep, float("inf"), s)
-    s = tl.where(s == 0.0, 0.0, s)  # -0.0 ranks as 0.0
     tl.store(OUT_S + h * N + i, s, mask=ok)
-    bits = s.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    tl.store(OUT_K + h * N + i, key * 4294967296 + (4294967295 - i), mask=ok)
+    tl.store(OUT_K + h * N + i, _rank_key(s, i), mask=ok)
 
 
 def forced_keys(score: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,14 +372,13 @@ def keep_top(keys: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     m = keys.shape[-1]
     count = count.to(torch.int64).clamp(0, m)
     kmax = int(count.max().item()) if count.numel() else 0
-    host_count = count
+    # When every row keeps kmax, the order of the top kmax does not matter: unsorted topk
+    # skips sorting them (on CUDA the sorted variant waited for the device, measured).
+    uniform = bool((count == kmax).all())
     count = to_device(count, keys.device)
     out = torch.zeros(keys.shape, device=keys.device, dtype=torch.bool)
     if kmax == 0 or m == 0:
         return out
-    # When every row keeps kmax, the order of the top kmax does not matter: unsorted topk
-    # skips sorting them (on CUDA the sorted variant waited for the device, measured).
-    uniform = bool((host_count == kmax).all())
     top = torch.topk(keys, kmax, dim=-1, sorted=not uniform).indices
     if uniform:
         return out.scatter_(-1, top, True)

@@ -459,9 +459,9 @@ def block_lists(bm: BlockMaskIR, H: int, n: int, sl: list[Slot], data, device,
     out: dict[str, torch.Tensor] = {}
     flex_lists: dict[str, torch.Tensor] = {}
     for name, m in (("kv", partial), ("full_kv", full)):
-        for trim, dst in ((True, out), (False, flex_lists))[:2 if flex else 1]:
-            num, idx = _csr(m, trim)
-            dst[f"{name}_num_blocks"], dst[f"{name}_indices"] = num, idx
+        out[f"{name}_num_blocks"], out[f"{name}_indices"] = _csr(m, True)
+        if flex:
+            flex_lists[f"{name}_num_blocks"], flex_lists[f"{name}_indices"] = _csr(m, False)
     return out, flex_lists
 
 
@@ -714,7 +714,7 @@ def _vs_plan_kernel(COLS, DIAGS, CNT, GLO, GHI, NG, AHI, CLIST, NCOLS, DBITS,
                     s_c_h, s_d_h, s_cnt_h, s_g_h, s_a_h, s_cl_h, s_db_h,
                     N, G, C, PAD_WORDS, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
     """One program per head builds the vertical-slash plan from the column and diagonal flags
-    in three passes over the offsets (one launch instead of a hundred small torch ops, whose
+    in three passes over the offsets (one launch instead of a chain of small torch ops, whose
     launches cost the host more than their device time; docs/BENCHMARKS.md):
     1. prefix counts of the selected diagonals, the selected columns compacted, the diagonal
        flags packed 32 per word;
@@ -820,9 +820,10 @@ def vs_plan(cols: torch.Tensor, diags: torch.Tensor, bm: BlockMaskIR,
                               cnt.stride(0), glo.stride(0), ahi.stride(0), col_list.stride(0),
                               dbits.stride(0), n, G, C, VS_PAD // 32, BLOCK_M=BM, CHUNK=chunk,
                               num_warps=8)
-    else:
-        cnt.zero_(), glo.fill_(n), ghi.fill_(n), ng.zero_(), ahi.fill_(-1)
-        col_list.fill_(n), ncols.zero_()
+    else:  # nothing to walk: the values the kernel would leave
+        for t, v in ((cnt, 0), (glo, n), (ghi, n), (ng, 0), (ahi, -1), (col_list, n),
+                     (ncols, 0)):
+            t.fill_(v)
     QB = -(-bm.q_len // BM)
     out = torch.empty(H, QB, C, dtype=i32, device=dev)
     nout = torch.empty(H, QB, dtype=i32, device=dev)

@@ -372,7 +372,7 @@ def _plan_spec(cols, diags, BM, C, q_start, q_len):
     """The vertical-slash plan from its definition, one head at a time in plain Python."""
     H, n = diags.shape
     G = max(-(-n // (BM + 1)), 1)
-    out = {k: [] for k in ("glo", "ghi", "ng", "ahi", "clist", "ncols", "bits", "qcols")}
+    out = {k: [] for k in ("glo", "ghi", "ng", "bits", "qcols")}
     for h in range(H):
         d = [bool(x) for x in diags[h]]
         sel = [i for i in range(n) if d[i]]
@@ -386,10 +386,7 @@ def _plan_spec(cols, diags, BM, C, q_start, q_len):
         for x in range(n):
             g = [e for s_, e in zip(starts, ends, strict=True) if s_ <= x]
             ahi.append(g[-1] if g else -1)
-        out["ahi"].append(ahi)
         cl = [i for i in range(n) if cols[h, i]][:C]
-        out["ncols"].append(len(cl))
-        out["clist"].append(cl + [n] * (C - len(cl)))
         out["bits"].append([False] * dyn.VS_PAD + d)
         qcols = []
         for qb in range(-(-q_len // BM)):
