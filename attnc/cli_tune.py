@@ -32,6 +32,9 @@ def register(sub) -> None:
                         "0.01 (default 1%%)")
     p.add_argument("--latency-budget", type=_fraction, default=None,
                    help="attention time as a fraction of dense, e.g. 0.3 (default: none)")
+    p.add_argument("--max-density", type=_fraction, default=None,
+                   help="mean kept share of the causal pairs, e.g. 25%% or 0.25 (MoA's density "
+                        "budget; default: none)")
     p.add_argument("-o", "--output", default="plan.attn", help="plan file (default plan.attn)")
     p.add_argument("--report", help="JSON report (default: the plan's path with .json)")
     p.add_argument("--figures", help="directory for heads.png and pareto.png (default: the "
@@ -103,6 +106,10 @@ def cmd_tune(args) -> int:
     from attnc.autotune.text import shipped_text
     from attnc.tune_api import autotune
 
+    if args.max_density is not None and not 0 < args.max_density <= 1:
+        print(f"attnc: --max-density {args.max_density}: a share of the causal pairs in (0, 1]",
+              file=sys.stderr)
+        return 2
     model, tok = load(args.model)
     if tok is None:
         print(f"attnc: the model at '{args.model}' has no tokenizer", file=sys.stderr)
@@ -159,7 +166,8 @@ def cmd_tune(args) -> int:
               f"{gates.seconds['total']:.0f} s", file=sys.stderr)
     res = autotune(model, calib_ids, heldout_ids=held_ids,
                    max_ppl_increase=args.max_ppl_increase,
-                   latency_budget=args.latency_budget, lengths=lengths,
+                   latency_budget=args.latency_budget, max_density=args.max_density,
+                   lengths=lengths,
                    validation_length=args.validation_length, families=args.families,
                    granularity=args.granularity, trials=args.trials, rows=args.rows,
                    records=args.records, dtype=args.dtype, device=args.device,

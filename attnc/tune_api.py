@@ -104,7 +104,8 @@ def _segments(ids: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
 
 def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None = None,
              max_ppl_increase: float | None = 0.01, latency_budget: float | None = None,
-             lengths: Sequence[int] | None = None, validation_length: int | None = None,
+             max_density: float | None = None, lengths: Sequence[int] | None = None,
+             validation_length: int | None = None,
              families: Sequence[str] | None = None, granularity: str = "kv",
              trials: int = 16, rows: int = 256, records: str | Path | None = None,
              dtype: str = "float16", device: str | None = None, block: int = 128,
@@ -122,7 +123,10 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     weighting and is scored by calibration perplexity with the plan applied; the Pareto front
     is validated on held-out text at `validation_length` (default: twice the longest tuning
     length, within the held-out text), and the fastest point within `max_ppl_increase` (and
-    `latency_budget`, a fraction of dense attention time) is chosen. The study is stored in
+    `latency_budget`, a fraction of dense attention time, and `max_density`, the mean kept share
+    of the causal pairs) is chosen. `max_density` also bounds every trial's knapsack (on the
+    search's density estimates); the chosen point must meet it on the held-out text, where a
+    gate's share is measured, not estimated. The study is stored in
     `storage` (default SQLite in workdir; resumable; PostgreSQL URLs let several workers share
     it). `block` is the kernel tile of the latency model. worker=True only runs trials and
     returns None.
@@ -159,6 +163,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         validation_length = min(heldout_ids.numel(), 2 * lengths[-1])
     if validation_length in lengths:
         raise ValueError(f"validation length {validation_length} is a tuning length")
+    if max_density is not None and not 0 < max_density <= 1:
+        raise ValueError(f"max_density {max_density}: a share of the causal pairs in (0, 1]")
     if heldout_ids.numel() < validation_length or validation_length < 2:
         raise ValueError(f"held-out text has {heldout_ids.numel()} tokens; validation at "
                          f"{validation_length} needs more")
@@ -249,7 +255,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         Path(workdir).mkdir(parents=True, exist_ok=True)
         storage = search.default_storage(str(Path(workdir) / "attnc-tune.db"))
     study = search.open_study(storage, study_name, sampler=sampler, seed=seed)
-    space = search.Space(latency_budget=latency_budget)
+    space = search.Space(latency_budget=latency_budget, max_density=max_density)
     search.run(prob, lambda cells: ppl_with(cells, *trial_ids), dense_ppl, study, trials=trials,
                space=space, progress=progress)
     timings["search_s"] = time.perf_counter() - t1
@@ -276,7 +282,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     timings["validate_s"] = time.perf_counter() - t1
 
     def ok_lat(p):
-        return latency_budget is None or p["latency"] <= latency_budget + 1e-9
+        return (latency_budget is None or p["latency"] <= latency_budget + 1e-9) and \
+            (max_density is None or p["heldout_density"] <= max_density + 1e-9)
 
     def ok_acc(p):
         return max_ppl_increase is None or p["heldout_ppl_ratio"] <= 1 + max_ppl_increase
@@ -286,16 +293,19 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         chosen, met = min(good, key=lambda p: (p["latency"], p["heldout_ppl_ratio"])), True
     elif good:
         chosen, met = min(good, key=lambda p: (p["heldout_ppl_ratio"], p["latency"])), True
-    else:
+    elif pts:
         within = [p for p in pts if ok_lat(p)] or pts
         chosen, met = min(within, key=lambda p: p["heldout_ppl_ratio"]), False
-    if not met and max_ppl_increase is not None and latency_budget is None:
+    else:  # every trial pruned: no choice meets the budgets (e.g. too small a max_density)
+        met = False
+    if not pts or (not met and max_ppl_increase is not None and latency_budget is None
+                   and max_density is None):
         dense_choice = np.zeros(len(prob.units), dtype=np.int64)
         chosen = {"trial": None, "latency": 1.0, "calib_ppl_ratio": 1.0,
                   "heldout_ppl": dense_val, "heldout_ppl_ratio": 1.0, "density": 1.0,
                   "heldout_density": 1.0,
                   "choice": dense_choice.tolist(), "params": {}}
-        met = True
+        met = bool(pts)
     choice = np.asarray(chosen["choice"])
     unit_cells = prob.choice_cells(choice)
     cells = expand(unit_cells, heads=H, kv_heads=G, granularity=granularity)
@@ -311,6 +321,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     report = _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val,
                      validation_length, max_ppl_increase, latency_budget, timings, storage,
                      (L, H, G, D))
+    report["budgets"]["max_density"] = max_density
     report["retrieval_heads"] = retrieval_rows
     return TuneResult(text, cells, report, study_name, storage, timings, sig, gs)
 

@@ -12,9 +12,12 @@ from scipy.sparse import csr_matrix
 def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *,
           allowed: np.ndarray | None = None,
           groups: Sequence[tuple[Sequence[int], float]] = (),
+          limits: Sequence[tuple[np.ndarray, float]] = (),
           time_limit: float = 30.0) -> np.ndarray | None:
-    """Choose one option per unit minimising sum(loss) subject to sum(cost) <= budget and, for
-    each (units, sub_budget) in groups, the cost of those units <= sub_budget.
+    """Choose one option per unit minimising sum(loss) subject to sum(cost) <= budget, for
+    each (units, sub_budget) in groups, the cost of those units <= sub_budget, and for each
+    (weight [U, C], bound) in limits, the summed weight of the choice <= bound (e.g. a
+    density budget beside the latency one).
 
     loss, cost: [U, C]; allowed: [U, C] bool (disallowed options and non-finite losses are
     excluded). Returns the option index per unit, or None when infeasible."""
@@ -43,6 +46,13 @@ def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *,
         rows.append(csr_matrix((w * sel).reshape(1, -1)))
         lo.append(np.array([-np.inf]))
         hi.append(np.array([sub]))
+    for weight, bound in limits:
+        wl = np.asarray(weight, dtype=np.float64)[uu, cc]
+        # Same reasoning as the budget: bounds of order one for HiGHS's tolerances.
+        sc = abs(bound) if bound else 1.0
+        rows.append(csr_matrix((wl / sc).reshape(1, -1)))
+        lo.append(np.array([-np.inf]))
+        hi.append(np.array([bound / sc]))
     from scipy.sparse import vstack
 
     A = vstack(rows).tocsr()
@@ -60,7 +70,9 @@ def solve(loss: np.ndarray, cost: np.ndarray, budget: float, *,
 
 
 def brute_force(loss: np.ndarray, cost: np.ndarray, budget: float,
-                allowed: np.ndarray | None = None) -> tuple[float, np.ndarray | None]:
+                allowed: np.ndarray | None = None,
+                limits: Sequence[tuple[np.ndarray, float]] = ()
+                ) -> tuple[float, np.ndarray | None]:
     """Exhaustive reference for small instances (tests): the best loss and a choice."""
     import itertools
 
@@ -69,6 +81,8 @@ def brute_force(loss: np.ndarray, cost: np.ndarray, budget: float,
     for choice in itertools.product(range(C), repeat=U):
         idx = np.arange(U), np.array(choice)
         if allowed is not None and not allowed[idx].all():
+            continue
+        if any(np.asarray(w)[idx].sum() > b + 1e-9 for w, b in limits):
             continue
         if cost[idx].sum() <= budget + 1e-9 and loss[idx].sum() < best:
             best, arg = float(loss[idx].sum()), np.array(choice)

@@ -165,6 +165,9 @@ class Space:
     """What Optuna searches, and the budgets."""
 
     latency_budget: float | None = None  # fraction of dense attention time (upper bound)
+    # Mean kept share of the causal pairs over units (MoA's density budget), a hard limit on
+    # every trial's knapsack beside the latency target.
+    max_density: float | None = None
     min_target: float | None = None  # smallest latency target sampled (default: feasible min)
 
 
@@ -194,12 +197,14 @@ def _suggest(trial: optuna.Trial, prob: Problem, space: Space):
 def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "max",
            split: str = "global", tilt: float = 0.0,
            families: dict[str, bool] | None = None, power: float = 1.0,
-           dense_top: float = 0.0, clamp: bool = False) -> np.ndarray | None:
+           dense_top: float = 0.0, clamp: bool = False,
+           max_density: float | None = None) -> np.ndarray | None:
     """The exact knapsack choice for one setting of the searched parameters. `dense_top`
     keeps that fraction of units dense first (DuoAttention's retrieval heads), ranked by
     their mean loss over the sparse options; the knapsack then spends the rest. A target
     below the cheapest choice these settings allow gives None, or with `clamp` that cheapest
-    choice (so a trial is not wasted)."""
+    choice (so a trial is not wasted). `max_density` bounds the mean density of the units'
+    choices (never clamped: no choice within it gives None)."""
     loss = prob.loss(weights, agg, power)
     allowed = prob.allowed.copy()
     if families:
@@ -215,11 +220,21 @@ def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "
         rank = np.argsort(-mean, kind="stable")
         allowed[rank[:k], 1:] = False
     budget = target * prob.dense_cost
+    limits = [] if max_density is None else [(prob.dens, max_density * len(prob.units))]
     if clamp:
-        floor = float(np.where(allowed & np.isfinite(loss), prob.cost, np.inf).min(1).sum())
+        usable = allowed & np.isfinite(loss)
+        floor = float(np.where(usable, prob.cost, np.inf).min(1).sum())
+        if limits:
+            # The cheapest choice within the density limit (the cheapest per unit may not be
+            # within it): a knapsack that minimises time alone.
+            cheap = knapsack.solve(np.where(usable, prob.cost, np.inf), prob.cost, np.inf,
+                                   allowed=usable, limits=limits)
+            if cheap is None:
+                return None
+            floor = float(prob.cost[np.arange(len(cheap)), cheap].sum())
         budget = max(budget, floor)
     if split == "uniform":
-        return _uniform(loss, prob.cost, budget, allowed, clamp)
+        return _uniform(loss, prob.cost, budget, allowed, clamp, limits)
     groups = []
     if split == "tilt" and prob.layers > 1:
         per_layer = len(prob.units) // prob.layers
@@ -233,11 +248,12 @@ def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "
             floor = float(cheap[ly * per_layer: (ly + 1) * per_layer].sum())
             sub = max(floor, min(dense_layer, target * dense_layer * wl[ly]))
             groups.append((units, sub * 1.000001))
-    return knapsack.solve(loss, prob.cost, budget * 1.000001, allowed=allowed, groups=groups)
+    return knapsack.solve(loss, prob.cost, budget * 1.000001, allowed=allowed, groups=groups,
+                          limits=[(w, b * 1.000001) for w, b in limits])
 
 
 def _uniform(loss: np.ndarray, cost: np.ndarray, budget: float, allowed: np.ndarray,
-             clamp: bool) -> np.ndarray | None:
+             clamp: bool, limits=()) -> np.ndarray | None:
     """The best one-candidate-for-every-unit choice within the budget (units that may not take
     it stay dense): the uniform plans MoA and DuoAttention compare against, so the front
     always holds the best of them. Ranked by total loss, ties to the cheaper; with `clamp` and
@@ -249,7 +265,10 @@ def _uniform(loss: np.ndarray, cost: np.ndarray, budget: float, allowed: np.ndar
         if not ok.any() or not (ok | allowed[:, 0]).all():
             continue
         choice = np.where(ok, c, 0)
-        total = float(cost[np.arange(U), choice].sum())
+        idx = np.arange(U), choice
+        if any(w[idx].sum() > b * 1.000001 for w, b in limits):
+            continue  # a hard limit: never clamped
+        total = float(cost[idx].sum())
         if total < cheapest_cost:
             cheapest, cheapest_cost = choice, total
         if total <= budget * 1.000001:
@@ -319,9 +338,10 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
 
     def objective(trial: optuna.Trial):
         target, w, agg, split, tilt, fams, power, dense_top = _suggest(trial, prob, space)
-        choice = assign(prob, target, w, agg, split, tilt, fams, power, dense_top, clamp=True)
+        choice = assign(prob, target, w, agg, split, tilt, fams, power, dense_top, clamp=True,
+                        max_density=space.max_density)
         if choice is None or prob.latency(choice) > target_range(prob, space)[1] + 1e-9:
-            raise optuna.TrialPruned("no assignment of these settings meets the latency budget")
+            raise optuna.TrialPruned("no assignment of these settings meets the budgets")
         key = tuple(choice.tolist())
         if key not in cache:
             cache[key] = evaluate(prob.choice_cells(choice))

@@ -75,7 +75,8 @@ def _tune(tune_api, model, tok, calib, held, args, out):
     res = tune_api.autotune(model, calib, heldout_ids=held, lengths=args.lengths,
                             validation_length=args.validation_length, trials=args.trials,
                             rows=args.rows, max_ppl_increase=args.max_ppl_increase,
-                            latency_budget=args.latency_budget, workdir=out, progress=True,
+                            latency_budget=args.latency_budget, max_density=args.max_density,
+                            workdir=out, progress=True,
                             name="smollm2_tuned", records=args.records, gates=args.gates,
                             granularity=args.granularity, families=args.families,
                             retrieval=retrieval, retrieval_heads=args.retrieval_heads,
@@ -184,6 +185,8 @@ def main() -> None:
                     help="block densities whose global gate thresholds become candidates")
     ap.add_argument("--max-ppl-increase", type=float, default=0.02)
     ap.add_argument("--latency-budget", type=float, default=None)
+    ap.add_argument("--max-density", type=float, default=None,
+                    help="mean kept share of the causal pairs (a hard limit of every trial)")
     ap.add_argument("--passkey-tokens", type=int, default=4096)
     ap.add_argument("--passkeys", type=int, default=16,
                     help="passkey prompts (keys at depths spread evenly over the prompt)")

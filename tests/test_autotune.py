@@ -162,6 +162,24 @@ def test_knapsack_matches_brute_force():
         idx = np.arange(U), got
         assert allowed[idx].all() and cost[idx].sum() <= budget + 1e-6
         assert loss[idx].sum() == pytest.approx(best, abs=1e-6)
+    # A second limit (a density budget beside the latency one) against the brute force.
+    for _ in range(25):
+        U, C = 4, 3
+        loss = rng.random((U, C))
+        loss[:, 0] = 0
+        cost = rng.random((U, C)) + 0.1
+        dens = rng.random((U, C))
+        dens[:, 0] = 1.0
+        bound = float(rng.uniform(0.5, 3.5))
+        budget = float(rng.uniform(1.0, 6.0))
+        best, _ = knapsack.brute_force(loss, cost, budget, limits=[(dens, bound)])
+        got = knapsack.solve(loss, cost, budget, limits=[(dens, bound)])
+        if not np.isfinite(best):
+            assert got is None
+            continue
+        idx = np.arange(U), got
+        assert dens[idx].sum() <= bound + 1e-6 and cost[idx].sum() <= budget + 1e-6
+        assert loss[idx].sum() == pytest.approx(best, abs=1e-6)
     # Group constraints: units 0, 1 may spend at most 2.5 in all.
     loss = np.array([[0, 5, 9]] * 4, dtype=float)
     cost = np.array([[2, 1, 0.5]] * 4, dtype=float)
@@ -390,7 +408,21 @@ def test_autotune_end_to_end_and_resume(tiny, tmp_path):
 
 
 def test_study_refuses_another_problem(tiny, tmp_path):
-    res = _tune(tiny, tmp_path, 2, max_ppl_increase=0.05)
+    # Also a density budget: every trial's knapsack keeps within it, and the chosen point
+    # keeps within it on the held-out text when the budgets are met.
+    with pytest.raises(ValueError, match="max_density"):
+        _tune(tiny, tmp_path, 2, max_density=1.5)
+    # Below every candidate's density (the tiny model's sparsest keeps 62% at 192 tokens):
+    # every trial is pruned and the plan is dense, flagged as not meeting the budgets.
+    low = _tune(tiny, tmp_path / "low", 1, max_ppl_increase=0.05, max_density=0.5)
+    assert not low.report["budget_met"] and low.report["chosen"]["density"] == 1.0
+    res = _tune(tiny, tmp_path, 2, max_ppl_increase=0.05, max_density=0.8)
+    rep = res.report
+    assert rep["budgets"]["max_density"] == 0.8
+    done = [t for t in rep["trials"] if t["state"] == "COMPLETE"]
+    assert done and all(t["density"] <= 0.8 + 1e-6 for t in done)
+    if rep["budget_met"]:
+        assert rep["chosen"]["heldout_density"] <= 0.8 + 1e-9
     with pytest.raises(ValueError, match="another problem"):
         _tune(tiny, tmp_path, 3, max_ppl_increase=0.05, families=["streaming"],
               study_name=res.study_name)
@@ -569,6 +601,20 @@ def test_search_assign_respects_families_and_split(tiny, ids):
     every = [np.full(len(prob.units), c) for c in range(1, len(prob.candidates))
              if prob.allowed[:, c].all() and np.isfinite(loss[:, c]).all()]
     assert prob.latency(ch) == pytest.approx(min(prob.latency(e) for e in every))
+    # max_density: a hard limit on the mean density beside the latency target, never clamped.
+    free = search.assign(prob, 1.0, w)
+    assert free is not None
+    cap = (prob.mean_density(free) + prob.dens[prob.allowed].min()) / 2
+    for split in ("global", "uniform"):
+        ch = search.assign(prob, 1.0, w, split=split, max_density=cap)
+        if ch is not None:
+            assert prob.mean_density(ch) <= cap + 1e-6
+    ch = search.assign(prob, 1.0, w, max_density=cap)
+    assert ch is not None and prob.mean_density(ch) <= cap + 1e-6
+    assert search.assign(prob, 1.0, w, max_density=1e-4, clamp=True) is None
+    # clamp under a density limit: the cheapest choice within it, not the cheapest per unit.
+    ch = search.assign(prob, 0.01, w, max_density=cap, clamp=True)
+    assert ch is not None and prob.mean_density(ch) <= cap + 1e-6
 
 
 def test_apply_through_the_generated_kernels(tiny, ids, monkeypatch):
