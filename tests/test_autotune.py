@@ -519,6 +519,10 @@ def test_cli_tune(tmp_path, capsys):
     assert "--retrieval-heads must be >= 0" in capsys.readouterr().err
     assert main(["tune", "--model", str(model_dir), "--retrieval-eval", "5", "-o",
                  str(out)]) == 2
+    capsys.readouterr()
+    assert main(["tune", "--model", str(model_dir), "--max-density", "150%", "-o",
+                 str(out)]) == 2
+    assert "--max-density 1.5: a share of the causal pairs" in capsys.readouterr().err
 
 
 def test_cli_tune_with_trained_gates(tmp_path, capsys):
