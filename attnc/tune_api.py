@@ -245,7 +245,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
             ppl = mean_ppl(seqs)
         finally:
             remove(model)
-        return (ppl, masks.density()[0]) if measure else ppl
+        return (ppl, masks.density()) if measure else ppl
 
     dense_ppl = mean_ppl(trial_ids)
     fp_text = prob.fingerprint() + (f"\nretrieval eval {retrieval_eval}" if retrieval_eval else "")
@@ -271,11 +271,12 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     with _bar(len(fr), "validate", progress) as bar:
         for t in fr:
             choice = np.asarray(t.user_attrs["choice"])
-            ppl, realised = ppl_with(prob.choice_cells(choice), val_ids, measure=True)
+            ppl, (realised, blocks) = ppl_with(prob.choice_cells(choice), val_ids,
+                                               measure=True)
             pts.append({"trial": t.number, "latency": t.values[0],
                         "calib_ppl_ratio": t.values[1], "heldout_ppl": ppl,
                         "heldout_ppl_ratio": ppl / dense_val, "density": prob.mean_density(choice),
-                        "heldout_density": realised,
+                        "heldout_density": realised, "heldout_block_density": blocks,
                         "choice": choice.tolist(), "params": t.params})
             if bar is not None:
                 bar.update(1)
@@ -303,7 +304,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         dense_choice = np.zeros(len(prob.units), dtype=np.int64)
         chosen = {"trial": None, "latency": 1.0, "calib_ppl_ratio": 1.0,
                   "heldout_ppl": dense_val, "heldout_ppl_ratio": 1.0, "density": 1.0,
-                  "heldout_density": 1.0,
+                  "heldout_density": 1.0, "heldout_block_density": 1.0,
                   "choice": dense_choice.tolist(), "params": {}}
         met = bool(pts)
     choice = np.asarray(chosen["choice"])

@@ -283,6 +283,7 @@ def main() -> None:
             "tuned": {"heldout_ppl": point["heldout_ppl"], "ratio": point["heldout_ppl_ratio"],
                       "density": point["density"], "latency": point["latency"],
                       "heldout_density": point.get("heldout_density"),
+                      "heldout_block_density": point.get("heldout_block_density"),
                       "passkey_density": masks.density()[0] if pk else None,
                       "passkey": acc, "hits": hits,
                       "families": _families(res, point["choice"])},
@@ -322,7 +323,7 @@ def main() -> None:
         "comparisons": rows,
         "front": [{k: p.get(k) for k in ("trial", "latency", "calib_ppl_ratio",
                                          "heldout_ppl_ratio", "density",
-                                         "heldout_density")}
+                                         "heldout_density", "heldout_block_density")}
                   for p in rep["front"]],
         "budget_met": rep["budget_met"],
     }

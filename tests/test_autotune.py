@@ -392,6 +392,8 @@ def test_autotune_end_to_end_and_resume(tiny, tmp_path):
         ap.remove(tiny)
     assert masks.density()[0] == pytest.approx(ch["heldout_density"], rel=1e-9)
     assert all(0 < p["heldout_density"] <= 1 for p in rep["front"])
+    assert masks.density()[1] == pytest.approx(ch["heldout_block_density"], rel=1e-9)
+    assert all(0 < p["heldout_block_density"] <= 1 for p in rep["front"])
     if rep["latency_n"] == 192 and not res.gated:
         assert ch["heldout_density"] == pytest.approx(ch["density"], rel=1e-6)
     paths = res.write(tmp_path / "plan.attn", tmp_path / "report.json", tmp_path / "fig")
