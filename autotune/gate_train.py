@@ -197,9 +197,26 @@ def collect(model, sequences: list[torch.Tensor], block: int,
         with use_attention(model, _CAPTURE):
             for ids in sequences:
                 model(ids.reshape(1, -1), use_cache=False)
+                _trim_heap()
     finally:
         model.train(was_training)
     return rec.data
+
+
+def _trim_heap() -> None:
+    """Give glibc's freed heap back to the system. Each forward pass frees hundreds of MB of
+    activations around the few small tensors it keeps, and glibc keeps the freed pages: RSS
+    grew by 0.75 GB per 4096-token sequence of SmolLM2 while 22 MB were kept (77 sequences
+    were killed at 24 GB); with a trim after each it grows by the 22 MB."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+        pass
 
 
 # ---------------------------------------------------------------- training
@@ -273,10 +290,16 @@ def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log):
         if vt is not None and step % check_every == 0:
             check(step)
         opt.zero_grad()
-        loss = _mean_kl(gates, tensors, heads)
-        loss.backward()
+        # The layers' losses share no parameters: one backward per layer gives the gradient
+        # of their mean while only one layer's graph is alive (all 30 of SmolLM2's at once
+        # outgrew 24 GB with 77 training chunks).
+        total = 0.0
+        for ly, g in gates.items():
+            loss = kl_loss(g, *tensors[ly], heads[ly]) / len(gates)
+            loss.backward()
+            total += loss.item()
         opt.step()
-        hist.append(loss.item())
+        hist.append(total)
         if log and (step % 50 == 0):
             log(f"step {step}: KL {hist[-1]:.4f}"
                 + (f", held-out {curve[-1][1]:.4f}" if curve else ""))
