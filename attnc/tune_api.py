@@ -282,31 +282,31 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
                 bar.update(1)
     timings["validate_s"] = time.perf_counter() - t1
 
-    def ok_lat(p):
+    def ok_cost(p):  # the latency and density budgets
         return (latency_budget is None or p["latency"] <= latency_budget + 1e-9) and \
             (max_density is None or p["heldout_density"] <= max_density + 1e-9)
 
     def ok_acc(p):
         return max_ppl_increase is None or p["heldout_ppl_ratio"] <= 1 + max_ppl_increase
 
-    good = [p for p in pts if ok_lat(p) and ok_acc(p)]
+    good = [p for p in pts if ok_cost(p) and ok_acc(p)]
     if good and max_ppl_increase is not None:
         chosen, met = min(good, key=lambda p: (p["latency"], p["heldout_ppl_ratio"])), True
     elif good:
         chosen, met = min(good, key=lambda p: (p["heldout_ppl_ratio"], p["latency"])), True
-    elif pts:
-        within = [p for p in pts if ok_lat(p)] or pts
-        chosen, met = min(within, key=lambda p: p["heldout_ppl_ratio"]), False
-    else:  # every trial pruned: no choice meets the budgets (e.g. too small a max_density)
-        met = False
-    if not pts or (not met and max_ppl_increase is not None and latency_budget is None
-                   and max_density is None):
-        dense_choice = np.zeros(len(prob.units), dtype=np.int64)
-        chosen = {"trial": None, "latency": 1.0, "calib_ppl_ratio": 1.0,
-                  "heldout_ppl": dense_val, "heldout_ppl_ratio": 1.0, "density": 1.0,
-                  "heldout_density": 1.0, "heldout_block_density": 1.0,
-                  "choice": dense_choice.tolist(), "params": {}}
-        met = bool(pts)
+    else:
+        within = [p for p in pts if ok_cost(p)] or pts
+        chosen = min(within, key=lambda p: p["heldout_ppl_ratio"]) if within else None
+        # Dense is the answer in pure accuracy mode (it meets every budget there), and the
+        # plan when every trial was pruned (e.g. too small a max_density: not met).
+        accuracy_only = max_ppl_increase is not None and latency_budget is None \
+            and max_density is None
+        met = chosen is not None and accuracy_only
+        if chosen is None or accuracy_only:
+            chosen = {"trial": None, "latency": 1.0, "calib_ppl_ratio": 1.0,
+                      "heldout_ppl": dense_val, "heldout_ppl_ratio": 1.0, "density": 1.0,
+                      "heldout_density": 1.0, "heldout_block_density": 1.0,
+                      "choice": [0] * len(prob.units), "params": {}}
     choice = np.asarray(chosen["choice"])
     unit_cells = prob.choice_cells(choice)
     cells = expand(unit_cells, heads=H, kv_heads=G, granularity=granularity)
@@ -320,9 +320,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     text = plan_text(name, layers=L, heads=H, kv_heads=G, choice=unit_cells,
                      granularity=granularity, comments=comments)
     report = _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val,
-                     validation_length, max_ppl_increase, latency_budget, timings, storage,
-                     (L, H, G, D))
-    report["budgets"]["max_density"] = max_density
+                     validation_length, max_ppl_increase, latency_budget, max_density,
+                     timings, storage, (L, H, G, D))
     report["retrieval_heads"] = retrieval_rows
     return TuneResult(text, cells, report, study_name, storage, timings, sig, gs)
 
@@ -354,7 +353,7 @@ def _gate_set(gates, model):
 
 
 def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val, val_n,
-            max_inc, lat_budget, timings, storage, shp) -> dict:
+            max_inc, lat_budget, max_dens, timings, storage, shp) -> dict:
     L, H, G, D = shp
     ci = {c: i for i, c in enumerate(prob.candidates)}
     rows = []
@@ -379,7 +378,8 @@ def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val
               for t in study.trials]
     return {
         "model": {"layers": L, "heads": H, "kv_heads": G, "head_dim": D},
-        "budgets": {"max_ppl_increase": max_inc, "latency_budget": lat_budget},
+        "budgets": {"max_ppl_increase": max_inc, "latency_budget": lat_budget,
+                    "max_density": max_dens},
         "budget_met": met, "granularity": prob.granularity, "tuning_lengths": sig.lengths,
         "rows_per_length": sig.rows, "latency_n": prob.latency_n, "validation_n": val_n,
         "latency_model": {"coeffs": lat.coeffs, "fitted": lat.fitted,

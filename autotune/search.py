@@ -223,7 +223,6 @@ def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "
     limits = [] if max_density is None else [(prob.dens, max_density * len(prob.units))]
     if clamp:
         usable = allowed & np.isfinite(loss)
-        floor = float(np.where(usable, prob.cost, np.inf).min(1).sum())
         if limits:
             # The cheapest choice within the density limit (the cheapest per unit may not be
             # within it): a knapsack that minimises time alone.
@@ -232,6 +231,8 @@ def assign(prob: Problem, target: float, weights: dict[str, float], agg: str = "
             if cheap is None:
                 return None
             floor = float(prob.cost[np.arange(len(cheap)), cheap].sum())
+        else:
+            floor = float(np.where(usable, prob.cost, np.inf).min(1).sum())
         budget = max(budget, floor)
     if split == "uniform":
         return _uniform(loss, prob.cost, budget, allowed, clamp, limits)
