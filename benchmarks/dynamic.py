@@ -129,6 +129,8 @@ def run_case(kind: str, n: int, H: int, D: int, reps: int, flex_fn, rows: list, 
         launch = {"num_warps": warps, "num_stages": stages}
         if rest:  # a fifth field: the VS kernel's BRANCH switch (1: predicate in a branch)
             launch["BRANCH"] = bool(rest[0])
+        if len(rest) > 1:  # a sixth: TMA loads for the diagonal ranges' tiles (Hopper)
+            launch["TMA"] = int(rest[1])
         try:
             t = bench(lambda bm=bm, launch=launch: dyn.dynamic_attention(q, k, v, bm,
                                                                          launch=launch), reps)
@@ -293,7 +295,8 @@ def main() -> None:
     ap.add_argument("--patterns", default="vertical_slash,block_topk")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, one launch")
     ap.add_argument("--launches", default=None,
-                    help="vertical-slash kernel launches to try, BMxBNxWARPSxSTAGES[xBRANCH],...")
+                    help="vertical-slash kernel launches to try, "
+                         "BMxBNxWARPSxSTAGES[xBRANCH[xTMA]],...")
     ap.add_argument("--profile", action="store_true",
                     help="vertical-slash only: per-kernel CUDA times and the plan's shape")
     a = ap.parse_args()

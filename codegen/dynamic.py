@@ -585,18 +585,27 @@ def vs_mask(s, t0, k_idx, kk, k_ok, full, q_pos, row_ok, h, DBITS, CFLAGS, s_db_
 
 @triton.jit
 def vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, qk_scale,
-            K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, DBITS, CFLAGS, s_db_h, s_cf_h,
+            K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, DBITS, CFLAGS, s_db_h, s_cf_h, KD, VD,
             BAND: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-            UPCAST: tl.constexpr, IEEE: tl.constexpr, BRANCH: tl.constexpr):
+            UPCAST: tl.constexpr, IEEE: tl.constexpr, BRANCH: tl.constexpr,
+            DESC: tl.constexpr):
     # The loads and the product do not depend on `full` (a run-time flag), so the loops that
     # call this keep one body and Triton software-pipelines their loads; only the predicate
     # sits behind the branch.
     offs_d = tl.arange(0, HEAD_DIM)
     kk = tl.where(k_ok, k_idx, 0)
-    k = tl.load(K + b * sk_b + hk * sk_h + kk[:, None] * sk_n + offs_d[None, :],
-                mask=k_ok[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + hk * sv_h + kk[:, None] * sv_n + offs_d[None, :],
-                mask=k_ok[:, None], other=0.0)
+    if DESC:
+        # A diagonal range's keys are contiguous from t0 (any row, not block-aligned): one
+        # bulk copy per tile through the [Hkv, n, D] descriptors. Rows past the range are
+        # real keys that the predicate drops (k_ok); rows past n come back as zeros.
+        r0 = tl.cast(t0, tl.int32)  # a plain int under the interpreter
+        k = KD.load([tl.cast(hk, tl.int32), r0, 0]).reshape([BLOCK_N, HEAD_DIM])
+        v = VD.load([tl.cast(hk, tl.int32), r0, 0]).reshape([BLOCK_N, HEAD_DIM])
+    else:
+        k = tl.load(K + b * sk_b + hk * sk_h + kk[:, None] * sk_n + offs_d[None, :],
+                    mask=k_ok[:, None], other=0.0)
+        v = tl.load(V + b * sv_b + hk * sv_h + kk[:, None] * sv_n + offs_d[None, :],
+                    mask=k_ok[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -617,12 +626,13 @@ def vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b, qk
 
 
 @triton.jit
-def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CFLAGS,
+def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CFLAGS, KD, VD,
               sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_m, sl_b, sl_h,
               s_g_h, s_gf_h, s_c_h, s_c_m, s_nc_h, s_db_h, s_cf_h,
               sm_scale, Q_LEN, Q_START, H, GROUP,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              UPCAST: tl.constexpr, IEEE: tl.constexpr, BRANCH: tl.constexpr = True):
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, BRANCH: tl.constexpr = True,
+              TMA: tl.constexpr = 0):
     # Last query blocks first (they visit the most keys): less tail in the last wave.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -672,8 +682,8 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CF
                 ((c_hi - c_lo) == (d_hi - d_lo + 1))
             acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, t0, k_idx, k_ok, full, q_pos, row_ok, h,
                                     hk, b, qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                    DBITS, CFLAGS, s_db_h, s_cf_h, True, BLOCK_N, HEAD_DIM,
-                                    UPCAST, IEEE, BRANCH)
+                                    DBITS, CFLAGS, s_db_h, s_cf_h, KD, VD, True, BLOCK_N,
+                                    HEAD_DIM, UPCAST, IEEE, BRANCH, TMA != 0)
     # Selected columns outside every diagonal range, gathered BLOCK_N at a time (ascending).
     n_cols = tl.load(NCOLS + h * s_nc_h + pid_m)
     for c0 in range(0, n_cols, BLOCK_N):
@@ -685,8 +695,8 @@ def attnc_fwd(Q, K, V, O, LSE, GLO, GHI, DCOUNT, NGROUPS, COLS, NCOLS, DBITS, CF
         # Gathered columns are selected: only causality can drop a pair.
         acc, l_i, m_i = vs_tile(acc, l_i, m_i, q, c0, k_idx, k_ok, full, q_pos, row_ok, h, hk, b,
                                 qk_scale, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                                DBITS, CFLAGS, s_db_h, s_cf_h, False, BLOCK_N, HEAD_DIM,
-                                UPCAST, IEEE, BRANCH)
+                                DBITS, CFLAGS, s_db_h, s_cf_h, KD, VD, False, BLOCK_N,
+                                HEAD_DIM, UPCAST, IEEE, BRANCH, False)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     out = tl.where(empty[:, None], 0.0, out)
@@ -859,8 +869,22 @@ def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, sm_scale: float, b: in
     lb_ = lse[b:b + 1]
     BM, BN = bm.schedule.block_m, bm.schedule.block_n
     grid = (-(-Lq // BM), H)
+    launch = dict(launch or {})
+    if "TMA" not in launch:
+        from .kernel import _tma_by_default
+
+        # H200, 128k: 23.60 -> 20.74 ms with 64 x 64 tiles (docs/BENCHMARKS.md).
+        launch["TMA"] = int(_tma_by_default(q, None))
+    kd, vd = kb_, vb_  # never read without TMA
+    if launch["TMA"]:
+        # Hopper: the diagonal ranges' tiles through TMA descriptors; gathered columns keep
+        # pointer loads.
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kd = TensorDescriptor.from_tensor(kb_.view(Hkv, -1, D), [1, BN, D])
+        vd = TensorDescriptor.from_tensor(vb_.view(Hkv, -1, D), [1, BN, D])
     fn[grid](qb_, kb_, vb_, ob_, lb_, plan["glo"], plan["ghi"], plan["dcount"], plan["ngroups"],
-             plan["cols"], plan["ncols"], plan["dbits"], plan["cflags"],
+             plan["cols"], plan["ncols"], plan["dbits"], plan["cflags"], kd, vd,
              qb_.stride(0), qb_.stride(1), qb_.stride(2), kb_.stride(0), kb_.stride(1),
              kb_.stride(2), vb_.stride(0), vb_.stride(1), vb_.stride(2), ob_.stride(0),
              ob_.stride(1), ob_.stride(2), lb_.stride(0), lb_.stride(1),
@@ -869,7 +893,7 @@ def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, sm_scale: float, b: in
              plan["cflags"].stride(0),
              sm_scale, Lq, bm.q_start, H, H // Hkv,
              BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=upcast,
-             IEEE=bool(q.dtype == torch.float32 or upcast), **(launch or {}))
+             IEEE=bool(q.dtype == torch.float32 or upcast), **launch)
 
 
 # ---------------------------------------------------------------- entry point
@@ -886,7 +910,9 @@ def dynamic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: Blo
     visits diagonal ranges and gathered columns; otherwise the generated block kernel visits
     the builders' block lists. Returns the kernel's Output, and with return_index also the
     IndexSets of every batch element (for FlexAttention on the same sets). `launch`: Triton
-    launch options of the vertical-slash kernel (num_warps, num_stages). `gates`: gate()'s
+    launch options of the vertical-slash kernel (num_warps, num_stages, and TMA: 1 loads the
+    diagonal ranges' tiles through TMA descriptors, the default on Hopper for 16-bit inputs
+    with head dims up to 128; 0 uses pointer loads). `gates`: gate()'s
     block scores (a tensor, mapping or function as attnc.reference takes them, shared by the
     batch; or a codegen.gate.BlockGate, run on each batch element's q and k)."""
     from .kernel import Output, attention

@@ -248,12 +248,12 @@ ATT_CASES = [  # (pattern, args, n, q_len, H, Hkv, D, BM, BN, fast)
 ]
 
 
-def _check_attention(case, dtype, device=DEVICE):
+def _check_attention(case, dtype, device=DEVICE, launch=None):
     name, args, n, q_len, H, Hkv, D, BM, BN, fast = case
     prog = PROG if name in ("vs2", "mixed") else attnc.loads("")
     q, k, v = _inputs(f"att-{case}-{dtype}", H, Hkv, q_len, n, D, dtype, device)
     bm = build(lower(prog, name, args), n=n, heads=H, q_len=q_len, schedule=Schedule(BM, BN))
-    res = dyn.dynamic_attention(q, k, v, bm, poison=True, fast=fast)
+    res = dyn.dynamic_attention(q, k, v, bm, poison=True, fast=fast, launch=launch)
     ev = reference.evaluate(prog, name, n=n, heads=H, q_len=q_len, args=args,
                             scores=_scores(q, k, D ** -0.5))
     (o64, lse64), (o_dt, _) = _dense(q, k, v, ev.mask, D ** -0.5, dtype)
@@ -272,6 +272,15 @@ def test_attention_matches_dense_reference(case, dtype):
     if dtype != torch.float32 and case[0] == "mixed":
         pytest.skip("one precision is enough for the mixed selector case")
     _check_attention(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("case", [c for c in ATT_CASES if c[0] == "vs2" and c[9]],
+                         ids=lambda c: f"n{c[2]}-q{c[3]}-{c[7]}x{c[8]}")
+def test_vertical_slash_tma_loads_match_reference(case, dtype):
+    """The diagonal ranges' tiles through TMA descriptors (tiles start at any key, not at a
+    block boundary; rows past the range are real keys the predicate drops)."""
+    _check_attention(case, dtype, launch={"TMA": 1})
 
 
 def test_vertical_slash_kernel_is_chosen_for_the_library_pattern():
@@ -328,6 +337,10 @@ def test_gpu_vertical_slash_bf16(fast):
     case = ("vs2", {"v": 60, "s": 300, "l": 64, "f": 30, "near": 100}, 2000, 1500, 4, 2, 128,
             128, 64, fast)
     _check_attention(case, torch.bfloat16, "cuda")
+    if fast:
+        _check_attention(case, torch.bfloat16, "cuda", launch={"TMA": 1})
+        case = case[:7] + (128, 128, True)
+        _check_attention(case, torch.bfloat16, "cuda", launch={"TMA": 1, "num_warps": 8})
 
 
 @pytest.mark.gpu
