@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--gates", help="reuse this gate file instead of training")
     ap.add_argument("--out", default="/tmp/attnc-gate-bench", help="output folder")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--scores", default=None,
+                    help="the gates' score kind for the threshold configs (probability, length, "
+                         "relative, mass: top-p; default: as the gate file says)")
     ap.add_argument("--oracle", action="store_true",
                     help="also run each gated config with the oracle gate: the true block "
                          "targets (max-pooled dense attention) as scores, an upper bound")
@@ -135,6 +138,9 @@ def main() -> None:
                         "heldout_curve": r.val_curve, "best_step": r.best_step,
                         "seconds": r.seconds}
         print("train", json.dumps(res["train"]))
+    if a.scores:
+        gates.configure(scores=a.scores)
+    res["scores"] = gates.score_kind
     _flush(out, res)
 
     def run(name: str, plan: str | None, g=None) -> dict:

@@ -12,8 +12,9 @@ NEG_INF = float("-inf")
 # the last for 2^14 blocks and more; one more bucket for key block 0 (the attention sink).
 DIST_BUCKETS = 16
 # What a gate threshold compares against: the block probability, or it times the sequence's key
-# blocks ("length") or the row's eligible blocks ("relative"); see BlockGate.
-SCORE_KINDS = ("probability", "length", "relative")
+# blocks ("length") or the row's eligible blocks ("relative"), or the row's mass from the block
+# down in rank order ("mass": a threshold t is top-p with p = 1 - t); see BlockGate.
+SCORE_KINDS = ("probability", "length", "relative", "mass")
 
 
 def pool3(x: torch.Tensor, block: int, *, start: int = 0, nb: int | None = None) -> torch.Tensor:
@@ -147,9 +148,13 @@ class BlockGate(nn.Module):
     same order and the same selection as probabilities, and a threshold calibrated at one length
     keeps about the same share at another, where a probability threshold keeps fewer blocks the
     more a row holds; or times the number of eligible blocks of the row ("relative", 1 = the
-    row's uniform share), which keeps about the same share of every row, short or long. On
-    SmolLM2-135M the per-row rule ("relative") costs far more perplexity at the same density
-    than the other two (docs/gate.md), so "length" is the head tuner's kind.
+    row's uniform share), which keeps about the same share of every row, short or long; or
+    the row's probability mass ranked at or below the block ("mass": 1 minus the mass of the
+    row's better blocks, ties to the lower key block), so that a threshold t keeps the fewest
+    best blocks of each row whose mass reaches 1 - t: top-p (nucleus) selection, where a
+    peaked row keeps few blocks and a flat one many. On SmolLM2-135M the per-row rule
+    ("relative") costs far more perplexity at the same density than "probability" and
+    "length" (docs/gate.md), so "length" is the head tuner's kind.
 
     `block = 0` is the degenerate one-block gate (DuoAttention's `gate(block = n)`): one score
     per head, sigmoid(logit + bias_h), where the softmax over a single block would always be 1.
@@ -270,7 +275,22 @@ class BlockGate(nn.Module):
             p = p * el.sum(-1, keepdim=True).to(p.dtype)
         elif self.score_kind == "length":
             p = p * el.shape[-1]
+        elif self.score_kind == "mass":
+            p = mass_scores(p, el)
         return p
+
+
+def mass_scores(p: torch.Tensor, el: torch.Tensor) -> torch.Tensor:
+    """Per row of block probabilities p [..., nk] (0 where not eligible): 1 minus the mass of
+    the blocks ranked above each block (descending, ties to the lower key block), 0 where not
+    eligible. Rows that keep nothing eligible are all 0."""
+    order = torch.sort(-p, dim=-1, stable=True).indices
+    ranked = torch.gather(p, -1, order)
+    # Float64 sums, so that a block's score does not depend on rounding in a long row.
+    above = torch.cumsum(ranked.double(), -1) - ranked.double()
+    out = torch.empty_like(p)
+    out.scatter_(-1, order, (1.0 - above).clamp_(0.0, 1.0).to(p.dtype))
+    return torch.where(el, out, torch.zeros((), dtype=p.dtype, device=p.device))
 
 
 def block_keep(scores: torch.Tensor, el: torch.Tensor, topk: torch.Tensor | int,

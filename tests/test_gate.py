@@ -487,6 +487,44 @@ def test_length_scores(tiny, trained, tmp_path):
         ga.load_gates(path, model=tiny[0])
 
 
+def test_mass_scores_are_top_p(tiny, trained, tmp_path):
+    """Mass scores: 1 minus the mass of the row's better blocks (ties to the lower key block),
+    so a threshold t keeps the fewest best blocks whose mass reaches 1 - t; not-eligible
+    blocks score 0; the kind survives a file and gives the same selection through the
+    reference as the definition."""
+    import copy
+
+    from attnc.codegen.gate import mass_scores
+
+    p = torch.tensor([[[0.2, 0.5, 0.3, 0.0], [0.25, 0.25, 0.5, 0.0]]])
+    el = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    m = mass_scores(p, el)
+    torch.testing.assert_close(m, torch.tensor([[[0.2, 1.0, 0.5, 0.0], [0.5, 0.25, 1.0, 0.0]]]))
+    # top-p with p = 0.6: the first row needs blocks 1 and 2 (0.5 < 0.6 <= 0.8)
+    assert (m >= 0.4)[0, 0].tolist() == [False, True, True, False]
+    assert (m >= 0.4)[0, 1].tolist() == [True, False, True, False]
+    g = copy.deepcopy(trained.gates[0])
+    q, k = torch.randn(4, 100, 16, generator=_gen(9)), torch.randn(2, 100, 16, generator=_gen(10))
+    pr = g(q, k)
+    g.score_kind = "mass"
+    s = g(q, k)
+    nb = -(-100 // 16)
+    el = eligible(nb, 16, 0, 100)
+    for h in range(4):
+        for r in range(nb):
+            row = pr[h, r][el[r]].double()
+            order = sorted(range(row.numel()), key=lambda j: (-float(row[j]), j))
+            above = 0.0
+            for j in order:
+                assert abs(float(s[h, r][el[r]][j]) - (1.0 - above)) < 1e-5
+                above += float(row[j])
+    assert (s[:, ~el] == 0).all()
+    gs = copy.deepcopy(trained.gates).configure(scores="mass")
+    back = ga.load_gates(ga.save_gates(gs, tmp_path / "m.gates.safetensors"), model=tiny[0])
+    assert back.score_kind == "mass"
+    torch.testing.assert_close(back[0](q, k), s)
+
+
 def test_density_thresholds_rank_own_blocks_first():
     """Own blocks count before any gate score, also with relative scores above 1 or 2; a
     budget below the own blocks gives a threshold above every gate score."""
