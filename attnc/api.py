@@ -72,6 +72,13 @@ class Kernel:
         q_len = n if q_len is None else q_len
         key = (n, q_len, heads)
         if key not in self._masks:
+            if not self.pattern.dynamic:
+                # Range checks and requirements of the arguments at this n, as the CLI does
+                # (the block mask alone would silently compile an out-of-range value).
+                from attnc import reference
+
+                reference.evaluate(self.pattern, n=n, heads=min(heads, 64), q_len=1,
+                                   args=self.args)
             c = compile_pattern(self.pattern, self.args, n=n, heads=heads, q_len=q_len,
                                 schedule=self.schedule, layout=self.layout)
             self._masks[key] = c.blockmask

@@ -461,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a file or folder that cannot be read or written (-o, archives)
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"attnc: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug:
             raise

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from attnc.compiler.ir import BOOL, FLOAT, Const, Node, Op, Sel, Var, type_of
+from attnc.compiler.ir import BOOL, FLOAT, Const, Node, Op, Sel, Var, to_text, type_of
+from attnc.dsl.errors import AttncError
 
 
-class Unsupported(Exception):
-    """IR the kernel printer cannot express (reported at compile time, never at run time)."""
+class Unsupported(AttncError):
+    """IR the kernel printer cannot express (reported at compile time, never at run time); a
+    user-facing error, printed by the CLI as one line."""
+
+    def __init__(self, what: str):
+        super().__init__(f"the kernel cannot express {what}")
 
 
 # Helpers the generated source defines once (integer semantics of the language: floor division
@@ -118,12 +123,20 @@ def print_expr(e: Node, names: dict[str, str],
         if o == "pow":
             base, ex = x.args
             if type_of(x) == FLOAT:
-                return f"tl.exp2(({a[1]}) * tl.log2(({a[0]}) * 1.0))"
+                # torch.pow's (the reference's) values: a negative base with an integral
+                # exponent has the exponent's parity sign, else NaN; 0 ** 0 == 1.
+                b, e = f"(({a[0]}) * 1.0)", f"(({a[1]}) * 1.0)"
+                mag = f"tl.exp2({e} * tl.log2(tl.abs({b})))"
+                odd = f"(tl.floor({e} * 0.5) * 2.0 != {e})"
+                neg = f"tl.where(tl.floor({e}) == {e}, tl.where({odd}, -{mag}, {mag}), " \
+                      "float('nan'))"
+                return f"tl.where({b} < 0, {neg}, tl.where({e} == 0, 1.0, {mag}))"
             if isinstance(base, Const) and base.value == 2:
                 return f"tl.where({a[1]} < 0, 0, 1 << tl.maximum({a[1]}, 0))"
             if isinstance(ex, Const) and isinstance(ex.value, int) and 0 <= ex.value <= 8:
                 return "(" + " * ".join([f"({a[0]})"] * ex.value or ["1"]) + ")"
-            raise Unsupported("integer ** with a non-constant exponent and a base other than 2")
+            raise Unsupported(f"integer {to_text(x)}: integer ** needs base 2 or a constant "
+                              "exponent 0..8 in a kernel (the reference evaluates any)")
         if o in ("min", "max"):
             out = a[0]
             for y in a[1:]:
@@ -143,7 +156,7 @@ def print_expr(e: Node, names: dict[str, str],
             return f"tl.{o}(({a[0]}) * 1.0)"
         if o == "where":
             return f"tl.where({a[0]}, {a[1]}, {a[2]})"
-        raise Unsupported(o)
+        raise Unsupported(f"the operation {o!r}")
 
     out = go(e)
     if type_of(e) == BOOL and isinstance(e, Const):

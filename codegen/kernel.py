@@ -573,6 +573,12 @@ def plan_layer(plan, layer: int, *, n: int, q_len: int | None = None,
     if any(ir.dynamic for ir in irs) and len({ir.key for ir in irs}) > 1:
         raise ValueError("a plan kernel runs static patterns; this layer mixes in a dynamic "
                          "one (run it per pattern with codegen.dynamic)")
+    if not any(ir.dynamic for ir in irs):
+        # Range checks and requirements of elastic arguments at this n (one query row), which
+        # the block mask alone would not make (a window of n // 200 at n = 100 is empty).
+        from attnc import reference
+
+        reference.evaluate_plan(plan, layer=layer, n=n, q_len=1)
     return heads_kernel(irs, n=n, q_len=q_len, schedule=schedule)
 
 
@@ -721,6 +727,9 @@ def _placeholder(dev) -> torch.Tensor:
     return _PLACEHOLDERS[key]
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR, *,
                 sm_scale: float | None = None, arithmetic: bool | None = None,
                 block_mask: dict[str, torch.Tensor] | None = None,
@@ -734,7 +743,22 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
     lay = bm.layout
     grid_q = bm.q_len  # query slots in the (possibly permuted) grid
     want = (bm.n_var - bm.q_len if lay is None else bm.n_var - Lq, bm.n_var)
-    if (n - Lq, n) != want or H % Hkv or Dk != D or v.shape != k.shape or Bk != B:
+    if H % Hkv:
+        raise ValueError(f"q has {H} heads, k and v {Hkv}: the query heads must be a multiple "
+                         "of the key/value heads (GQA)")
+    if Dk != D or v.shape != k.shape or Bk != B:
+        raise ValueError(f"shapes q {list(q.shape)} k {list(k.shape)} v {list(v.shape)} do not "
+                         "agree: k and v need the same shape, and the batch and head dim of q")
+    if not q.dtype == k.dtype == v.dtype or q.dtype not in _DTYPES:
+        raise ValueError(f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}: they need one dtype, "
+                         "float32, float16 or bfloat16")
+    if D < 1 or D & (D - 1):
+        raise ValueError(f"head dim {D} is not supported: the kernel needs a power of two")
+    for name in ("block_m", "block_n"):
+        b = getattr(bm.schedule, name)
+        if b & (b - 1):
+            raise ValueError(f"{name} {b} is not supported: the kernel needs a power of two")
+    if (n - Lq, n) != want:
         raise ValueError(f"shapes q {list(q.shape)} k {list(k.shape)} v {list(v.shape)} do not "
                          f"fit the block mask (q_len {bm.q_len}, n {bm.n_var})")
     if lay is not None and lay.moves_queries() and Lq != n:

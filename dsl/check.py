@@ -350,6 +350,7 @@ def call_with_args(p: PatternInfo, args: Mapping[str, object] | None) -> N.Call:
             raise AttncError(f"pattern '{p.name}' has no parameter '{key}' (it has "
                              f"{', '.join(names) or 'none'})")
         if isinstance(v, N.Expr):
+            _check_argument_names(key, v, p.module.scope)
             expr = v
         elif isinstance(v, bool):
             expr = N.BoolLit(v)
@@ -365,6 +366,19 @@ def call_with_args(p: PatternInfo, args: Mapping[str, object] | None) -> N.Call:
         kws.append(N.Keyword(key, expr))
     return N.Call(p.name, (), tuple(kws))
 
+
+def _check_argument_names(key: str, e: N.Expr, scope: Mapping) -> None:
+    """An API or CLI argument is evaluated with only n and h in scope (as a plan's are)."""
+    for x in _walk(e):
+        if isinstance(x, N.Name) and x.id not in ("n", "h"):
+            known = x.id in VARIABLES or x.id in scope
+            what = f"cannot use '{x.id}'" if known else f"has unknown name '{x.id}'"
+            raise AttncError(Diagnostic(
+                f"argument '{key}' {what}: arguments may depend on n and h only", x.span))
+        if isinstance(x, N.Call) and (x.func not in BUILTINS or BUILTINS[x.func].dynamic):
+            raise AttncError(Diagnostic(
+                f"argument '{key}' cannot call '{x.func}': arguments may depend on n and h "
+                "only", x.name_span))
 
 
 # ---------------------------------------------------------------- loading

@@ -37,7 +37,10 @@ def register_source(file: str, text: str) -> None:
 
 
 def _quote(span: Span, source: str | None) -> str:
-    source = span.text or source or _SOURCES.get(span.file)
+    # An empty text (an empty --arg value) is still the text to quote, not the file's.
+    source = span.text if span.text is not None else source
+    if source is None:
+        source = _SOURCES.get(span.file)
     if not source:
         return ""
     # Lines as the lexer counts them: by "\n" only (splitlines also breaks at \f, \r, ...).

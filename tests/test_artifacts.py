@@ -150,6 +150,21 @@ def test_missing_pattern_is_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_pattern_without_a_kernel_form_is_one_line(tmp_path):
+    """An integer ** the kernel printer cannot express: a one-line error, not an internal one."""
+    f = tmp_path / "p.attn"
+    f.write_text("pattern inv(e: int = -1) {\n    mask k <= q & (q - k) ** e == 0\n}\n")
+    r = run("compile", str(f), "--pattern", "inv", "-o", str(tmp_path / "out"),
+            cache=tmp_path / "c")
+    assert r.returncode == 1
+    assert r.stderr.startswith("attnc: the kernel cannot express integer (pow (sub q k) -1)"), \
+        r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "internal error" not in r.stderr
+    with pytest.raises(attnc.AttncError, match="the kernel cannot express"):
+        attnc.load(f).compile("inv").source(16)
+
+
+
 # ---------------------------------------------------------------- the kernel API
 
 
@@ -197,6 +212,21 @@ def test_api_errors_are_attnc_errors():
         lib.compile("streamin")
     with pytest.raises(attnc.AttncError, match="block_m must be a positive int"):
         lib.compile("causal", block_m=0)
+    # arguments are range-checked (as in a file and on the command line), and may use n and h
+    # only: no silent empty window, no KeyError from a stray name
+    with pytest.raises(attnc.AttncError, match="'size' of 'window' is 0 at n = 16, out of range"):
+        lib.compile("window", size=0).blockmask(16)
+    with pytest.raises(attnc.AttncError, match="'size' of 'window' is 0 at n = 16, out of range"):
+        lib.compile("window", size="n // 32").blockmask(16)
+    with pytest.raises(attnc.AttncError, match="cannot use 'q': arguments may depend on n and h"):
+        lib.compile("window", size="q + 1").blockmask(16)
+    with pytest.raises(attnc.AttncError, match="unknown name 'wnd'"):
+        lib.compile("window", size="wnd").blockmask(16)
+    with pytest.raises(attnc.AttncError, match="cannot use 'causal'"):
+        lib.compile("window", size="1 + causal.bias").blockmask(16)
+    with pytest.raises(attnc.AttncError, match="cannot call 'sink'"):
+        lib.compile("window", size="sink(2).bias").blockmask(16)
+    assert lib.compile("window", size="max(n // 8, h + 1)").blockmask(16, heads=2) is not None
 
 
 GPU_RUN = """

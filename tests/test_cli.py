@@ -202,6 +202,7 @@ def test_show_dynamic_uses_synthetic_scores():
         (["--pattern", "streaming", "--n", "64", "--arg", "window=n // 128"],
          "is 0 at n = 64, out of range 1.."),
         (["--pattern", "streaming", "--arg", "window"], "--arg takes NAME=VALUE"),
+        (["--pattern", "streaming", "--arg", "window=max(k, 2)"], "cannot use 'k'"),
         (["--pattern", "streaming", "--arg", "window=(3"], "expected ')'"),
         (["--pattern", "streaming", "--n", "0"], "--n must be at least 1"),
         (["--pattern", "streaming", "--head", "-1"], "--head must be >= 0"),
@@ -261,6 +262,8 @@ def test_compile_emits_every_stage(tmp_path):
          "is 0 at n = 64, out of range 1.."),
         (["--pattern", "streaming", "--q-len", "9999", "--n", "64"], "--q-len must be between"),
         (["--pattern", "nope"], "no pattern named 'nope'"),
+        (["--pattern", "streaming", "--n", "64", "--arg", "window=q + 1"],
+         "argument 'window' cannot use 'q': arguments may depend on n and h only"),
     ],
 )
 def test_compile_bad_input(args, needle):
@@ -268,3 +271,22 @@ def test_compile_bad_input(args, needle):
     assert r.returncode in (1, 2)
     assert needle in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    """-o under a regular file: the OS's reason and the path, exit 1, no internal error."""
+    (tmp_path / "f").write_text("")
+    r = run("compile", "--pattern", "causal", "-o", str(tmp_path / "f" / "out"),
+            env={"ATTNC_CACHE_DIR": str(tmp_path / "c")})
+    assert r.returncode == 1
+    assert r.stderr.startswith("attnc: Not a directory: "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "internal error" not in r.stderr
+
+
+def test_empty_arg_value_quotes_no_wrapper_text():
+    """An empty --arg value: the error names the argument, without quoting the parser's
+    internal wrapper (`pattern __expr__ { let value =`)."""
+    r = run("compile", "--pattern", "streaming", "--n", "64", "--arg", "window=")
+    assert r.returncode == 1
+    assert r.stderr.startswith("--arg window:1:1: unexpected end of expression"), r.stderr
+    assert "__expr__" not in r.stderr

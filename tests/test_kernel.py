@@ -98,6 +98,48 @@ def test_tma_refuses_layouts():
         kernel.attention(q, k, v, bm, config=kernel.Config(4, 2, tma=1))
 
 
+def test_bad_launches_say_what_is_wrong():
+    """Shapes, dtypes and tile sizes the kernel cannot run are named before any launch (not a
+    Triton error from inside the kernel, nor a silent result from mixed dtypes)."""
+    bm = build(lower(LIB, "causal", {}), n=40, heads=4, schedule=Schedule(16, 16))
+    q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        kernel.launch_args(q[:, :3], k, v, bm)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernel.launch_args(q.half(), k, v, bm)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernel.launch_args(q.long(), k.long(), v.long(), bm)
+    with pytest.raises(ValueError, match="head dim 24 .* power of two"):
+        kernel.launch_args(*(torch.randn(1, h, 40, 24) for h in (4, 2, 2)), bm)
+    odd = build(lower(LIB, "causal", {}), n=40, heads=4, schedule=Schedule(24, 16))
+    with pytest.raises(ValueError, match="block_m 24 .* power of two"):
+        kernel.launch_args(q, k, v, odd)
+
+
+def test_float_power_of_a_negative_base_matches_reference():
+    """float ** in a bias: a negative base with an integral exponent is not NaN (torch.pow)."""
+    prog = attnc.loads("pattern p {\n    mask window(6)\n"
+                       "    bias 0.1 * float(k - q) ** 2.0 - 0.01 * float(k - q) ** 3.0 "
+                       "+ float(q - k) ** 0.5 + float(k - q) ** 0.0\n}\n")
+    n, H, D = 30, 2, 16
+    bm = build(lower(prog, "p", {}), n=n, heads=H, schedule=Schedule(16, 16))
+    q, k, v = (torch.randn(1, H, n, D, device=DEVICE) for _ in range(3))
+    out = kernel.attention(q, k, v, bm).out.cpu().double()
+    ev = reference.evaluate(prog, "p", n=n, heads=H)
+    (o64, _), _ = _ref(q.cpu(), k.cpu(), v.cpu(), ev.mask, ev.bias, D**-0.5, torch.float32)
+    assert torch.allclose(out, o64, atol=1e-5), (out - o64).abs().max()
+
+
+def test_plan_layer_checks_elastic_arguments_at_n():
+    """A plan argument out of its range at this n is an error, as in the reference and the CLI,
+    not a kernel for an empty window."""
+    prog = attnc.loads("plan p(layers = 1, heads = 2) {\n"
+                       "    default: window(size = n // 200)\n}\n")
+    assert kernel.plan_layer(prog.plan("p"), 0, n=400) is not None
+    with pytest.raises(attnc.AttncError, match="'size' of 'window' is 0 at n = 100"):
+        kernel.plan_layer(prog.plan("p"), 0, n=100)
+
+
 def _check_case(case, dtype, config=None):
     name, args, n, q_len, H, Hkv, D, BM, BN = case
     seed = _fresh_seed()

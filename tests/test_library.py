@@ -617,6 +617,11 @@ def test_bad_elastic_arguments_are_plain_errors():
         evaluate(LIB, "a_shape", n=16, heads=2, args={"local": parse_expr("h")})
     with pytest.raises(attnc.AttncError, match="out of range"):
         evaluate(LIB, "window", n=3, args={"size": parse_expr("n // 4")})
+    # an argument naming q, k or an unknown name (not a KeyError from the evaluator)
+    with pytest.raises(attnc.AttncError, match="cannot use 'k': arguments may depend on n and h"):
+        evaluate(LIB, "window", n=8, args={"size": parse_expr("k + 1")})
+    with pytest.raises(attnc.AttncError, match="unknown name 'foo'"):
+        evaluate(LIB, "window", n=8, args={"size": parse_expr("foo")})
     # the block of a block selector must not vary per head
     with pytest.raises(attnc.AttncError, match="same for every head"):
         evaluate(LIB, "block_topk", n=16, heads=2, args={"block": parse_expr("h + 4")},
