@@ -104,26 +104,43 @@ def cmd_tune(args) -> int:
     from attnc import atomic
     from attnc.autotune.model import load
     from attnc.autotune.text import shipped_text
+    from attnc.settings import settings
     from attnc.tune_api import autotune
 
     if args.max_density is not None and not 0 < args.max_density <= 1:
         print(f"attnc: --max-density {args.max_density}: a share of the causal pairs in (0, 1]",
               file=sys.stderr)
         return 2
+    out = Path(args.output)
+    if out.is_dir():  # found before the tuning, not when the plan is written
+        print(f"attnc: -o {out} is a directory; give the plan's file name", file=sys.stderr)
+        return 2
+    texts = {}
+    for flag, name in (("--calib", args.calib), ("--heldout", args.heldout)):
+        if name is None:
+            continue
+        try:
+            texts[flag] = Path(name).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            print(f"attnc: {flag} {name}: not UTF-8 text ({e.reason} at byte {e.start})",
+                  file=sys.stderr)
+            return 2
+        if not texts[flag].strip():
+            print(f"attnc: {flag} {name}: the file holds no text", file=sys.stderr)
+            return 2
     model, tok = load(args.model)
     if tok is None:
         print(f"attnc: the model at '{args.model}' has no tokenizer", file=sys.stderr)
         return 2
     calib_default, held_default = shipped_text(args.text)
-    calib = Path(args.calib).read_text() if args.calib else calib_default
-    held = Path(args.heldout).read_text() if args.heldout else held_default
+    calib = texts.get("--calib", calib_default)
+    held = texts.get("--heldout", held_default)
     calib_ids = torch.tensor(tok(calib).input_ids)
     held_ids = torch.tensor(tok(held).input_ids)
     lengths = args.lengths
     if lengths is None:
         top = min(2048, calib_ids.numel() // 2)
         lengths = [top // 2, top]
-    out = Path(args.output)
     gates = args.gates
     from attnc.autotune.text import retrieval_ids, retrieval_samples
 
@@ -157,26 +174,38 @@ def cmd_tune(args) -> int:
         except ValueError as e:
             print(f"attnc: --gate-retrieval: {e}", file=sys.stderr)
             return 2
-        gates = train_gate(model, calib_ids, block=args.gate_block, length=tl,
-                           sequences=args.gate_sequences, steps=args.gate_steps, seed=args.seed,
-                           heldout_ids=stop, stride=args.gate_stride,
-                           rope=args.gate_rope, pre_rope=not args.gate_post_rope,
-                           extra_ids=extra)
+        try:
+            gates = train_gate(model, calib_ids, block=args.gate_block, length=tl,
+                               sequences=args.gate_sequences, steps=args.gate_steps,
+                               seed=args.seed, heldout_ids=stop, stride=args.gate_stride,
+                               rope=args.gate_rope, pre_rope=not args.gate_post_rope,
+                               extra_ids=extra)
+        except ValueError as e:  # arguments the training refuses, one line each
+            if settings().debug:
+                raise
+            print(f"attnc: --train-gate: {e}", file=sys.stderr)
+            return 2
         print(f"gates: KL {gates.history[0]:.4f} -> {gates.history[-1]:.4f} in "
               f"{gates.seconds['total']:.0f} s", file=sys.stderr)
-    res = autotune(model, calib_ids, heldout_ids=held_ids,
-                   max_ppl_increase=args.max_ppl_increase,
-                   latency_budget=args.latency_budget, max_density=args.max_density,
-                   lengths=lengths,
-                   validation_length=args.validation_length, families=args.families,
-                   granularity=args.granularity, trials=args.trials, rows=args.rows,
-                   records=args.records, dtype=args.dtype, device=args.device,
-                   block=args.block, storage=args.storage, study_name=args.study_name,
-                   sampler=args.sampler, seed=args.seed, name=args.name,
-                   workdir=out.parent if str(out.parent) else ".",
-                   progress=not args.no_progress, worker=args.worker, gates=gates,
-                   retrieval=retrieval, retrieval_heads=args.retrieval_heads,
-                   retrieval_eval=args.retrieval_eval)
+    try:
+        res = autotune(model, calib_ids, heldout_ids=held_ids,
+                       max_ppl_increase=args.max_ppl_increase,
+                       latency_budget=args.latency_budget, max_density=args.max_density,
+                       lengths=lengths,
+                       validation_length=args.validation_length, families=args.families,
+                       granularity=args.granularity, trials=args.trials, rows=args.rows,
+                       records=args.records, dtype=args.dtype, device=args.device,
+                       block=args.block, storage=args.storage, study_name=args.study_name,
+                       sampler=args.sampler, seed=args.seed, name=args.name,
+                       workdir=out.parent if str(out.parent) else ".",
+                       progress=not args.no_progress, worker=args.worker, gates=gates,
+                       retrieval=retrieval, retrieval_heads=args.retrieval_heads,
+                       retrieval_eval=args.retrieval_eval)
+    except ValueError as e:  # budgets, lengths, families the tuner refuses, one line each
+        if settings().debug:
+            raise
+        print(f"attnc: {e}", file=sys.stderr)
+        return 2
     if res is None:
         print("attnc: worker finished its trials", file=sys.stderr)
         return 0

@@ -71,19 +71,29 @@ def load_gates(path: str | Path, *, model=None, plan=None) -> GateSet:
     if not path.exists():
         raise _fail(path, "no gate weights (train them: attnc.train_gate, attnc tune "
                           "--train-gate)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    except (SafetensorError, OSError) as e:  # truncated, not safetensors, a folder
+        raise _fail(path, f"not a readable safetensors file ({e})") from None
     if meta.get("format") != FORMAT:
         raise _fail(path, f"not an attnc gate file (format {meta.get('format')!r}, expected "
                           f"{FORMAT!r})")
-    block, d_gate = int(meta["block"]), int(meta["d_gate"])
-    H, G, D = int(meta["heads"]), int(meta["kv_heads"]), int(meta["head_dim"])
-    cells = [tuple(c) for c in json.loads(meta["cells"])]
+    try:
+        block, d_gate = int(meta["block"]), int(meta["d_gate"])
+        H, G, D = int(meta["heads"]), int(meta["kv_heads"]), int(meta["head_dim"])
+        cells = [tuple(c) for c in json.loads(meta["cells"])]
+    except KeyError as e:
+        raise _fail(path, f"missing metadata {e}") from None
+    except (ValueError, TypeError) as e:
+        raise _fail(path, f"bad metadata ({e})") from None
     if model is not None:
         mine = model_id(model)
-        if meta["model_id"] != mine:
-            raise _fail(path, f"gates were trained for model {meta['model_id']}, not this "
+        if meta.get("model_id") != mine:
+            raise _fail(path, f"gates were trained for model {meta.get('model_id')}, not this "
                               f"model ({mine}); retrain them")
         L, mh, mg, md = shape(model)
         if (H, G, D) != (mh, mg, md):
@@ -101,7 +111,7 @@ def load_gates(path: str | Path, *, model=None, plan=None) -> GateSet:
             ly, h = missing[0]
             raise _fail(path, f"gates do not cover plan '{info.name}' (layer {ly} head {h} and "
                               f"{len(missing) - 1} more cells; plan key "
-                              f"{cells_key(pb, pcells)}, file key {meta['plan_key']})")
+                              f"{cells_key(pb, pcells)}, file key {meta.get('plan_key')})")
     rope = int(meta.get("rope", "0"))  # files from before the gate's own rotary: none
     rope_base = float(meta.get("rope_base", "10000.0"))
     if rope < 0 or rope % 2 or not rope_base > 0:

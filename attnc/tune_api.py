@@ -152,12 +152,18 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     timings: dict[str, float] = {}
     calib_ids = calib_ids.reshape(-1)
     L, H, G, D = shape(model)
+    _check_args(calib_ids, max_ppl_increase=max_ppl_increase, latency_budget=latency_budget,
+                trials=trials, rows=rows, sampler=sampler, lengths=lengths)
     if lengths is None:
         top = min(calib_ids.numel(), 2048)
         lengths = (top // 2, top)
     lengths = sorted(int(x) for x in lengths)
     if heldout_ids is None:
         heldout_ids = calib_ids[sum(lengths):]
+        if heldout_ids.numel() < 2:
+            raise ValueError(f"calibration text has {calib_ids.numel()} tokens, all used by the "
+                             f"tuning lengths {lengths}: pass heldout_ids (held-out text for "
+                             "validation) or shorter lengths")
     heldout_ids = heldout_ids.reshape(-1)
     if validation_length is None:
         validation_length = min(heldout_ids.numel(), 2 * lengths[-1])
@@ -249,6 +255,11 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
 
     dense_ppl = mean_ppl(trial_ids)
     fp_text = prob.fingerprint() + (f"\nretrieval eval {retrieval_eval}" if retrieval_eval else "")
+    if max_density is not None:
+        # Trials of another density limit are not this study's: a resumed study would count
+        # them (and their densities) towards this run's trials.
+        fp_text += f"\nmax density {max_density!r}"
+
     fp = hashlib.sha256(fp_text.encode()).hexdigest()[:10]
     study_name = study_name or f"{name}-{fp}"
     if storage is None:
@@ -324,6 +335,27 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
                      timings, storage, (L, H, G, D))
     report["retrieval_heads"] = retrieval_rows
     return TuneResult(text, cells, report, study_name, storage, timings, sig, gs)
+
+
+def _check_args(calib_ids: torch.Tensor, *, max_ppl_increase, latency_budget, trials: int,
+                rows: int, sampler: str, lengths) -> None:
+    """Refuse arguments that no tuning can use, with one clear line (ValueError)."""
+    if calib_ids.numel() < 2:
+        raise ValueError(f"calibration text has {calib_ids.numel()} tokens; tuning needs more")
+    if calib_ids.is_floating_point() or calib_ids.is_complex():
+        raise ValueError(f"calibration ids are {calib_ids.dtype}: token ids are integers")
+    if max_ppl_increase is not None and not max_ppl_increase >= 0:  # also refuses NaN
+        raise ValueError(f"max_ppl_increase {max_ppl_increase}: a relative increase >= 0")
+    if latency_budget is not None and not latency_budget >= 0:
+        raise ValueError(f"latency_budget {latency_budget}: a fraction of dense time >= 0")
+    if trials < 1:
+        raise ValueError(f"trials {trials}: at least 1")
+    if rows < 1:
+        raise ValueError(f"rows {rows}: at least 1 query row per length")
+    if sampler not in ("tpe", "nsga2"):
+        raise ValueError(f"unknown sampler '{sampler}' (tpe or nsga2)")
+    if lengths is not None and (not len(lengths) or min(int(x) for x in lengths) < 2):
+        raise ValueError(f"tuning lengths {list(lengths)}: at least one, each >= 2 tokens")
 
 
 def _gate_set(gates, model):

@@ -314,7 +314,7 @@ def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log):
 
 
 def _chunks(ids: torch.Tensor, length: int, count: int | None,
-            stride: int | None = None) -> list[torch.Tensor]:
+            stride: int | None = None, what: str = "calibration") -> list[torch.Tensor]:
     """Chunks of `length` tokens starting every `stride` tokens (default: length, disjoint);
     a stride below the length overlaps them, so the same text is seen at other block
     alignments and positions."""
@@ -323,7 +323,7 @@ def _chunks(ids: torch.Tensor, length: int, count: int | None,
     if stride < 1:
         raise ValueError(f"stride must be at least 1, not {stride}")
     if ids.numel() < length:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than the training "
+        raise ValueError(f"{what} text has {ids.numel()} tokens, fewer than the training "
                          f"length {length}")
     k = (ids.numel() - length) // stride + 1
     k = k if count is None else min(k, count)
@@ -371,6 +371,12 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     if block == 0:
         raise NotImplementedError("training the one-block gate (gate(block = n), DuoAttention) "
                                   "needs a per-head target; only block gates are distilled")
+    if block < 0 or length < 2 * block:
+        # One block per chunk leaves no row with two eligible key blocks: no loss (NaN).
+        raise ValueError(f"block {block}, length {length}: the training length must hold at "
+                         "least two blocks")
+    if sequences is not None and sequences < 1:
+        raise ValueError(f"sequences {sequences}: at least 1 (None: all the text holds)")
     layers = sorted({ly for ly, _ in cells})
     heads = {ly: sorted(h for c, h in cells if c == ly) for ly in layers}
     seqs = _chunks(calib_ids, length, sequences, stride)
@@ -385,7 +391,8 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     t1 = time.perf_counter()
     gates = {ly: BlockGate(H, G, D, block, d_gate, init=init, seed=seed + ly,
                            rope=rope).set_model_rope(inv_freq) for ly in layers}
-    val = collect(model, _chunks(heldout_ids, length, 1), block, layers, inv_freq=inv_freq) \
+    val = collect(model, _chunks(heldout_ids, length, 1, what="held-out"), block, layers,
+                  inv_freq=inv_freq) \
         if heldout_ids is not None else None
     vt = {ly: val[ly].stacked() for ly in layers} if val is not None else None
 

@@ -456,6 +456,12 @@ def block_lists(bm: BlockMaskIR, H: int, n: int, sl: list[Slot], data, device,
     shape = (H, ev.QB, ev.KB)
     t, f = t.expand(shape), f.expand(shape)
     partial, full = t & f, t & ~f
+    if n % bm.schedule.block_n:
+        # The last key block runs past n: never full, since the kernel loads full blocks
+        # without masks (as compiler.blockmask rules for static patterns).
+        ragged = torch.zeros(ev.KB, dtype=torch.bool, device=full.device)
+        ragged[-1] = True
+        full, partial = full & ~ragged, partial | (full & ragged)
     out: dict[str, torch.Tensor] = {}
     flex_lists: dict[str, torch.Tensor] = {}
     for name, m in (("kv", partial), ("full_kv", full)):

@@ -425,6 +425,10 @@ def test_study_refuses_another_problem(tiny, tmp_path):
     assert done and all(t["density"] <= 0.8 + 1e-6 for t in done)
     if rep["budget_met"]:
         assert rep["chosen"]["heldout_density"] <= 0.8 + 1e-9
+    # Another density limit is another study: its trials never count towards this one.
+    other = _tune(tiny, tmp_path, 2, max_ppl_increase=0.05, max_density=0.9)
+    assert other.study_name != res.study_name
+    assert len([t for t in other.report["trials"] if t["state"] != "PRUNED"]) <= 2
     with pytest.raises(ValueError, match="another problem"):
         _tune(tiny, tmp_path, 3, max_ppl_increase=0.05, families=["streaming"],
               study_name=res.study_name)
@@ -863,3 +867,96 @@ def test_autotune_keeps_retrieval_heads_dense(tiny, tmp_path):
     assert res2.study_name != res.study_name and len(res2.report["retrieval_heads"]) == 2
     with pytest.raises(ValueError, match="retrieval samples"):
         _tune(tiny, tmp_path / "b", 2, retrieval_heads=1)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_autotune_refuses_bad_arguments_clearly(tiny, tmp_path):
+    """Arguments no tuning can use are refused with one line before any work (they crashed
+    deep inside, or were accepted: a negative or NaN accuracy budget returned dense with
+    budget_met True)."""
+    import attnc
+
+    g = torch.Generator().manual_seed(1)
+    calib, held = torch.randint(0, 256, (256,), generator=g), torch.randint(0, 256, (256,))
+    kw = dict(heldout_ids=held, lengths=(64, 128), validation_length=192, workdir=tmp_path)
+    for bad, match in [({"max_ppl_increase": -0.01}, "max_ppl_increase"),
+                       ({"max_ppl_increase": float("nan")}, "max_ppl_increase"),
+                       ({"latency_budget": -0.3}, "latency_budget"),
+                       ({"trials": 0}, "trials 0"), ({"rows": 0}, "rows 0"),
+                       ({"sampler": "cmaes"}, "unknown sampler"),
+                       ({"lengths": (0, 64)}, "tuning lengths"),
+                       ({"lengths": ()}, "tuning lengths")]:
+        with pytest.raises(ValueError, match=match):
+            attnc.autotune(tiny, calib, **{**kw, **bad})
+    with pytest.raises(ValueError, match="calibration text has 0 tokens"):
+        attnc.autotune(tiny, calib[:0], **kw)
+    with pytest.raises(ValueError, match="token ids are integers"):
+        attnc.autotune(tiny, calib.float(), **kw)
+    # Without held-out text the default lengths used every calibration token: the message said
+    # "held-out text has 0 tokens; validation at 0 needs more".
+    with pytest.raises(ValueError, match="pass heldout_ids"):
+        attnc.autotune(tiny, calib, workdir=tmp_path)
+
+
+def test_cli_tune_bad_input_is_one_line(tmp_path, capsys):
+    from attnc.cli import main
+
+    model_dir = tmp_path / "tiny"
+    _save_tiny_with_tokenizer(model_dir)
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00 not text")
+    (tmp_path / "text.txt").write_text("the town of Alder " * 100)
+    (tmp_path / "out").mkdir()
+    base = ["tune", "--model", str(model_dir), "--no-progress"]
+    text = ["--calib", str(tmp_path / "text.txt"), "--heldout", str(tmp_path / "text.txt"),
+            "--lengths", "64", "128", "--validation-length", "192"]
+    plan = ["-o", str(tmp_path / "p" / "plan.attn")]
+    for args, msg in [(["--calib", str(tmp_path / "empty.txt")] + plan, "holds no text"),
+                      (["--heldout", str(tmp_path / "bin.txt")] + plan, "not UTF-8 text"),
+                      (text + ["-o", str(tmp_path / "out")], "is a directory"),
+                      (text + ["--rows", "0"] + plan, "rows 0"),
+                      (text + ["--trials", "0"] + plan, "trials 0"),
+                      (text + ["--max-ppl-increase=-1%"] + plan, "max_ppl_increase -0.01"),
+                      (text + ["--families", "nope"] + plan, "unknown candidate families"),
+                      (text + ["--train-gate", "--gate-block", "-4"] + plan,
+                       "two blocks")]:
+        capsys.readouterr()
+        assert main(base + args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' bars
+        assert msg in err and err.startswith("attnc: ") and "internal error" not in err, args
+    assert not (tmp_path / "p").exists()
+
+
+def test_damaged_gate_files_are_refused_clearly(tiny, ids, tmp_path):
+    from attnc.autotune import gate_train as gt
+    from attnc.dsl.errors import AttncError
+    from safetensors.torch import save_file
+
+    from attnc.gate_api import load_gates, save_gates
+
+    gs = _gates()
+    gs.meta = gt.gate_meta(gs, tiny)
+    good = save_gates(gs, tmp_path / "g.gates.safetensors")
+    load_gates(good, model=tiny)
+    raw = good.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "none.safetensors").write_bytes(b"")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "meta.safetensors"),
+              metadata={"format": gt.FORMAT})
+    for name, msg in [("cut.safetensors", "not a readable safetensors file"),
+                      ("junk.safetensors", "not a readable safetensors file"),
+                      ("none.safetensors", "not a readable safetensors file"),
+                      ("meta.safetensors", "missing metadata 'block'"), ("", "safetensors")]:
+        with pytest.raises(AttncError, match=msg):
+            load_gates(tmp_path / name, model=tiny)
+    # training arguments that left no loss (NaN history) or crashed in torch
+    x = torch.randint(0, 256, (256,))
+    for kw, msg in [({"block": 200, "length": 128}, "two blocks"),
+                    ({"block": -16}, "two blocks"), ({"sequences": 0}, "sequences 0")]:
+        with pytest.raises(ValueError, match=msg):
+            gt.train_gate(tiny, x, **{"block": 16, "length": 128, "steps": 1, **kw})
+    with pytest.raises(ValueError, match="held-out text has 50 tokens"):
+        gt.train_gate(tiny, x, block=16, length=128, sequences=1, steps=1, heldout_ids=x[:50])

@@ -244,6 +244,9 @@ ATT_CASES = [  # (pattern, args, n, q_len, H, Hkv, D, BM, BN, fast)
     ("vs2", {"v": 5, "s": 70, "l": 8}, 301, 250, 2, 1, 16, 64, 64, True),  # 3 packed words
     ("vs2", {"v": 5, "s": 70, "l": 8}, 290, 290, 2, 2, 16, 128, 128, True),  # 5 packed words
     ("block_topk", {"topk": 2, "block": 16}, 123, 123, 2, 1, 16, 16, 16, False),
+    # decode and a one-row last query block: the ragged last key block is never full
+    ("block_topk", {"topk": 1, "block": 10}, 70, 1, 2, 1, 16, 16, 16, False),
+    ("block_topk", {"topk": 3, "block": 10}, 70, 33, 2, 2, 16, 16, 16, False),
     ("mixed", {}, 100, 70, 2, 2, 16, 32, 16, False),
 ]
 
