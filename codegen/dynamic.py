@@ -458,10 +458,11 @@ def block_lists(bm: BlockMaskIR, H: int, n: int, sl: list[Slot], data, device,
     partial, full = t & f, t & ~f
     if n % bm.schedule.block_n:
         # The last key block runs past n: never full, since the kernel loads full blocks
-        # without masks (as compiler.blockmask rules for static patterns).
-        ragged = torch.zeros(ev.KB, dtype=torch.bool, device=full.device)
-        ragged[-1] = True
-        full, partial = full & ~ragged, partial | (full & ragged)
+        # without masks (as compiler.blockmask rules for static patterns). From the block
+        # bounds already on the device: nothing here may wait for or write from the host
+        # (CUDA graph capture).
+        whole = ((ev.tk1 - ev.tk0 + 1) == bm.schedule.block_n).view(1, 1, -1)
+        full, partial = full & whole, partial | (full & ~whole)
     out: dict[str, torch.Tensor] = {}
     flex_lists: dict[str, torch.Tensor] = {}
     for name, m in (("kv", partial), ("full_kv", full)):

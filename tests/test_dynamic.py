@@ -158,8 +158,9 @@ def test_forced_keys_equal_rank_keys_of_forced_scores():
     score[0, 7] = -0.0
     score[1, 100:110] = float("-inf")
     keep = torch.tensor([0, 3, 1200])
-    forced, keys = builders.forced_keys(score, keep)
     want = torch.where(torch.arange(n).view(1, -1) < keep.view(-1, 1), float("inf"), score)
+    score, keep, want = score.to(DEVICE), keep.to(DEVICE), want.to(DEVICE)
+    forced, keys = builders.forced_keys(score, keep)
     assert torch.equal(forced, want)
     assert torch.equal(keys, builders.rank_keys(want))
 
@@ -429,9 +430,10 @@ def test_vertical_slash_plan_matches_its_definition(n, q_len, p):
     diags[1] = torch.rand(n, generator=g) < p / 8  # sparse: several groups
     cols[2] = False
     C = 37
-    plan = dyn.vs_plan(cols, diags, bm, max_cols=C)
     want = _plan_spec(cols, diags, 16, C, n - q_len, q_len)
-    assert plan["dcount"].tolist() == [[0] + np.cumsum(d.numpy()).tolist() for d in diags]
+    cols, diags = cols.to(DEVICE), diags.to(DEVICE)
+    plan = dyn.vs_plan(cols, diags, bm, max_cols=C)
+    assert plan["dcount"].tolist() == [[0] + np.cumsum(d.cpu().numpy()).tolist() for d in diags]
     assert plan["glo"].tolist() == want["glo"] and plan["ghi"].tolist() == want["ghi"]
     assert plan["ngroups"].tolist() == want["ng"]
     words = plan["dbits"]

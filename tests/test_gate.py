@@ -664,6 +664,11 @@ def test_fused_gate_pool_equals_torch(start, L, block, rot):
     inv = (1.0 / 10000 ** (torch.arange(rot) / max(rot, 1))) if rot else None
     nb = -(-(start + L) // block) + 1  # one block more than needed: zeros
     want = pool3(x if inv is None else unrotate(x, inv, start), block, start=start, nb=nb)
+    # The kernel runs on the GPU where there is one (TRITON_INTERPRET=0), else interpreted.
+    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" \
+        else "cpu"
+    x, want = x.to(dev), want.to(dev)
+    inv = inv.to(dev) if inv is not None else None
     for hp in (None, 2, 4):  # several heads per program, the last program short of heads
         got = gate_pool(x, block, start=start, nb=nb, inv_freq=inv, heads_per_program=hp)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
