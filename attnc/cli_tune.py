@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -114,6 +115,20 @@ def cmd_tune(args) -> int:
     out = Path(args.output)
     if out.is_dir():  # found before the tuning, not when the plan is written
         print(f"attnc: -o {out} is a directory; give the plan's file name", file=sys.stderr)
+        return 2
+    # The study database, the report and the plan go into -o's folder, made if missing: the
+    # nearest folder that exists must be writable.
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(str(folder))
+        # A real write (access() says yes to root even on /proc).
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        print(f"attnc: -o {out}: cannot write into {folder}", file=sys.stderr)
         return 2
     texts = {}
     for flag, name in (("--calib", args.calib), ("--heldout", args.heldout)):

@@ -916,6 +916,7 @@ def test_cli_tune_bad_input_is_one_line(tmp_path, capsys):
     for args, msg in [(["--calib", str(tmp_path / "empty.txt")] + plan, "holds no text"),
                       (["--heldout", str(tmp_path / "bin.txt")] + plan, "not UTF-8 text"),
                       (text + ["-o", str(tmp_path / "out")], "is a directory"),
+                      (text + ["-o", "/proc/attnc-plan.attn"], "cannot write into /proc"),
                       (text + ["--rows", "0"] + plan, "rows 0"),
                       (text + ["--trials", "0"] + plan, "trials 0"),
                       (text + ["--max-ppl-increase=-1%"] + plan, "max_ppl_increase -0.01"),
