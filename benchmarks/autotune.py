@@ -53,14 +53,20 @@ def passkey_trials(tok, n_tokens: int, count: int, seed: int = 0):
 
 
 @torch.no_grad()
-def passkey_accuracy(model, trials, tok) -> dict:
+def passkey_accuracy(model, trials, tok, cache: bool = False) -> dict:
     """Passkey retrieval, greedy. A prompt passes when the first number in the model's greedy
     answer (up to the answer's token count plus 4 new tokens, each from a full forward pass
     without a cache) is the key: the usual passkey metric, which does not care whether the
     answer starts with the space token. `strict` also requires every token of " KEY", the
     space included, as the argmax after the true prefix (teacher-forced); SmolLM2 puts a
     separate token on that space, and dense's margin for it is as low as 0.33 nats on one
-    prompt (docs/BENCHMARKS.md). No trials (--passkeys 0): accuracies nan."""
+    prompt (docs/BENCHMARKS.md). No trials (--passkeys 0): accuracies nan.
+
+    Generation stops once the first number is complete. `cache` decodes the model's own tokens
+    with a KV cache (one token per step) instead of a full forward pass per token: the same
+    tokens for dense attention and for static plans (whose masks for the last query do not
+    depend on the queries before it), not for dynamic ones (vertical-slash and the gates
+    choose their blocks from all queries of the pass)."""
     import re
 
     hits, strict, answers = [], [], []
@@ -80,8 +86,20 @@ def passkey_accuracy(model, trials, tok) -> dict:
             # is not the key.
             gen.append(int(logits[start - 1 + len(ans)].argmax()))
         seq = ids[:start].tolist() + gen
-        while len(gen) < len(ans) + 4 and gen[:len(ans)] != list(ans):
-            nxt = int(model(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax())
+        past = None
+
+        # Decoding ends at answer length + 4 tokens, after the full answer, or once a number
+        # is followed by something else (the first number cannot change any more).
+        while not (len(gen) >= len(ans) + 4 or gen[:len(ans)] == list(ans)
+                   or re.search(r"\d\D", tok.decode(gen)) is not None):
+            if not cache:
+                out = model(torch.tensor([seq]), use_cache=False)
+            elif past is None:
+                out = model(torch.tensor([seq]), use_cache=True)
+            else:
+                out = model(torch.tensor([seq[-1:]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values if cache else None
+            nxt = int(out.logits[0, -1].argmax())
             gen.append(nxt)
             seq.append(nxt)
         text = tok.decode(gen)
@@ -274,7 +292,7 @@ def main() -> None:
     val = held[:n_val]
     L, H = rep["model"]["layers"], rep["model"]["heads"]
     pk = passkey_trials(tok, args.passkey_tokens, args.passkeys)
-    dense_pk = passkey_accuracy(model, pk, tok)
+    dense_pk = passkey_accuracy(model, pk, tok, cache=True)
     dense_ppl = rep["dense"]["heldout_ppl"]
 
     from attnc.autotune.signals import density
@@ -294,7 +312,7 @@ def main() -> None:
         uni_cells = {(ly, h): uni for ly in range(L) for h in range(H)}
         ap_.apply(model, uni_cells)
         uni_ppl = ap_.perplexity(model, val)
-        uni_pk = passkey_accuracy(model, pk, tok)
+        uni_pk = passkey_accuracy(model, pk, tok, cache=True)  # static: cached decoding
         ap_.remove(model)
         from attnc.autotune.planio import plan_text
 
