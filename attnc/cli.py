@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from pathlib import Path
 
@@ -443,9 +444,27 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--opt -1%` as `--opt=-1%`: argparse reads a value that starts with '-' and is not a
+    plain number as the next option and reports "expected one argument", which hides the
+    real problem (a negative budget) from the user."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if (a.startswith("--") and "=" not in a and a != "--" and i + 1 < len(argv)
+                and re.match(r"-[\d.]", argv[i + 1])):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args = ap.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     debug = settings().debug
     try:
         return args.func(args)

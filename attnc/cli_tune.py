@@ -106,8 +106,15 @@ def cmd_tune(args) -> int:
     from attnc.autotune.model import load
     from attnc.autotune.text import shipped_text
     from attnc.settings import settings
-    from attnc.tune_api import autotune
+    from attnc.tune_api import _check_args, autotune
 
+    try:  # budgets, trials, rows, lengths: refused before the model is loaded
+        _check_args(torch.zeros(2, dtype=torch.long), max_ppl_increase=args.max_ppl_increase,
+                    latency_budget=args.latency_budget, trials=args.trials, rows=args.rows,
+                    sampler=args.sampler, lengths=args.lengths)
+    except ValueError as e:
+        print(f"attnc: {e}", file=sys.stderr)
+        return 2
     if args.max_density is not None and not 0 < args.max_density <= 1:
         print(f"attnc: --max-density {args.max_density}: a share of the causal pairs in (0, 1]",
               file=sys.stderr)

@@ -529,6 +529,13 @@ def test_cli_tune(tmp_path, capsys):
     assert main(["tune", "--model", str(model_dir), "--max-density", "150%", "-o",
                  str(out)]) == 2
     assert "--max-density 1.5: a share of the causal pairs" in capsys.readouterr().err
+    # negative budgets written as "-1%": the budget's own message (argparse alone would say
+    # "expected one argument"), before any model is loaded (the model path does not exist)
+    for flag, value, msg in (("--max-ppl-increase", "-1%", "max_ppl_increase -0.01"),
+                             ("--latency-budget", "-0.3", "latency_budget -0.3")):
+        assert main(["tune", "--model", str(tmp_path / "nope"), flag, value, "-o",
+                     str(out)]) == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_cli_tune_with_trained_gates(tmp_path, capsys):
