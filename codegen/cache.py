@@ -284,6 +284,9 @@ def clear() -> int:
 
 def export(path: str | os.PathLike) -> int:
     """Write every good entry and the generated sources to a .tar.gz (atomically)."""
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():  # else the error would name the hidden temp file
+        raise AttncError(f"cannot write cache archive '{path}': no folder '{folder}'")
     n = 0
     with atomic.atomic_path(path) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for entry in entries():

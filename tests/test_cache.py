@@ -127,6 +127,10 @@ def test_export_import_round_trip(copy, tmp_path):
     archive = tmp_path / "kernels.tar.gz"
     r = run("cache", "export", str(archive), cache=copy)
     assert r.returncode == 0 and "exported 1 entries" in r.stdout, r.stderr
+    # into a folder that does not exist: one line naming the archive, not the temp file
+    r = run("cache", "export", str(tmp_path / "no" / "k.tar.gz"), cache=copy)
+    assert r.returncode == 1 and "no folder" in r.stderr and ".tmp" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     assert run("cache", "clear", cache=copy).returncode == 0
     assert cache.entries() == [] and not (copy / "triton").exists()
     r = run("cache", "import", str(archive), cache=copy)
