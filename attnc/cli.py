@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compile", help="compile a pattern: IR, block mask, CSR, accounting, "
                        "kernels")
-    _target_args(p, "compile", "plan to compile to kernels (one per distinct pattern; needs -o)")
+    _target_args(p, "compile", "plan to compile to kernels (one per distinct layer; needs -o)")
     p.add_argument("--emit", choices=["ir", "blockmask", "csr", "stats"], default=None,
                    help="what to print (default blockmask, nothing with -o)")
     p.add_argument("-o", "--output", metavar="DIR",
