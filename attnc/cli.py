@@ -189,6 +189,9 @@ def cmd_compile(args) -> int:
         raise _Usage(f"--n must be at least 1, not {args.n}")
     if args.heads < 1:
         raise _Usage(f"--heads must be at least 1, not {args.heads}")
+    if args.rows_shown < 0:
+        # A negative count would print "(QB + 1 more query blocks)" for QB blocks.
+        raise _Usage(f"--rows-shown must be >= 0, not {args.rows_shown}")
     q_len = args.q_len if args.q_len is not None else args.n
     if not 1 <= q_len <= args.n:
         raise _Usage(f"--q-len must be between 1 and n = {args.n}")

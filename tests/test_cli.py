@@ -261,6 +261,8 @@ def test_compile_emits_every_stage(tmp_path):
         (["--pattern", "streaming", "--n", "64", "--arg", "window=n // 128"],
          "is 0 at n = 64, out of range 1.."),
         (["--pattern", "streaming", "--q-len", "9999", "--n", "64"], "--q-len must be between"),
+        (["--pattern", "streaming", "--emit", "csr", "--rows-shown", "-1"],
+         "--rows-shown must be >= 0, not -1"),
         (["--pattern", "nope"], "no pattern named 'nope'"),
         (["--pattern", "streaming", "--n", "64", "--arg", "window=q + 1"],
          "argument 'window' cannot use 'q': arguments may depend on n and h only"),
