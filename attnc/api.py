@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from attnc.dsl.check import PatternInfo, Program
+from attnc.dsl.check import PatternInfo, Program, call_with_args
 from attnc.dsl.check import load as _load
 from attnc.dsl.check import loads as _loads
 from attnc.dsl.errors import AttncError
@@ -28,9 +28,29 @@ class Library(Program):
             schedule = Schedule(block_m, block_n)
         except ValueError as e:
             raise AttncError(str(e)) from None
+        for name, b in (("block_m", block_m), ("block_n", block_n)):
+            if b & (b - 1):  # refused now, not at the first call (Triton tiles are 2^k)
+                raise AttncError(f"{name} {b} is not supported: the kernel needs a power of two")
         if layout not in ("auto", "none"):
             raise AttncError(f"layout must be 'auto' or 'none', not {layout!r}")
-        return Kernel(info, _arguments(merged), schedule, layout)
+        parsed = _arguments(merged)
+        _check_arguments(info, parsed)
+        return Kernel(info, parsed, schedule, layout)
+
+
+def _check_arguments(info: PatternInfo, args: dict) -> None:
+    """What can be checked without a problem size, checked here rather than at the first
+    call: a misspelt or missing parameter, a float for an int, an expression that uses q or k,
+    and a constant out of the parameter's range (elastic ones are range-checked per n)."""
+    call_with_args(info, args)
+    missing = [prm.name for prm in info.params if prm.required and prm.name not in args]
+    if missing:
+        raise AttncError(f"pattern '{info.name}' needs argument '{missing[0]}'")
+    for name, v in args.items():
+        prm = info.param(name)
+        if isinstance(v, int | float) and not isinstance(v, bool) and not prm.in_range(v):
+            raise AttncError(f"parameter '{name}' of '{info.name}' is {v!r}, out of range "
+                             f"{prm.range_text()}")
 
 
 def _arguments(args: dict) -> dict:
@@ -99,15 +119,20 @@ class Kernel:
         if not 1 <= Lq <= n:
             raise AttncError(f"q has {Lq} queries, k has {n} keys: need 1 <= q_len <= n")
         bm = self.blockmask(n, Lq, H)
-        with cache.triton_cache():
-            if self.pattern.dynamic:
-                from attnc.codegen.dynamic import dynamic_attention
+        try:
+            with cache.triton_cache():
+                if self.pattern.dynamic:
+                    from attnc.codegen.dynamic import dynamic_attention
 
-                res = dynamic_attention(q, k, v, bm, sm_scale=sm_scale)
-            else:
-                from attnc.codegen.kernel import attention
+                    res = dynamic_attention(q, k, v, bm, sm_scale=sm_scale)
+                else:
+                    from attnc.codegen.kernel import attention
 
-                res = attention(q, k, v, bm, sm_scale=sm_scale)
+                    res = attention(q, k, v, bm, sm_scale=sm_scale)
+        except ValueError as e:
+            # The launch's input checks (GQA head counts, k/v shapes, dtypes, head dim) raise
+            # ValueError; this API's errors are AttncError, as its other shape checks are.
+            raise AttncError(str(e)) from None
         return (res.out, res.lse) if return_lse else res.out
 
     def build(self, arch: str, dtype: str = "bf16", head_dim: int = 128, *, n: int = 4096,

@@ -90,6 +90,10 @@ def register(sub) -> None:
     p.add_argument("--retrieval-samples", type=int, default=4, metavar="N",
                    help="retrieval samples (of the longest tuning length, 4 facts each) that "
                         "rank the units for --retrieval-heads (default 4)")
+    p.add_argument("--retrieval-filler", choices=["text", "repeat", "both"], default="text",
+                   help="what hides the retrieval samples' facts: the calibration text (the "
+                        "default), repeated short sentences as in the passkey test, or both "
+                        "kinds alternating")
     p.add_argument("--retrieval-eval", type=int, default=0, metavar="N",
                    help="N of the retrieval samples join the trials' calibration perplexity, so "
                         "that plans which stop recalling their keys score worse (default 0)")
@@ -178,7 +182,8 @@ def cmd_tune(args) -> int:
     if args.retrieval_heads or args.retrieval_eval:
         try:
             retrieval = retrieval_samples(encode, calib_ids.tolist(), max(lengths),
-                                          args.retrieval_samples, seed=args.seed)
+                                          args.retrieval_samples, seed=args.seed,
+                                          filler=args.retrieval_filler)
         except ValueError as e:
             print(f"attnc: --retrieval-samples: {e}", file=sys.stderr)
             return 2

@@ -254,7 +254,13 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         return (ppl, masks.density()) if measure else ppl
 
     dense_ppl = mean_ppl(trial_ids)
-    fp_text = prob.fingerprint() + (f"\nretrieval eval {retrieval_eval}" if retrieval_eval else "")
+    fp_text = prob.fingerprint()
+    if retrieval_eval:
+        # The samples themselves, not just their count: another filler or seed is another
+        # objective, so another study.
+        ids_text = ";".join(",".join(map(str, x.tolist())) for x in trial_ids[1:])
+        fp_text += (f"\nretrieval eval {retrieval_eval} "
+                    f"{hashlib.sha256(ids_text.encode()).hexdigest()[:16]}")
     if max_density is not None:
         # Trials of another density limit are not this study's: a resumed study would count
         # them (and their densities) towards this run's trials.

@@ -179,13 +179,45 @@ def retrieval_ids(encode, filler_ids, length: int, *, needles: int = 4,
     return out, found
 
 
-def retrieval_samples(encode, filler_ids, length: int, count: int, seed: int = 0) -> list:
-    """`count` retrieval samples with their spans (retrieval_ids(..., spans=True)), seeds
-    seed + 1000 + i: apart from the gates' own retrieval samples (seed + i), so the heads are
-    not ranked on text a gate was trained on."""
+FILLERS = ("text", "repeat", "both")
+
+
+def repeat_filler(encode, tokens: int, seed: int = 0) -> list[int]:
+    """At least `tokens` token ids of the passkey test's kind of filler: short sentences
+    ("The grass is green.") drawn at random and repeated, as in passkey_prompt, but from a
+    seed of its own."""
+    r = random.Random(seed)
+    sentences: list[str] = []
+    ids: list[int] = []
+    while len(ids) < tokens:
+        sentences += [r.choice(_FILLER) for _ in range(max(16, (tokens - len(ids)) // 4))]
+        ids = list(encode(" " + " ".join(sentences)))
+    return ids
+
+
+def retrieval_samples(encode, filler_ids, length: int, count: int, seed: int = 0,
+                      filler: str = "text") -> list:
+    """`count` retrieval samples with their spans (retrieval_ids(..., spans=True)). `filler`:
+    "text" hides the facts in `filler_ids` (calibration text), seeds seed + 1000 + i, apart
+    from the gates' own retrieval samples (seed + i), so the heads are not ranked on text a
+    gate was trained on; "repeat" in repeated short sentences (repeat_filler, seeds
+    seed + 2000 + i), the filler of the classic passkey test, where attention behaves unlike
+    on prose (DuoAttention calibrates on such samples); "both" alternates the two, starting
+    with text (so the first N samples of --retrieval-eval N hold both kinds)."""
+    if filler not in FILLERS:
+        raise ValueError(f"unknown retrieval filler '{filler}' ({', '.join(FILLERS)})")
     filler_ids = list(filler_ids)
-    return [retrieval_ids(encode, filler_ids, length, seed=seed + 1000 + i, spans=True)
-            for i in range(count)]
+    out = []
+    for i in range(count):
+        kind = filler if filler != "both" else ("text", "repeat")[i % 2]
+        j = i if filler != "both" else i // 2
+        if kind == "text":
+            out.append(retrieval_ids(encode, filler_ids, length, seed=seed + 1000 + j,
+                                     spans=True))
+        else:
+            ids = repeat_filler(encode, length, seed=seed + 2000 + j)
+            out.append(retrieval_ids(encode, ids, length, seed=seed + 2000 + j, spans=True))
+    return out
 
 
 def _docs_groups(topics: dict[str, str], min_chars: int = 100) -> list[list[str]]:

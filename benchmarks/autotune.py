@@ -119,7 +119,8 @@ def _tune(tune_api, model, tok, calib, held, args, out):
 
         # Never the passkey prompts: facts hidden in calibration text.
         retrieval = retrieval_samples(lambda t: tok(t, add_special_tokens=False).input_ids,
-                                      calib.tolist(), max(args.lengths), args.retrieval_samples)
+                                      calib.tolist(), max(args.lengths), args.retrieval_samples,
+                                      filler=args.retrieval_filler)
     res = tune_api.autotune(model, calib, heldout_ids=held, lengths=args.lengths,
                             validation_length=args.validation_length, trials=args.trials,
                             rows=args.rows, max_ppl_increase=args.max_ppl_increase,
@@ -249,6 +250,8 @@ def main() -> None:
                     help="units kept dense as retrieval heads (ranked on synthetic retrieval "
                          "samples, never the passkey prompts)")
     ap.add_argument("--retrieval-samples", type=int, default=4)
+    ap.add_argument("--retrieval-filler", choices=["text", "repeat", "both"], default="text",
+                    help="the retrieval samples' filler (attnc tune --retrieval-filler)")
     ap.add_argument("--retrieval-eval", type=int, default=0,
                     help="retrieval samples that join the trials' calibration perplexity")
     ap.add_argument("--out", default="bench-autotune")
@@ -360,6 +363,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "optuna": optuna.__version__, "python": platform.python_version()},
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantised to float32)",
+        "args": vars(args),
         "text": args.text, "calib_tokens": int(calib.numel()),
         "heldout_tokens": int(held.numel()), "tuning_lengths": args.lengths,
         "validation_length": n_val, "trials": args.trials,

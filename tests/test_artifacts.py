@@ -214,8 +214,19 @@ def test_api_errors_are_attnc_errors():
         lib.compile("causal", block_m=0)
     # arguments are range-checked (as in a file and on the command line), and may use n and h
     # only: no silent empty window, no KeyError from a stray name
-    with pytest.raises(attnc.AttncError, match="'size' of 'window' is 0 at n = 16, out of range"):
-        lib.compile("window", size=0).blockmask(16)
+    # what needs no problem size is refused by compile itself, not at the first call
+    with pytest.raises(attnc.AttncError, match="parameter 'size' of 'window' is 0, out of range"):
+        lib.compile("window", size=0)
+    with pytest.raises(attnc.AttncError, match="'streaming' has no parameter 'windw'"):
+        lib.compile("streaming", windw=3)
+    with pytest.raises(attnc.AttncError, match="'window' of 'streaming' must be an int, not 1.5"):
+        lib.compile("streaming", window=1.5)
+    with pytest.raises(attnc.AttncError, match="'vertical' of 'vertical_slash' is -5, out of"):
+        lib.compile("vertical_slash", vertical=-5)
+    with pytest.raises(attnc.AttncError, match="pattern 'req' needs argument 'w'"):
+        attnc.loads("pattern req(w: int) { mask q - k < w }").compile("req")
+    with pytest.raises(attnc.AttncError, match="block_m 100 is not supported"):
+        lib.compile("causal", block_m=100)
     with pytest.raises(attnc.AttncError, match="'size' of 'window' is 0 at n = 16, out of range"):
         lib.compile("window", size="n // 32").blockmask(16)
     with pytest.raises(attnc.AttncError, match="cannot use 'q': arguments may depend on n and h"):
@@ -227,6 +238,13 @@ def test_api_errors_are_attnc_errors():
     with pytest.raises(attnc.AttncError, match="cannot call 'sink'"):
         lib.compile("window", size="sink(2).bias").blockmask(16)
     assert lib.compile("window", size="max(n // 8, h + 1)").blockmask(16, heads=2) is not None
+    # the launch's shape checks are AttncErrors too, like the API's own
+    kern = lib.compile("causal", block_m=16, block_n=16)
+    q, kv = torch.randn(1, 4, 16, 16), torch.randn(1, 3, 16, 16)
+    with pytest.raises(attnc.AttncError, match="multiple of the key/value heads"):
+        kern(q, kv, kv)
+    with pytest.raises(attnc.AttncError, match="do not agree"):
+        kern(q, kv[:, :2], torch.randn(1, 2, 16, 8))
 
 
 GPU_RUN = """

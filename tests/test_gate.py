@@ -762,3 +762,39 @@ def test_tuner_gate_copy_uses_length_scores(tiny, trained, tmp_path):
     path = ga.save_gates(trained, tmp_path / "p.gates.safetensors")
     assert _gate_set(str(path), tiny[0]).score_kind == "length"
     assert ga.load_gates(path, model=tiny[0]).score_kind == "probability"
+
+
+def test_retrieval_samples_with_repeated_filler():
+    """filler="repeat" hides the facts in the passkey test's kind of filler (short sentences
+    drawn from its list), "both" alternates text and repeat samples; spans stay right."""
+    import re
+
+    from attnc.autotune.text import _FILLER, repeat_filler, retrieval_samples
+
+    def enc(t):  # one id per character, above the calibration filler's ids
+        return [1000 + ord(c) for c in t]
+
+    filler = list(range(600))
+    rep = retrieval_samples(enc, filler, 900, 2, filler="repeat")
+    assert rep == retrieval_samples(enc, filler, 900, 2, filler="repeat")
+    assert rep[0][0] != rep[1][0]
+    for i, (ids, spans) in enumerate(rep):
+        assert len(ids) == 900 and min(ids) >= 1000  # no calibration text inside
+        text = "".join(chr(c - 1000) for c in ids)
+        for f0, f1, a0, a1 in spans:
+            key = re.match(r" The pass key of \w+ is (\d+)\. ", text[f0:f1]).group(1)
+            assert text[a0:a1] == f" {key}" and a0 > f1
+        # without the facts and questions: one stretch of the passkey test's sentences
+        rest = text
+        for f0, f1, _, _ in sorted(spans, reverse=True):
+            rest = rest[:f0] + rest[f1:]
+        rest = re.sub(r" What is the pass key of \w+\? The pass key of \w+ is \d+\. ", "", rest)
+        stream = "".join(chr(c - 1000) for c in repeat_filler(enc, 900, seed=2000 + i))
+        assert len(rest) > 300 and rest in stream
+        assert set(re.findall(r"[A-Z][^.]*\.", stream)) <= set(_FILLER)
+    both = retrieval_samples(enc, filler, 900, 4, filler="both")
+    text_only = retrieval_samples(enc, filler, 900, 2)
+    assert both[0] == text_only[0] and both[2] == text_only[1]
+    assert both[1] == rep[0] and both[3] == rep[1]
+    with pytest.raises(ValueError, match="unknown retrieval filler"):
+        retrieval_samples(enc, filler, 900, 2, filler="noise")
