@@ -311,7 +311,9 @@ def import_(path: str | os.PathLike) -> tuple[int, int]:
     try:
         tar = tarfile.open(path, "r:gz")
     except (OSError, tarfile.TarError) as e:
-        raise AttncError(f"cannot read cache archive '{path}': {e}") from None
+        # The OS's reason alone: str(OSError) repeats the errno and the path.
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise AttncError(f"cannot read cache archive '{path}': {why}") from None
     groups: dict[str, dict[str, bytes]] = {}
     sources: dict[str, bytes] = {}
     with tar:

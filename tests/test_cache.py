@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from attnc.codegen import artifact, cache
+from attnc.dsl.errors import AttncError
 from test_artifacts import SMALL, env_for, run
 
 from attnc import settings as S
@@ -156,6 +157,20 @@ def test_export_import_round_trip(copy, tmp_path):
     assert r.returncode == 1 and "sha256 mismatch" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert cache.entries() == []
+
+
+def test_import_of_a_missing_or_foreign_archive_is_one_plain_line(tmp_path, monkeypatch):
+    """The OS's reason once, not "[Errno 2] No such file or directory: '<path>'" again."""
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
+    missing = tmp_path / "none.tar.gz"
+    with pytest.raises(AttncError) as e:
+        cache.import_(missing)
+    assert str(e.value) == (f"attnc: cannot read cache archive '{missing}': "
+                            "No such file or directory")
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_text("junk")
+    with pytest.raises(AttncError, match="junk.tar.gz': not a gzip file$"):
+        cache.import_(junk)
 
 
 def test_keys_are_canonical():
