@@ -199,6 +199,10 @@ def cmd_compile(args) -> int:
         sched = Schedule(args.block_m, args.block_n)
     except ValueError as e:
         raise _Usage(str(e)) from None
+    if out is not None:
+        for name, b in (("--block-m", args.block_m), ("--block-n", args.block_n)):
+            if b & (b - 1):  # the block mask takes any size; a Triton tile needs 2^k
+                raise _Usage(f"{name} {b}: kernels (-o) need a power of two")
     if isinstance(target, PlanInfo):
         from attnc.codegen import artifact
 

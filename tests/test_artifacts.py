@@ -142,6 +142,16 @@ def test_bad_input_is_one_line(tmp_path, args, needle):
     assert not (tmp_path / "out").exists()
 
 
+def test_blocks_that_are_not_powers_of_two_are_refused_before_writing(tmp_path):
+    """--block-m 100 draws and prints block masks, but no Triton tile has that size: with -o
+    it is a usage error before anything is written, not an internal error while building."""
+    r = run("compile", "--pattern", "causal", "--block-m", "100", "-o", str(tmp_path / "out"),
+            "--arch", "sm_80", cache=tmp_path / "c")
+    assert r.returncode == 2
+    assert r.stderr == "attnc: --block-m 100: kernels (-o) need a power of two\n", r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_pattern_is_one_line(tmp_path):
     r = run("compile", "--pattern", "nope", "-o", str(tmp_path / "out"), "--arch", "sm_90",
             cache=tmp_path / "c")
