@@ -115,9 +115,18 @@ def cmd_tune(args) -> int:
     try:  # budgets, trials, rows, lengths: refused before the model is loaded
         _check_args(torch.zeros(2, dtype=torch.long), max_ppl_increase=args.max_ppl_increase,
                     latency_budget=args.latency_budget, trials=args.trials, rows=args.rows,
-                    sampler=args.sampler, lengths=args.lengths)
+                    sampler=args.sampler, lengths=args.lengths, records=args.records)
     except ValueError as e:
         print(f"attnc: {e}", file=sys.stderr)
+        return 2
+    if args.retrieval_heads < 0 or args.retrieval_samples < 1 or \
+            not 0 <= args.retrieval_eval <= args.retrieval_samples:
+        print("attnc: --retrieval-heads must be >= 0, --retrieval-samples >= 1 and "
+              "--retrieval-eval between 0 and --retrieval-samples", file=sys.stderr)
+        return 2
+    if args.gates is not None and not Path(args.gates).is_file():
+        # Found now, not after the model is loaded and captured.
+        print(f"attnc: --gates {args.gates}: no such file", file=sys.stderr)
         return 2
     if args.max_density is not None and not 0 < args.max_density <= 1:
         print(f"attnc: --max-density {args.max_density}: a share of the causal pairs in (0, 1]",
@@ -174,11 +183,6 @@ def cmd_tune(args) -> int:
         return tok(text, add_special_tokens=False).input_ids
 
     retrieval = None
-    if args.retrieval_heads < 0 or args.retrieval_samples < 1 or \
-            not 0 <= args.retrieval_eval <= args.retrieval_samples:
-        print("attnc: --retrieval-heads must be >= 0, --retrieval-samples >= 1 and "
-              "--retrieval-eval between 0 and --retrieval-samples", file=sys.stderr)
-        return 2
     if args.retrieval_heads or args.retrieval_eval:
         try:
             retrieval = retrieval_samples(encode, calib_ids.tolist(), max(lengths),

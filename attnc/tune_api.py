@@ -153,7 +153,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     calib_ids = calib_ids.reshape(-1)
     L, H, G, D = shape(model)
     _check_args(calib_ids, max_ppl_increase=max_ppl_increase, latency_budget=latency_budget,
-                trials=trials, rows=rows, sampler=sampler, lengths=lengths)
+                trials=trials, rows=rows, sampler=sampler, lengths=lengths, records=records)
     if lengths is None:
         top = min(calib_ids.numel(), 2048)
         lengths = (top // 2, top)
@@ -344,16 +344,22 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
 
 
 def _check_args(calib_ids: torch.Tensor, *, max_ppl_increase, latency_budget, trials: int,
-                rows: int, sampler: str, lengths) -> None:
+                rows: int, sampler: str, lengths, records=None) -> None:
     """Refuse arguments that no tuning can use, with one clear line (ValueError)."""
+    from attnc.autotune.latency import records_path, shipped_records
+
+    if records is not None and not records_path(records).is_dir():
+        # A misspelt set name would otherwise tune silently with the default coefficients.
+        raise ValueError(f"records '{records}': no such directory, nor a shipped set "
+                         f"({', '.join(shipped_records()) or 'none'})")
     if calib_ids.numel() < 2:
         raise ValueError(f"calibration text has {calib_ids.numel()} tokens; tuning needs more")
     if calib_ids.is_floating_point() or calib_ids.is_complex():
         raise ValueError(f"calibration ids are {calib_ids.dtype}: token ids are integers")
     if max_ppl_increase is not None and not max_ppl_increase >= 0:  # also refuses NaN
         raise ValueError(f"max_ppl_increase {max_ppl_increase}: a relative increase >= 0")
-    if latency_budget is not None and not latency_budget >= 0:
-        raise ValueError(f"latency_budget {latency_budget}: a fraction of dense time >= 0")
+    if latency_budget is not None and not latency_budget > 0:  # no plan takes no time
+        raise ValueError(f"latency_budget {latency_budget}: a fraction of dense time > 0")
     if trials < 1:
         raise ValueError(f"trials {trials}: at least 1")
     if rows < 1:

@@ -937,6 +937,29 @@ def test_cli_tune_bad_input_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "p").exists()
 
 
+def test_cli_tune_refuses_before_loading_the_model(tmp_path, capsys):
+    """Arguments no tuning can use are refused before the model loads (here: a model path
+    that does not exist, so a later check would say 'no model at'): a misspelt --records set
+    (which would tune silently with default coefficients), a zero latency budget, retrieval
+    counts, a missing gate file (found after the capture before)."""
+    from attnc.cli import main
+
+    base = ["tune", "--model", str(tmp_path / "no-model"), "--no-progress",
+            "-o", str(tmp_path / "p" / "plan.attn")]
+    for args, msg in [(["--records", "h100"], "records 'h100': no such directory, nor a "
+                       "shipped set (h200)"),
+                      (["--latency-budget", "0"], "latency_budget 0.0: a fraction of dense "
+                       "time > 0"),
+                      (["--retrieval-heads", "-1"], "--retrieval-heads must be >= 0"),
+                      (["--gates", str(tmp_path / "g.safetensors")], "g.safetensors: no such "
+                       "file")]:
+        capsys.readouterr()
+        assert main(base + args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("attnc: ") and msg in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "p").exists()
+
+
 def test_damaged_gate_files_are_refused_clearly(tiny, ids, tmp_path):
     from attnc.autotune import gate_train as gt
     from attnc.dsl.errors import AttncError
