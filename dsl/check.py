@@ -100,6 +100,11 @@ class PlanInfo:
     assignments: list[PlanAssignment] = field(default_factory=list)
 
     def cell(self, layer: int, head: int) -> PlanAssignment:
+        # A checked plan covers every cell, so a miss is an index outside the plan's shape.
+        if not 0 <= layer < self.layers:
+            raise AttncError(f"plan '{self.name}' has layers 0..{self.layers - 1}, not {layer}")
+        if not 0 <= head < self.heads:
+            raise AttncError(f"plan '{self.name}' has heads 0..{self.heads - 1}, not {head}")
         for a in self.assignments:
             if (layer, head) in a.cells:
                 return a

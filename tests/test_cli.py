@@ -217,6 +217,16 @@ def test_show_bad_input(args, needle):
     assert "Traceback" not in r.stderr
 
 
+def test_show_plan_cell_outside_the_plan(tmp_path):
+    """A layer or head past the plan's shape is named as such, not as a missing pattern."""
+    f = tmp_path / "good.attn"
+    f.write_text(GOOD)
+    for args, needle in [(["--layer", "2"], "attnc: plan 'tiny' has layers 0..1, not 2"),
+                         (["--head", "2"], "attnc: --head must be in 0..1, not 2")]:
+        r = run("show", str(f), "--plan", "tiny", "--n", "64", *args)
+        assert r.returncode == 1 and r.stderr.strip() == needle, r.stderr
+
+
 def test_list_library():
     r = run("list")
     assert r.returncode == 0
