@@ -26,7 +26,7 @@ from .builtins import (
     promote,
 )
 from .errors import AttncError, Diagnostic
-from .parser import parse
+from .parser import parse, parse_expr
 
 # Dependency tags of an expression: which of q, k, h, n it reads, and 'dyn' when it reads
 # run-time data (scores, a learned gate, segment ids).
@@ -346,14 +346,17 @@ def call_arguments(p: PatternInfo, call: N.Call | None) -> dict[str, N.Expr]:
 
 
 def call_with_args(p: PatternInfo, args: Mapping[str, object] | None) -> N.Call:
-    """A call of p with keyword arguments given as Python values or AST expressions (the
-    API's and the CLI's way to pass arguments)."""
+    """A call of p with keyword arguments given as Python values, AST expressions or
+    expression strings ("n // 8", as attnc.load(...).compile and --arg take them) (the API's
+    and the CLI's way to pass arguments)."""
     kws = []
     for key, v in (args or {}).items():
         if p.param(key) is None:
             names = [prm.name for prm in p.params]
             raise AttncError(f"pattern '{p.name}' has no parameter '{key}' (it has "
                              f"{', '.join(names) or 'none'})")
+        if isinstance(v, str):
+            v = parse_expr(v, f"argument {key}")
         if isinstance(v, N.Expr):
             _check_argument_names(key, v, p.module.scope)
             expr = v

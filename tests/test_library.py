@@ -628,6 +628,17 @@ def test_bad_elastic_arguments_are_plain_errors():
                  scores=torch.zeros(2, 16, 16))
 
 
+def test_expression_strings_are_arguments_as_in_compile():
+    """evaluate takes "n // 8" as attnc.load(...).compile and --arg do, not only parsed
+    expressions; the string's own errors point into it."""
+    a = evaluate(LIB, "window", n=64, args={"size": "n // 8"}).mask
+    assert torch.equal(a, evaluate(LIB, "window", n=64, args={"size": 8}).mask)
+    with pytest.raises(attnc.AttncError, match="argument size:1:5: unexpected end"):
+        evaluate(LIB, "window", n=64, args={"size": "n //"})
+    with pytest.raises(attnc.AttncError, match="cannot use 'q'"):
+        evaluate(LIB, "window", n=64, args={"size": "q"})
+
+
 # --------------------------------------------------------------------------- selectors directly
 # The library fixes keep_first = 30, keep_near = 100 and causal = true; a small program reaches
 # the other settings of the selectors.
