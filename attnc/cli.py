@@ -70,7 +70,9 @@ def cmd_fmt(args) -> int:
         if name == "<stdin>":
             sys.stdout.write(out)
         elif out != text:
-            if args.check:
+            # --diff alone is a check too (as in black and ruff): it must not rewrite the file
+            # it was asked to show the changes of.
+            if args.check or args.diff:
                 print(f"would reformat {path}", file=sys.stderr)
                 if args.diff:
                     sys.stderr.writelines(difflib.unified_diff(
@@ -388,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE", help=".attn files, directories, or -")
     p.add_argument("--check", action="store_true",
                    help="change nothing; exit 1 if a file is not formatted")
-    p.add_argument("--diff", action="store_true", help="with --check, print the changes")
+    p.add_argument("--diff", action="store_true",
+                   help="print the changes; implies --check (changes nothing, exit 1)")
     p.set_defaults(func=cmd_fmt)
 
     p = sub.add_parser("show", help="draw a pattern's mask and print its density")

@@ -106,6 +106,9 @@ def test_fmt_check_and_rewrite(tmp_path):
     r = run("fmt", "--check", str(f))
     assert r.returncode == 1 and "would reformat" in r.stderr
     assert f.read_text().startswith("pattern   w(")  # --check changes nothing
+    r = run("fmt", "--diff", str(f))  # --diff alone shows the changes and makes none
+    assert r.returncode == 1 and "+    mask causal & q - k < size  # keep me" in r.stderr
+    assert f.read_text().startswith("pattern   w(")
     r = run("fmt", str(f))
     assert r.returncode == 0, r.stderr
     assert f.read_text() == (
