@@ -34,15 +34,27 @@ def _attn_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_check(args) -> int:
-    from attnc.dsl.check import load
+    from attnc.dsl.check import load, loads
 
     failed = False
-    for path in _attn_files(args.files):
+    for p in args.files:
+        # A missing path is one problem among the others: the files that exist are still
+        # checked and their problems reported.
         try:
-            load(path)
+            paths = _attn_files([p])
         except AttncError as e:
             print(e.render(), file=sys.stderr)
             failed = True
+            continue
+        for path in paths:
+            try:
+                if str(path) == "-":  # as fmt: the source from stdin
+                    loads(sys.stdin.read(), "<stdin>")
+                else:
+                    load(path)
+            except AttncError as e:
+                print(e.render(), file=sys.stderr)
+                failed = True
     return 1 if failed else 0
 
 
@@ -383,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("check", help="parse and check .attn files (silent when fine)")
-    p.add_argument("files", nargs="+", metavar="FILE", help=".attn files or directories")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".attn files, directories, or -")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("fmt", help="format .attn files canonically (in place)")

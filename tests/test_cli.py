@@ -89,6 +89,16 @@ def test_check_missing_file():
     assert "no such file" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_check_missing_file_beside_a_bad_one_and_stdin(tmp_path):
+    (tmp_path / "b.attn").write_text("pattern x { mask q < }\n")
+    r = run("check", str(tmp_path / "b.attn"), "no/such/file.attn")
+    assert r.returncode == 1
+    assert "b.attn:1:22: unexpected '}'" in r.stderr and "no such file" in r.stderr
+    r = run("check", "-", stdin="pattern x { mask q < }\n")
+    assert r.returncode == 1 and "<stdin>:1:22: unexpected '}'" in r.stderr
+    assert run("check", "-", stdin=GOOD).returncode == 0
+
+
 def test_debug_env_shows_traceback(tmp_path):
     f = tmp_path / "bad.attn"
     f.write_text(BAD)
