@@ -128,6 +128,16 @@ def cmd_tune(args) -> int:
         # Found now, not after the model is loaded and captured.
         print(f"attnc: --gates {args.gates}: no such file", file=sys.stderr)
         return 2
+    if args.storage:  # a URL SQLAlchemy cannot read: said before the model loads
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            make_url(args.storage).get_dialect()
+        except (ArgumentError, NoSuchModuleError, ValueError) as e:
+            print(f"attnc: --storage {args.storage}: not a database URL ({e}); e.g. "
+                  "sqlite:///study.db or postgresql://user@host/db", file=sys.stderr)
+            return 2
     if args.max_density is not None and not 0 < args.max_density <= 1:
         print(f"attnc: --max-density {args.max_density}: a share of the causal pairs in (0, 1]",
               file=sys.stderr)

@@ -532,7 +532,9 @@ def test_cli_tune(tmp_path, capsys):
     # negative budgets written as "-1%": the budget's own message (argparse alone would say
     # "expected one argument"), before any model is loaded (the model path does not exist)
     for flag, value, msg in (("--max-ppl-increase", "-1%", "max_ppl_increase -0.01"),
-                             ("--latency-budget", "-0.3", "latency_budget -0.3")):
+                             ("--latency-budget", "-0.3", "latency_budget -0.3"),
+                             ("--storage", "foo://x", "--storage foo://x: not a database URL"),
+                             ("--storage", "nope", "--storage nope: not a database URL")):
         assert main(["tune", "--model", str(tmp_path / "nope"), flag, value, "-o",
                      str(out)]) == 2
         assert msg in capsys.readouterr().err
