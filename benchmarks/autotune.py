@@ -254,6 +254,9 @@ def main() -> None:
                     help="the retrieval samples' filler (attnc tune --retrieval-filler)")
     ap.add_argument("--retrieval-eval", type=int, default=0,
                     help="retrieval samples that join the trials' calibration perplexity")
+    ap.add_argument("--skip-uniform", action="store_true",
+                    help="no uniform streaming comparison (e.g. a second run at a density "
+                         "another run has compared already)")
     ap.add_argument("--out", default="bench-autotune")
     ap.add_argument("--from-report", metavar="DIR",
                     help="skip tuning: compare the front of a saved report.json")
@@ -312,11 +315,14 @@ def main() -> None:
         and passkey retrieval, and the density the point keeps on the passkey prompts."""
         cells = tune_api.expand_choice(res, point["choice"])
         uni = uniform_streaming(n_val, realised(point))
-        uni_cells = {(ly, h): uni for ly in range(L) for h in range(H)}
-        ap_.apply(model, uni_cells)
-        uni_ppl = ap_.perplexity(model, val)
-        uni_pk = passkey_accuracy(model, pk, tok, cache=True)  # static: cached decoding
-        ap_.remove(model)
+        if args.skip_uniform:
+            uni_ppl, uni_pk = float("nan"), {}
+        else:
+            uni_cells = {(ly, h): uni for ly in range(L) for h in range(H)}
+            ap_.apply(model, uni_cells)
+            uni_ppl = ap_.perplexity(model, val)
+            uni_pk = passkey_accuracy(model, pk, tok, cache=True)  # static: cached decoding
+            ap_.remove(model)
         from attnc.autotune.planio import plan_text
 
         from attnc import gate_api
