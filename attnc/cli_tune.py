@@ -113,7 +113,7 @@ def cmd_tune(args) -> int:
     from attnc.tune_api import _check_args, autotune
 
     try:  # budgets, trials, rows, lengths: refused before the model is loaded
-        _check_args(torch.zeros(2, dtype=torch.long), max_ppl_increase=args.max_ppl_increase,
+        _check_args(None, max_ppl_increase=args.max_ppl_increase,
                     latency_budget=args.latency_budget, trials=args.trials, rows=args.rows,
                     sampler=args.sampler, lengths=args.lengths, records=args.records)
     except ValueError as e:

@@ -343,18 +343,19 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     return TuneResult(text, cells, report, study_name, storage, timings, sig, gs)
 
 
-def _check_args(calib_ids: torch.Tensor, *, max_ppl_increase, latency_budget, trials: int,
-                rows: int, sampler: str, lengths, records=None) -> None:
-    """Refuse arguments that no tuning can use, with one clear line (ValueError)."""
+def _check_args(calib_ids: torch.Tensor | None, *, max_ppl_increase, latency_budget,
+                trials: int, rows: int, sampler: str, lengths, records=None) -> None:
+    """Refuse arguments that no tuning can use, with one clear line (ValueError). Without
+    calibration ids (the CLI, before it loads the model) only the options are checked."""
     from attnc.autotune.latency import records_path, shipped_records
 
     if records is not None and not records_path(records).is_dir():
         # A misspelt set name would otherwise tune silently with the default coefficients.
         raise ValueError(f"records '{records}': no such directory, nor a shipped set "
                          f"({', '.join(shipped_records()) or 'none'})")
-    if calib_ids.numel() < 2:
+    if calib_ids is not None and calib_ids.numel() < 2:
         raise ValueError(f"calibration text has {calib_ids.numel()} tokens; tuning needs more")
-    if calib_ids.is_floating_point() or calib_ids.is_complex():
+    if calib_ids is not None and (calib_ids.is_floating_point() or calib_ids.is_complex()):
         raise ValueError(f"calibration ids are {calib_ids.dtype}: token ids are integers")
     if max_ppl_increase is not None and not max_ppl_increase >= 0:  # also refuses NaN
         raise ValueError(f"max_ppl_increase {max_ppl_increase}: a relative increase >= 0")
