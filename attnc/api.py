@@ -28,9 +28,8 @@ class Library(Program):
             schedule = Schedule(block_m, block_n)
         except ValueError as e:
             raise AttncError(str(e)) from None
-        for name, b in (("block_m", block_m), ("block_n", block_n)):
-            if b & (b - 1):  # refused now, not at the first call (Triton tiles are 2^k)
-                raise AttncError(f"{name} {b} is not supported: the kernel needs a power of two")
+        for name, b in schedule.odd_tiles():  # refused now, not at the first call
+            raise AttncError(f"{name} {b} is not supported: the kernel needs a power of two")
         if layout not in ("auto", "none"):
             raise AttncError(f"layout must be 'auto' or 'none', not {layout!r}")
         parsed = _arguments(merged)

@@ -29,6 +29,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if path.is_dir():  # os.replace would fail later, naming the temp file
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():  # mkstemp's error would name the hidden temp file, not the folder
+        raise FileNotFoundError(errno.ENOENT, f"cannot write '{path}': no folder", str(folder))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:

@@ -209,14 +209,15 @@ def cmd_compile(args) -> int:
     q_len = args.q_len if args.q_len is not None else args.n
     if not 1 <= q_len <= args.n:
         raise _Usage(f"--q-len must be between 1 and n = {args.n}")
+    if args.verify and args.emit != "stats":  # it would be ignored silently
+        raise _Usage("--verify applies to --emit stats")
     try:
         sched = Schedule(args.block_m, args.block_n)
     except ValueError as e:
         raise _Usage(str(e)) from None
     if out is not None:
-        for name, b in (("--block-m", args.block_m), ("--block-n", args.block_n)):
-            if b & (b - 1):  # the block mask takes any size; a Triton tile needs 2^k
-                raise _Usage(f"{name} {b}: kernels (-o) need a power of two")
+        for name, b in sched.odd_tiles():  # the block mask alone (no -o) takes any size
+            raise _Usage(f"--{name.replace('_', '-')} {b}: kernels (-o) need a power of two")
     if isinstance(target, PlanInfo):
         from attnc.codegen import artifact
 
@@ -268,7 +269,7 @@ def _output_options(args) -> dict | None:
                 raise _Usage(f"{flag} applies to kernels written with -o DIR")
         return None
     return {"archs": artifact.parse_archs(args.arch),
-            "dtypes": artifact.parse_dtypes(args.dtype or "bf16"),
+            "dtypes": artifact.parse_dtypes("bf16" if args.dtype is None else args.dtype),
             "head_dims": _head_dims(args)}
 
 

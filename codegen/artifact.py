@@ -40,7 +40,7 @@ SPECIALIZATION = "pointers 16-byte aligned; integer arguments unspecialised (i32
 
 def parse_archs(text: str | None) -> list[str]:
     out = []
-    for a in _items(text):
+    for a in _items(text, "--arch"):
         a = a.lower()
         if a not in ARCHS:
             raise AttncError(f"unknown --arch '{a}' (known: {', '.join(ARCHS)})")
@@ -50,7 +50,7 @@ def parse_archs(text: str | None) -> list[str]:
 
 def parse_dtypes(text: str | None) -> list[str]:
     out = []
-    for d in _items(text):
+    for d in _items(text, "--dtype"):
         if d not in DTYPES:
             raise AttncError(f"unknown --dtype '{d}' (known: {', '.join(DTYPES)})")
         out.append(d)
@@ -59,20 +59,29 @@ def parse_dtypes(text: str | None) -> list[str]:
 
 def parse_head_dims(text: str | None) -> list[int]:
     out = []
-    for d in _items(text):
+    for d in _items(text, "--head-dim"):
         if not re.fullmatch(r"[0-9]+", d) or not 16 <= int(d) <= 256 or int(d) & (int(d) - 1):
             raise AttncError(f"bad --head-dim '{d}' (a power of two from 16 to 256)")
         out.append(int(d))
     return out
 
 
-def _items(text: str | None) -> list[str]:
+def _items(text: str | None, flag: str) -> list[str]:
+    """A comma list's items, each once; an empty item ('', 'a,,b') is a mistake, not nothing."""
+    if text is None:
+        return []
     seen: list[str] = []
-    for x in (text or "").split(","):
+    for x in text.split(","):
         x = x.strip()
-        if x and x not in seen:
+        if not x:
+            raise AttncError(f"empty item in {flag} '{text}' (a comma list such as "
+                             f"{_EXAMPLES[flag]})")
+        if x not in seen:
             seen.append(x)
     return seen
+
+
+_EXAMPLES = {"--arch": "sm_80,sm_90", "--dtype": "bf16,fp16", "--head-dim": "64,128"}
 
 
 # ---------------------------------------------------------------- the launch

@@ -284,11 +284,14 @@ def clear() -> int:
 
 def export(path: str | os.PathLike) -> int:
     """Write every good entry and the generated sources to a .tar.gz (atomically)."""
-    folder = Path(path).absolute().parent
-    if not folder.is_dir():  # else the error would name the hidden temp file
-        raise AttncError(f"cannot write cache archive '{path}': no folder '{folder}'")
     n = 0
-    with atomic.atomic_path(path) as tmp, tarfile.open(tmp, "w:gz") as tar:
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(atomic.atomic_path(path))
+        except FileNotFoundError as e:  # the archive's folder is missing (atomic_path names it)
+            raise AttncError(f"cannot write cache archive '{path}': no folder "
+                             f"'{e.filename}'") from e
+        tar = stack.enter_context(tarfile.open(tmp, "w:gz"))
         for entry in entries():
             _, problems = check_entry(entry)
             if problems:

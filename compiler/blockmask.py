@@ -36,6 +36,12 @@ class Schedule:
     def text(self) -> str:
         return f"(schedule :block_m {self.block_m} :block_n {self.block_n})"
 
+    def odd_tiles(self) -> list[tuple[str, int]]:
+        """The (field, size) pairs a Triton kernel cannot tile with: its tiles are powers of
+        two, while the block mask itself takes any size."""
+        return [(name, b) for name, b in (("block_m", self.block_m), ("block_n", self.block_n))
+                if b & (b - 1)]
+
 
 @dataclass
 class HeadClass:

@@ -1015,6 +1015,7 @@ class _Checker:
             return None
         deps: set[str] = set(self._pattern_deps(callee))
         self._cur_selectors |= callee.selectors
+        in_range = True
         for name, a in bound.items():
             t = self._type(a, p, env, lets, context)
             if t is None:
@@ -1023,7 +1024,7 @@ class _Checker:
             if prm is None:
                 continue
             self._check_assignable(t, prm.type, a, f"argument '{name}' of '{e.func}'")
-            self._check_arg_range(prm, a, env if p is None else {}, f"'{e.func}'")
+            in_range &= self._check_arg_range(prm, a, env if p is None else {}, f"'{e.func}'")
             if name in callee.uniform_params:
                 self._require_uniform(t, a, f"argument '{name}' of '{e.func}'")
             deps |= t.deps
@@ -1033,7 +1034,8 @@ class _Checker:
                 consts[name] = try_const(a, {})
             except NotConstant:
                 pass
-        self._instantiate(callee, consts, set(bound), e, [])
+        if in_range:  # else the callee's own findings would repeat the range error
+            self._instantiate(callee, consts, set(bound), e, [])
         return _Typed(BOOL, frozenset(deps), callee)
 
     def _instantiate(self, p: PatternInfo, consts: dict, given: set[str], site: N.Call,
@@ -1192,18 +1194,21 @@ class _Checker:
             hint = "; use // for integer division, or floor()/ceil()"
         self.err(f"{what} must be {want}, not {t.type}{hint}", e.span)
 
-    def _check_arg_range(self, prm: ParamInfo, a: N.Expr, env, callee: str) -> None:
+    def _check_arg_range(self, prm: ParamInfo, a: N.Expr, env, callee: str) -> bool:
+        """False (and one error) when a constant argument is outside the parameter's range."""
         if prm.lo is None and prm.hi is None:
-            return
+            return True
         try:
             v = try_const(a, {})
         except NotConstant:
-            return
+            return True
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return
+            return True
         if not prm.in_range(v):
             self.err(f"parameter '{prm.name}' of {callee} is {_fmt_const(v)}, out of range "
                      f"{prm.range_text()}", a.span)
+            return False
+        return True
 
     # -- plans
     _plan_scope: dict[str, PatternInfo] = {}

@@ -133,6 +133,10 @@ def test_plan_writes_one_kernel_per_layer(tmp_path):
     (["--arch", "sm_99"], "unknown --arch 'sm_99'"),
     (["--arch", "sm_90", "--dtype", "int4"], "unknown --dtype 'int4'"),
     (["--head-dim", "48"], "bad --head-dim '48'"),
+    # an empty item is a typo, not "no binaries" or "the default dtype"
+    (["--arch", ""], "empty item in --arch ''"),
+    (["--dtype", "bf16,,fp16"], "empty item in --dtype 'bf16,,fp16'"),
+    (["--head-dim", "64,"], "empty item in --head-dim '64,'"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, needle):
     r = run("compile", *SMALL, "-o", str(tmp_path / "out"), *args, cache=tmp_path / "c")
@@ -150,6 +154,22 @@ def test_blocks_that_are_not_powers_of_two_are_refused_before_writing(tmp_path):
     assert r.returncode == 2
     assert r.stderr == "attnc: --block-m 100: kernels (-o) need a power of two\n", r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_without_stats_is_a_usage_error(tmp_path):
+    r = run("compile", "--pattern", "causal", "--verify", cache=tmp_path / "c")
+    assert r.returncode == 2 and r.stderr == "attnc: --verify applies to --emit stats\n", r.stderr
+    r = run("compile", "--pattern", "causal", "--verify", "--emit", "stats", cache=tmp_path / "c")
+    assert r.returncode == 0, r.stderr
+
+
+def test_out_of_range_argument_is_one_diagnostic(tmp_path):
+    """window = 0 breaks streaming's own range and, through it, window()'s: the user gets the
+    first, at the argument, not a second one about the callee's parameter."""
+    r = run("compile", "--pattern", "streaming", "--arg", "window=0", cache=tmp_path / "c")
+    assert r.returncode == 1
+    assert r.stderr.count("out of range") == 1, r.stderr
+    assert "parameter 'window' of 'streaming' is 0, out of range 1.." in r.stderr
 
 
 def test_missing_pattern_is_one_line(tmp_path):
