@@ -87,6 +87,11 @@ def register(sub) -> None:
                    help="keep the R units (KV heads, or heads with --granularity q) dense whose "
                         "attention recalls facts from far back, measured on synthetic retrieval "
                         "samples (DuoAttention's retrieval heads; default 0)")
+    p.add_argument("--retrieval-rank", choices=["mass", "influence"], default="mass",
+                   help="how --retrieval-heads ranks the units: their attention mass on the "
+                        "facts while the model recalls them (the default), or the recalled "
+                        "keys' loss increase, to first order, when a unit keeps only 64 sink "
+                        "and 256 local keys")
     p.add_argument("--retrieval-samples", type=int, default=4, metavar="N",
                    help="retrieval samples (of the longest tuning length, 4 facts each) that "
                         "rank the units for --retrieval-heads (default 4)")
@@ -115,7 +120,8 @@ def cmd_tune(args) -> int:
     try:  # budgets, trials, rows, lengths: refused before the model is loaded
         _check_args(None, max_ppl_increase=args.max_ppl_increase,
                     latency_budget=args.latency_budget, trials=args.trials, rows=args.rows,
-                    sampler=args.sampler, lengths=args.lengths, records=args.records)
+                    sampler=args.sampler, lengths=args.lengths, records=args.records,
+                    retrieval_rank=args.retrieval_rank)
     except ValueError as e:
         print(f"attnc: {e}", file=sys.stderr)
         return 2
@@ -241,7 +247,7 @@ def cmd_tune(args) -> int:
                        workdir=out.parent if str(out.parent) else ".",
                        progress=not args.no_progress, worker=args.worker, gates=gates,
                        retrieval=retrieval, retrieval_heads=args.retrieval_heads,
-                       retrieval_eval=args.retrieval_eval)
+                       retrieval_eval=args.retrieval_eval, retrieval_rank=args.retrieval_rank)
     except ValueError as e:  # budgets, lengths, families the tuner refuses, one line each
         if settings().debug:
             raise

@@ -115,7 +115,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
              worker: bool = False, gates=None,
              gate_densities: Sequence[float] = GATE_DENSITIES,
              retrieval: Sequence | None = None,
-             retrieval_heads: int = 0, retrieval_eval: int = 0) -> TuneResult | None:
+             retrieval_heads: int = 0, retrieval_eval: int = 0,
+             retrieval_rank: str = "mass") -> TuneResult | None:
     """Choose a pattern per head (per KV head with granularity "kv") of a transformers causal LM.
 
     Signals are measured on calibration segments at `lengths` (default: half and all of
@@ -146,6 +147,10 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     puts the most mass on the fact while the model recalls it (DuoAttention's retrieval
     heads, measured on the dense model instead of trained). Calibration prose rarely asks
     for a fact from far back, so its signals do not see which heads do that.
+    `retrieval_rank="influence"` ranks the units instead by the first-order increase of the
+    recalled keys' loss when the unit loses its long-range view (keeps 64 sink and 256 local
+    keys; autotune.retrieval.retrieval_influence), which also finds heads that need the far
+    context without attending to the fact itself.
     `retrieval_eval` of the samples join the trials' calibration perplexity (weighted by
     length), so that a plan which stops recalling their keys scores worse."""
     t0 = time.perf_counter()
@@ -153,7 +158,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     calib_ids = calib_ids.reshape(-1)
     L, H, G, D = shape(model)
     _check_args(calib_ids, max_ppl_increase=max_ppl_increase, latency_budget=latency_budget,
-                trials=trials, rows=rows, sampler=sampler, lengths=lengths, records=records)
+                trials=trials, rows=rows, sampler=sampler, lengths=lengths, records=records,
+                retrieval_rank=retrieval_rank)
     if lengths is None:
         top = min(calib_ids.numel(), 2048)
         lengths = (top // 2, top)
@@ -209,12 +215,20 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         if not retrieval:
             raise ValueError("retrieval_heads needs retrieval samples (token ids with fact and "
                              "answer spans: autotune.text.retrieval_ids(..., spans=True))")
-        from attnc.autotune.retrieval import retrieval_scores, top_units, unit_scores
+        from attnc.autotune.retrieval import (
+            retrieval_influence,
+            retrieval_scores,
+            top_units,
+            unit_scores,
+        )
 
-        rs = retrieval_scores(model, retrieval)
-        top = top_units(rs, retrieval_heads, G, granularity)
+        if retrieval_rank == "influence":
+            rs, red = retrieval_influence(model, retrieval), "sum"
+        else:
+            rs, red = retrieval_scores(model, retrieval), "max"
+        top = top_units(rs, retrieval_heads, G, granularity, red)
         prob.force_dense(top)
-        per = unit_scores(rs, G, granularity)
+        per = unit_scores(rs, G, granularity, red)
         retrieval_rows = [{"layer": ly, "unit": u, "score": float(per[ly, u])} for ly, u in top]
         timings["retrieval_s"] = time.perf_counter() - t1
 
@@ -344,7 +358,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
 
 
 def _check_args(calib_ids: torch.Tensor | None, *, max_ppl_increase, latency_budget,
-                trials: int, rows: int, sampler: str, lengths, records=None) -> None:
+                trials: int, rows: int, sampler: str, lengths, records=None,
+                retrieval_rank: str = "mass") -> None:
     """Refuse arguments that no tuning can use, with one clear line (ValueError). Without
     calibration ids (the CLI, before it loads the model) only the options are checked."""
     from attnc.autotune.latency import records_path, shipped_records
@@ -367,6 +382,8 @@ def _check_args(calib_ids: torch.Tensor | None, *, max_ppl_increase, latency_bud
         raise ValueError(f"rows {rows}: at least 1 query row per length")
     if sampler not in ("tpe", "nsga2"):
         raise ValueError(f"unknown sampler '{sampler}' (tpe or nsga2)")
+    if retrieval_rank not in ("mass", "influence"):
+        raise ValueError(f"unknown retrieval_rank '{retrieval_rank}' (mass or influence)")
     if lengths is not None and (not len(lengths) or min(int(x) for x in lengths) < 2):
         raise ValueError(f"tuning lengths {list(lengths)}: at least one, each >= 2 tokens")
 

@@ -83,12 +83,18 @@ class use_attention:
         return False
 
 
-def capture(model, ids: torch.Tensor, *, grad: bool = True) -> Capture:
+def capture(model, ids: torch.Tensor, *, grad: bool = True,
+            labels: torch.Tensor | None = None) -> Capture:
     """Run `model` on ids [1, L] (or [L]) with the loss on every next token, recording each
     layer's post-RoPE Q, K, V and attention output, and (grad=True) the gradient of the mean
-    next-token loss w.r.t. each attention output. Parameters get no gradients; memory is
+    next-token loss w.r.t. each attention output. `labels` (transformers' convention: the
+    token at each position, -100 where it does not count) restricts the loss, e.g. to the
+    answer tokens of a retrieval sample. Parameters get no gradients; memory is
     O(layers * L * hidden) plus the model's own activations (attention never forms L x L)."""
     ids = ids.reshape(1, -1)
+    labels = ids if labels is None else labels.reshape(1, -1)
+    if labels.shape != ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match ids {tuple(ids.shape)}")
     cfg = model.config
     rec = _Recorder(grad)
     _register(rec)
@@ -102,7 +108,7 @@ def capture(model, ids: torch.Tensor, *, grad: bool = True) -> Capture:
             emb = model.get_input_embeddings()(ids).detach()
             if grad:
                 emb.requires_grad_(True)
-            out = model(inputs_embeds=emb, labels=ids, use_cache=False)
+            out = model(inputs_embeds=emb, labels=labels, use_cache=False)
             if grad:
                 out.loss.backward()
             loss = float(out.loss.detach())

@@ -55,19 +55,85 @@ def retrieval_scores(model, samples: Sequence[Sample]) -> np.ndarray:
     return total / count
 
 
-def unit_scores(scores: np.ndarray, kv_heads: int, granularity: str = "kv") -> np.ndarray:
-    """[layers, units]: per KV head its best query head's score, or the heads' own."""
+def _local_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+                  scaling: float, sink: int, window: int) -> torch.Tensor:
+    """One head's output at `rows` when it sees only the first `sink` keys and the last
+    `window` keys before each query (streaming attention). q [R, D] at rows, k and v [L, D]."""
+    top = int(rows.max()) + 1
+    s = (q.float() @ k[:top].float().T) * scaling
+    kpos = torch.arange(top).view(1, -1)
+    qpos = rows.view(-1, 1)
+    keep = (kpos <= qpos) & ((qpos - kpos < window) | (kpos < sink))
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
+    return p @ v[:top].float()
+
+
+def retrieval_influence(model, samples: Sequence[Sample], *, sink: int = 64,
+                        window: int = 256, chunk: int = 512) -> np.ndarray:
+    """[layers, heads]: the first-order increase of the recalled keys' loss when a head loses
+    its long-range view (keeps only `sink` + `window` keys), summed over every row of the
+    sample: sum <dL/do, o_local - o> with L the mean loss of the answer tokens alone. A head
+    whose far-back view the recall needs scores high even where it does not attend to the
+    fact itself (it may carry the recalled key or the answer's format onwards), which the
+    attention mass of retrieval_scores does not see: DuoAttention's criterion (the answers'
+    loss with the head made local), to first order instead of trained. One forward and
+    backward pass per sample; the local outputs are formed `chunk` rows at a time."""
+    total, count = None, 0
+    for ids, spans in samples:
+        if not spans:
+            continue
+        x = torch.as_tensor(list(ids)).view(1, -1)
+        labels = torch.full_like(x, -100)
+        for f0, f1, a0, a1 in spans:
+            if not 0 <= f0 < f1 <= a0 - 1 < a1 <= x.shape[1]:
+                raise ValueError(f"retrieval span ({f0}, {f1}, {a0}, {a1}) does not fit a "
+                                 f"sample of {x.shape[1]} tokens (fact before its answer)")
+            labels[0, a0:a1] = x[0, a0:a1]
+        cap = capture(model, x, grad=True, labels=labels)
+        if total is None:
+            total = np.zeros((len(cap.layers), cap.heads))
+        # Rows within the window see the same keys either way: only later rows can differ.
+        first = min(window + sink, cap.n)
+        for ly, lc in enumerate(cap.layers):
+            if lc.do is None:
+                continue
+            for h in range(cap.heads):
+                g = h // cap.group
+                acc = 0.0
+                for r0 in range(first, cap.n, chunk):
+                    rows = torch.arange(r0, min(r0 + chunk, cap.n))
+                    o_loc = _local_output(lc.q[h, rows], lc.k[g], lc.v[g], rows, cap.scaling,
+                                          sink, window)
+                    acc += float((lc.do[h, rows] * (o_loc - lc.o[h, rows])).sum())
+                total[ly, h] += acc
+        count += 1
+    if not count:
+        raise ValueError("no retrieval samples with needles")
+    return total / count
+
+
+def unit_scores(scores: np.ndarray, kv_heads: int, granularity: str = "kv",
+                reduce: str = "max") -> np.ndarray:
+    """[layers, units]: per KV head its best query head's score (`reduce` "max", for attention
+    mass) or its query heads' sum ("sum", for influence: a unit made local changes all its
+    query heads together); with granularity "q" the heads' own."""
     L, H = scores.shape
-    return scores.reshape(L, kv_heads, H // kv_heads).max(-1) if granularity == "kv" else scores
+    if granularity != "kv":
+        return scores
+    per = scores.reshape(L, kv_heads, H // kv_heads)
+    if reduce not in ("max", "sum"):
+        raise ValueError(f"reduce must be 'max' or 'sum', not {reduce!r}")
+    return per.max(-1) if reduce == "max" else per.sum(-1)
 
 
-def top_units(scores: np.ndarray, count: int, kv_heads: int, granularity: str = "kv"
-              ) -> list[tuple[int, int]]:
+def top_units(scores: np.ndarray, count: int, kv_heads: int, granularity: str = "kv",
+              reduce: str = "max") -> list[tuple[int, int]]:
     """The `count` units (layer, KV head) or (layer, query head) with the highest retrieval
-    score (a KV head scores as its best query head), best first."""
-    per = unit_scores(scores, kv_heads, granularity)
+    score (a KV head scores as its best query head, or its heads' sum), best first."""
+    per = unit_scores(scores, kv_heads, granularity, reduce)
     flat = np.argsort(-per.reshape(-1), kind="stable")[:max(count, 0)]
     return [(int(i) // per.shape[1], int(i) % per.shape[1]) for i in flat]
 
 
-__all__ = ["Sample", "fact_mass", "retrieval_scores", "top_units", "unit_scores"]
+__all__ = ["Sample", "fact_mass", "retrieval_influence", "retrieval_scores", "top_units",
+           "unit_scores"]

@@ -130,6 +130,7 @@ def _tune(tune_api, model, tok, calib, held, args, out):
                             granularity=args.granularity, families=args.families,
                             retrieval=retrieval, retrieval_heads=args.retrieval_heads,
                             retrieval_eval=args.retrieval_eval,
+                            retrieval_rank=args.retrieval_rank,
                             **({"gate_densities": args.gate_densities}
                                if args.gate_densities else {}))
     res.write(out / "plan.attn", out / "report.json", out)
@@ -249,6 +250,8 @@ def main() -> None:
     ap.add_argument("--retrieval-heads", type=int, default=0,
                     help="units kept dense as retrieval heads (ranked on synthetic retrieval "
                          "samples, never the passkey prompts)")
+    ap.add_argument("--retrieval-rank", choices=["mass", "influence"], default="mass",
+                    help="how the retrieval heads are ranked (attnc tune --retrieval-rank)")
     ap.add_argument("--retrieval-samples", type=int, default=4)
     ap.add_argument("--retrieval-filler", choices=["text", "repeat", "both"], default="text",
                     help="the retrieval samples' filler (attnc tune --retrieval-filler)")

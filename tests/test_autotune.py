@@ -846,6 +846,68 @@ def test_retrieval_scores_match_the_attention_weights(tiny):
         retrieval_scores(tiny, [(ids, [(50, 40, 60, 62)])])
 
 
+def test_retrieval_influence_is_the_derivative_of_the_answer_loss(tiny):
+    """retrieval_influence is d(answer loss)/d(eps) at eps = 0 when each head's output is
+    o + eps * (o_local - o): checked against autograd through an attention function that
+    mixes in the local output with one eps per (layer, head)."""
+    import torch.nn.functional as F
+    from attnc.autotune.capture import use_attention
+    from attnc.autotune.retrieval import retrieval_influence, top_units, unit_scores
+    from transformers import AttentionInterface
+
+    sample = _retrieval_sample(300, 4)
+    ids, spans = sample
+    sink, window = 4, 32
+    got = retrieval_influence(tiny, [sample], sink=sink, window=window, chunk=64)
+    L, H = got.shape
+    eps = torch.zeros(L, H, requires_grad=True)
+
+    def mixed(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+        n = query.shape[2]
+        pos = torch.arange(n)
+        local = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :] < window)
+                                                 | (pos[None, :] < sink))
+        gqa = key.shape[1] != query.shape[1]
+        o = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                           enable_gqa=gqa)
+        o_loc = F.scaled_dot_product_attention(query, key, value, attn_mask=local,
+                                               scale=scaling, enable_gqa=gqa)
+        out = o + eps[module.layer_idx].view(1, -1, 1, 1) * (o_loc - o)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("attnc_test_mixed", mixed)
+    x = torch.tensor([ids])
+    labels = torch.full_like(x, -100)
+    for _, _, a0, a1 in spans:
+        labels[0, a0:a1] = x[0, a0:a1]
+    with use_attention(tiny, "attnc_test_mixed"):
+        tiny(x, labels=labels, use_cache=False).loss.backward()
+    np.testing.assert_allclose(got, eps.grad.double().numpy(), rtol=2e-3, atol=1e-6)
+    assert np.abs(got).max() > 1e-5  # the tiny model's heads do use far context
+    # A KV head's influence is its query heads' sum; the ranking follows it.
+    per = unit_scores(got, 2, reduce="sum")
+    np.testing.assert_allclose(per, got.reshape(L, 2, 2).sum(-1))
+    best = np.unravel_index(np.argmax(per), per.shape)
+    assert top_units(got, 1, 2, reduce="sum") == [(int(best[0]), int(best[1]))]
+    with pytest.raises(ValueError, match="does not fit"):
+        retrieval_influence(tiny, [(ids, [(50, 40, 60, 62)])])
+    with pytest.raises(ValueError, match="reduce"):
+        unit_scores(got, 2, reduce="mean")
+
+
+def test_autotune_ranks_retrieval_heads_by_influence(tiny, tmp_path):
+    from attnc.autotune.retrieval import retrieval_influence, top_units
+
+    samples = [_retrieval_sample(400, s) for s in (5, 6)]
+    res = _tune(tiny, tmp_path, 2, max_ppl_increase=0.5, retrieval=samples, retrieval_heads=1,
+                retrieval_rank="influence")
+    want = top_units(retrieval_influence(tiny, samples), 1, kv_heads=2, reduce="sum")
+    assert [(r["layer"], r["unit"]) for r in res.report["retrieval_heads"]] == want
+    with pytest.raises(ValueError, match="retrieval_rank"):
+        _tune(tiny, tmp_path / "r", 2, retrieval=samples, retrieval_heads=1,
+              retrieval_rank="attention")
+
+
 def test_autotune_keeps_retrieval_heads_dense(tiny, tmp_path):
     from attnc.autotune.retrieval import retrieval_scores, top_units
 
