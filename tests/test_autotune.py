@@ -540,6 +540,30 @@ def test_cli_tune(tmp_path, capsys):
         assert msg in capsys.readouterr().err
 
 
+def test_cli_tune_retrieval_heads_by_influence(tmp_path, capsys):
+    """--retrieval-rank influence reaches the tuner: the report's retrieval heads are the
+    influence ranking's, with their (signed) influence as the score."""
+    from attnc.cli import main
+
+    model_dir = tmp_path / "tiny"
+    _save_tiny_with_tokenizer(model_dir)
+    out = tmp_path / "r" / "plan.attn"
+    rc = main(["tune", "--model", str(model_dir), "--text", "chronicle", "--lengths", "64",
+               "128", "--validation-length", "192", "--trials", "2", "--rows", "16",
+               "--block", "16", "--families", "causal", "--max-ppl-increase", "50%",
+               "--no-progress", "--name", "r", "--retrieval-heads", "1",
+               "--retrieval-rank", "influence", "--retrieval-samples", "1", "-o", str(out)])
+    capsys.readouterr()
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rc == (0 if rep["budget_met"] else 1)
+    (head,) = rep["retrieval_heads"]
+    assert {"layer", "unit", "score"} <= set(head)
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main(["tune", "--model", str(model_dir), "--retrieval-rank", "attention", "-o",
+              str(out)])
+    assert e.value.code == 2 and "invalid choice: 'attention'" in capsys.readouterr().err
+
+
 def test_cli_tune_with_trained_gates(tmp_path, capsys):
     """--train-gate: gates first, then gated candidates; a plan with gated cells is written
     with its weights and checks; --gates reuses a gate file."""
