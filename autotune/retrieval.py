@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .candidates import candidate
 from .capture import capture
 
 # A sample: token ids and, per needle, (fact start, fact end, answer start, answer end), the
@@ -55,19 +56,6 @@ def retrieval_scores(model, samples: Sequence[Sample]) -> np.ndarray:
     return total / count
 
 
-def _local_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                  scaling: float, sink: int, window: int) -> torch.Tensor:
-    """One head's output at `rows` when it sees only the first `sink` keys and the last
-    `window` keys before each query (streaming attention). q [R, D] at rows, k and v [L, D]."""
-    top = int(rows.max()) + 1
-    s = (q.float() @ k[:top].float().T) * scaling
-    kpos = torch.arange(top).view(1, -1)
-    qpos = rows.view(-1, 1)
-    keep = (kpos <= qpos) & ((qpos - kpos < window) | (kpos < sink))
-    p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
-    return p @ v[:top].float()
-
-
 def retrieval_influence(model, samples: Sequence[Sample], *, sink: int = 64,
                         window: int = 256, chunk: int = 512) -> np.ndarray:
     """[layers, heads]: the first-order increase of the recalled keys' loss when a head loses
@@ -92,18 +80,24 @@ def retrieval_influence(model, samples: Sequence[Sample], *, sink: int = 64,
         cap = capture(model, x, grad=True, labels=labels)
         if total is None:
             total = np.zeros((len(cap.layers), cap.heads))
-        # Rows within the window see the same keys either way: only later rows can differ.
-        first = min(window + sink, cap.n)
+        # The library's streaming mask, once per chunk of rows for every layer and head. Rows
+        # within the window see the same keys either way: only later rows can differ.
+        local = candidate("streaming", sink=sink, window=window)
+        chunks = []
+        for r0 in range(min(window + sink, cap.n), cap.n, chunk):
+            rows = torch.arange(r0, min(r0 + chunk, cap.n))
+            top = int(rows[-1]) + 1
+            chunks.append((rows, torch.from_numpy(local.mask_rows(rows.numpy(), top))))
         for ly, lc in enumerate(cap.layers):
             if lc.do is None:
                 continue
             for h in range(cap.heads):
                 g = h // cap.group
                 acc = 0.0
-                for r0 in range(first, cap.n, chunk):
-                    rows = torch.arange(r0, min(r0 + chunk, cap.n))
-                    o_loc = _local_output(lc.q[h, rows], lc.k[g], lc.v[g], rows, cap.scaling,
-                                          sink, window)
+                for rows, keep in chunks:
+                    top = keep.shape[1]
+                    s = (lc.q[h, rows] @ lc.k[g, :top].T) * cap.scaling
+                    o_loc = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ lc.v[g, :top]
                     acc += float((lc.do[h, rows] * (o_loc - lc.o[h, rows])).sum())
                 total[ly, h] += acc
         count += 1
