@@ -83,6 +83,11 @@ def register(sub) -> None:
     p.add_argument("--gate-retrieval", type=int, default=0, metavar="N",
                    help="also train the gates on N synthetic retrieval samples: facts hidden in "
                         "the calibration text and asked for later (default 0)")
+    p.add_argument("--gate-retrieval-filler", choices=["text", "repeat", "both"],
+                   default="text",
+                   help="where --gate-retrieval hides its facts: the calibration text (the "
+                        "default), repeated short sentences as in the passkey test, or both "
+                        "alternately")
     p.add_argument("--retrieval-heads", type=int, default=0, metavar="R",
                    help="keep the R units (KV heads, or heads with --granularity q) dense whose "
                         "attention recalls facts from far back, measured on synthetic retrieval "
@@ -193,7 +198,7 @@ def cmd_tune(args) -> int:
         top = min(2048, calib_ids.numel() // 2)
         lengths = [top // 2, top]
     gates = args.gates
-    from attnc.autotune.text import retrieval_ids, retrieval_samples
+    from attnc.autotune.text import gate_retrieval_ids, retrieval_samples
 
     def encode(text: str) -> list[int]:  # no BOS inside a sample
         return tok(text, add_special_tokens=False).input_ids
@@ -216,8 +221,9 @@ def cmd_tune(args) -> int:
             else None
         filler = calib_ids.tolist()
         try:
-            extra = [torch.tensor(retrieval_ids(encode, filler, tl, seed=args.seed + i))
-                     for i in range(args.gate_retrieval)]
+            extra = [torch.tensor(x) for x in gate_retrieval_ids(
+                encode, filler, tl, args.gate_retrieval, seed=args.seed,
+                filler=args.gate_retrieval_filler)]
         except ValueError as e:
             print(f"attnc: --gate-retrieval: {e}", file=sys.stderr)
             return 2

@@ -220,6 +220,29 @@ def retrieval_samples(encode, filler_ids, length: int, count: int, seed: int = 0
     return out
 
 
+def gate_retrieval_ids(encode, filler_ids, length: int, count: int, seed: int = 0,
+                       filler: str = "text") -> list[list[int]]:
+    """`count` retrieval samples of `length` tokens for training gates (train_gate's
+    extra_ids). `filler`: "text" hides the facts in `filler_ids` (seeds seed + i), "repeat" in
+    the passkey test's kind of repeated short sentences (repeat_filler; seeds seed + 3000 + i),
+    "both" alternates the two, starting with text. The seeds stay apart from the samples that
+    rank retrieval heads (retrieval_samples: seed + 1000 + j and seed + 2000 + j), so heads are
+    never ranked on a fact a gate was trained on."""
+    if filler not in FILLERS:
+        raise ValueError(f"unknown retrieval filler '{filler}' ({', '.join(FILLERS)})")
+    filler_ids = list(filler_ids)
+    out = []
+    for i in range(count):
+        kind = filler if filler != "both" else ("text", "repeat")[i % 2]
+        j = i if filler != "both" else i // 2
+        if kind == "text":
+            out.append(retrieval_ids(encode, filler_ids, length, seed=seed + j))
+        else:
+            ids = repeat_filler(encode, length, seed=seed + 3000 + j)
+            out.append(retrieval_ids(encode, ids, length, seed=seed + 3000 + j))
+    return out
+
+
 def _docs_groups(topics: dict[str, str], min_chars: int = 100) -> list[list[str]]:
     """Topics of pydoc_data that share a paragraph (of >= min_chars characters), joined into
     groups (the reference repeats sections: `specialnames` contains `customization`, ...)."""

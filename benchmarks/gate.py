@@ -73,6 +73,9 @@ def main() -> None:
     ap.add_argument("--retrieval", type=int, default=0,
                     help="also train on this many synthetic retrieval samples (facts hidden in "
                          "calibration text, asked for later)")
+    ap.add_argument("--retrieval-filler", default="text", choices=["text", "repeat", "both"],
+                    help="where --retrieval hides its facts: calibration text, the passkey "
+                         "test's kind of repeated short sentences, or both alternately")
     ap.add_argument("--post-rope", action="store_true",
                     help="the gate sees post-RoPE Q and K (default: the model's RoPE undone)")
     ap.add_argument("--sink", type=int, default=64)
@@ -120,12 +123,12 @@ def main() -> None:
         gates = ga.load_gates(a.gates, model=model)
         res["train"] = {"reused": a.gates}
     else:
-        from attnc.autotune.text import retrieval_ids
+        from attnc.autotune.text import gate_retrieval_ids
 
         enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731 - no BOS
-        filler = calib[:c0].tolist()
-        extra = [torch.tensor(retrieval_ids(enc, filler, tl, seed=1000 + i))
-                 for i in range(a.retrieval)]
+        # Seeds 0.. as `attnc tune --gate-retrieval` uses: apart from the head ranking's.
+        extra = [torch.tensor(x) for x in gate_retrieval_ids(
+            enc, calib[:c0].tolist(), tl, a.retrieval, filler=a.retrieval_filler)]
         r = ga.train_gate(model, calib, block=a.block, d_gate=a.d_gate, length=tl,
                           sequences=a.sequences, steps=a.steps, lr=a.lr,
                           heldout_ids=held[n:n + tl], log=print, stride=a.stride,
