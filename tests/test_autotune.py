@@ -578,7 +578,8 @@ def test_cli_tune_with_trained_gates(tmp_path, capsys):
             "--families", "causal", "--max-ppl-increase", "50%", "--latency-budget", "0.6",
             "--no-progress", "--name", "g", "--gate-block", "16", "--gate-steps", "5",
             "--gate-sequences", "2"]
-    rc = main([*args, "--train-gate", "--gate-retrieval", "1", "-o", str(out)])
+    rc = main([*args, "--train-gate", "--gate-retrieval", "2", "--gate-retrieval-filler", "both",
+               "-o", str(out)])
     capsys.readouterr()
     rep = json.loads(out.with_suffix(".json").read_text())
     assert rc == (0 if rep["budget_met"] else 1)
@@ -588,9 +589,9 @@ def test_cli_tune_with_trained_gates(tmp_path, capsys):
     assert wfile.exists() and main(["check", str(out)]) == 0
     from safetensors import safe_open
 
-    with safe_open(str(wfile), "pt") as f:  # the retrieval sample was trained on
+    with safe_open(str(wfile), "pt") as f:  # both retrieval samples were trained on
         train = json.loads(f.metadata()["train"])
-    assert train["extra_chunks"] == 1 and train["sequences"] == 3
+    assert train["extra_chunks"] == 2 and train["sequences"] == 4
     out2 = tmp_path / "g2" / "plan.attn"
     main([*args, "--gates", str(wfile), "-o", str(out2)])
     assert any(c.startswith("gated") for c in json.loads(

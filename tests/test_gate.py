@@ -798,3 +798,33 @@ def test_retrieval_samples_with_repeated_filler():
     assert both[1] == rep[0] and both[3] == rep[1]
     with pytest.raises(ValueError, match="unknown retrieval filler"):
         retrieval_samples(enc, filler, 900, 2, filler="noise")
+
+
+def test_gate_retrieval_samples_apart_from_the_ranking_samples():
+    """The gates' training samples: text ones are retrieval_ids with seeds 0.. (as before),
+    repeat ones hide the facts in repeated short sentences, "both" alternates them, and none
+    equals a sample that ranks retrieval heads (so heads are not ranked on trained facts)."""
+    from attnc.autotune.text import (
+        gate_retrieval_ids,
+        repeat_filler,
+        retrieval_ids,
+        retrieval_samples,
+    )
+
+    def enc(t):
+        return [1000 + ord(c) for c in t]
+
+    filler = list(range(600))
+    text = gate_retrieval_ids(enc, filler, 900, 2)
+    assert text == [retrieval_ids(enc, filler, 900, seed=i) for i in range(2)]
+    rep = gate_retrieval_ids(enc, filler, 900, 2, seed=5, filler="repeat")
+    for i, x in enumerate(rep):
+        assert len(x) == 900 and min(x) >= 1000
+        assert x == retrieval_ids(enc, repeat_filler(enc, 900, seed=3005 + i), 900,
+                                  seed=3005 + i)
+    both = gate_retrieval_ids(enc, filler, 900, 4, seed=5, filler="both")
+    assert both[1::2] == rep and both[0::2] == gate_retrieval_ids(enc, filler, 900, 2, seed=5)
+    ranking = [x for x, _ in retrieval_samples(enc, filler, 900, 8, seed=5, filler="both")]
+    assert not any(x in ranking for x in both)
+    with pytest.raises(ValueError, match="unknown retrieval filler"):
+        gate_retrieval_ids(enc, filler, 900, 1, filler="noise")
