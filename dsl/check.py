@@ -897,6 +897,11 @@ class _Checker:
                     return None
                 return _Typed(INT, deps)
             if e.op == "/":
+                # Float division at run time follows IEEE (x / 0 is +-inf); a literal zero
+                # divisor is a mistake (a +inf bias would make the softmax NaN).
+                if isinstance(e.right, N.IntLit | N.FloatLit) and e.right.value == 0:
+                    self.err("division by zero", e.right.span)
+                    return None
                 return _Typed(FLOAT, deps)
             return _Typed(promote(a.type, b.type), deps)
         if isinstance(e, N.Compare):
