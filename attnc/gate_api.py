@@ -47,7 +47,7 @@ def save_gates(gates: GateSet | TrainResult, path: str | Path) -> Path:
     for ly in gs.layers:
         g = gs[ly]
         for name in ("wq", "wk", "bias", "dist"):
-            tensors[f"layers.{ly}.{name}"] = getattr(g, name).detach().float().contiguous()
+            tensors[f"layers.{ly}.{name}"] = getattr(g, name).detach().float().cpu().contiguous()
     inv = gs[gs.layers[0]].model_inv_freq
     if inv is not None:  # the model's rotary frequencies, which the gate undoes
         tensors["model_inv_freq"] = inv.detach().float().cpu().contiguous()
@@ -203,9 +203,11 @@ class _Masks:
         attnc.reference's gates= takes them."""
         g = self.gates[ly]
         n = k.shape[-2]
+        dev = g.wq.device  # gates on the CPU serve a model on a GPU, and the other way round
         with torch.no_grad():
-            s = g(q.float(), k.float())
-        return {g.block_size(n): s[self.gated[ly]]}
+            s = g(q.float().to(dev), k.float().to(dev))
+        # The reference evaluator that expands them to element masks runs on the CPU.
+        return {g.block_size(n): s[self.gated[ly]].cpu()}
 
     def rows(self, ly: int, n: int, q_len: int, s: int, e: int,
              scores: dict[int, torch.Tensor] | None,

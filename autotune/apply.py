@@ -232,7 +232,8 @@ def remove(model) -> None:
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor) -> float:
     """exp(mean next-token loss) of one sequence ids [1, L] or [L]."""
-    ids = ids.reshape(1, -1)
+    p = next(iter(model.parameters()), None)
+    ids = ids.reshape(1, -1).to(p.device if p is not None else "cpu")
     out = model(ids, labels=ids, use_cache=False)
     return math.exp(float(out.loss))
 

