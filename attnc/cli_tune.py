@@ -107,6 +107,9 @@ def register(sub) -> None:
     p.add_argument("--retrieval-eval", type=int, default=0, metavar="N",
                    help="N of the retrieval samples join the trials' calibration perplexity, so "
                         "that plans which stop recalling their keys score worse (default 0)")
+    p.add_argument("--gate-device", default=None, metavar="DEV",
+                   help="train the gates with the model on this torch device (e.g. cuda; "
+                        "default: the CPU, where the tuner runs); both go back to the CPU after")
     p.add_argument("--gate-post-rope", action="store_true",
                    help="gates see the model's post-RoPE Q and K (default: the rotation undone, "
                         "as SeerAttention's gate sees them)")
@@ -130,6 +133,17 @@ def cmd_tune(args) -> int:
     except ValueError as e:
         print(f"attnc: {e}", file=sys.stderr)
         return 2
+    if args.gate_device:
+        try:
+            dev = torch.device(args.gate_device)
+        except RuntimeError:
+            print(f"attnc: --gate-device: '{args.gate_device}' is not a torch device",
+                  file=sys.stderr)
+            return 2
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            print(f"attnc: --gate-device {args.gate_device}: this machine has no CUDA device",
+                  file=sys.stderr)
+            return 2
     if args.retrieval_heads < 0 or args.retrieval_samples < 1 or \
             not 0 <= args.retrieval_eval <= args.retrieval_samples:
         print("attnc: --retrieval-heads must be >= 0, --retrieval-samples >= 1 and "
@@ -228,16 +242,21 @@ def cmd_tune(args) -> int:
             print(f"attnc: --gate-retrieval: {e}", file=sys.stderr)
             return 2
         try:
+            if args.gate_device:
+                model.to(args.gate_device)  # the n x n targets are the work a GPU speeds up
             gates = train_gate(model, calib_ids, block=args.gate_block, length=tl,
                                sequences=args.gate_sequences, steps=args.gate_steps,
                                seed=args.seed, heldout_ids=stop, stride=args.gate_stride,
                                rope=args.gate_rope, pre_rope=not args.gate_post_rope,
                                extra_ids=extra)
-        except ValueError as e:  # arguments the training refuses, one line each
+        except (ValueError, RuntimeError) as e:  # refused arguments, a device that fails
             if settings().debug:
                 raise
             print(f"attnc: --train-gate: {e}", file=sys.stderr)
             return 2
+        finally:
+            model.to("cpu")
+        gates.gates.to("cpu")
         print(f"gates: KL {gates.history[0]:.4f} -> {gates.history[-1]:.4f} in "
               f"{gates.seconds['total']:.0f} s", file=sys.stderr)
     try:

@@ -579,7 +579,7 @@ def test_cli_tune_with_trained_gates(tmp_path, capsys):
             "--no-progress", "--name", "g", "--gate-block", "16", "--gate-steps", "5",
             "--gate-sequences", "2"]
     rc = main([*args, "--train-gate", "--gate-retrieval", "2", "--gate-retrieval-filler", "both",
-               "-o", str(out)])
+               "--gate-device", "cpu", "-o", str(out)])
     capsys.readouterr()
     rep = json.loads(out.with_suffix(".json").read_text())
     assert rc == (0 if rep["budget_met"] else 1)
@@ -592,6 +592,11 @@ def test_cli_tune_with_trained_gates(tmp_path, capsys):
     with safe_open(str(wfile), "pt") as f:  # both retrieval samples were trained on
         train = json.loads(f.metadata()["train"])
     assert train["extra_chunks"] == 2 and train["sequences"] == 4
+    for dev, msg in (("nodev", "is not a torch device"), ("cuda", "has no CUDA device")):
+        if dev == "cuda" and torch.cuda.is_available():
+            continue
+        assert main([*args, "--train-gate", "--gate-device", dev, "-o", str(out)]) == 2
+        assert msg in capsys.readouterr().err
     out2 = tmp_path / "g2" / "plan.attn"
     main([*args, "--gates", str(wfile), "-o", str(out2)])
     assert any(c.startswith("gated") for c in json.loads(
