@@ -17,6 +17,7 @@ from attnc.compiler.rules import rewrite
 from attnc.dsl.check import PlanInfo, Program, load, loads
 
 from .candidates import Candidate
+from .model import model_device
 
 NAME = "attnc"
 
@@ -232,8 +233,7 @@ def remove(model) -> None:
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor) -> float:
     """exp(mean next-token loss) of one sequence ids [1, L] or [L]."""
-    p = next(iter(model.parameters()), None)
-    ids = ids.reshape(1, -1).to(p.device if p is not None else "cpu")
+    ids = ids.reshape(1, -1).to(model_device(model))
     out = model(ids, labels=ids, use_cache=False)
     return math.exp(float(out.loss))
 

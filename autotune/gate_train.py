@@ -24,7 +24,7 @@ from attnc.compiler.rules import rewrite
 from attnc.dsl.check import PlanInfo
 
 from .capture import use_attention
-from .model import shape
+from .model import model_device, shape
 
 _CAPTURE = "attnc_gate_capture"
 FORMAT = "attnc-gates/1"
@@ -276,11 +276,6 @@ def fit(gates: dict[int, BlockGate], data: dict[int, LayerData],
 def _to(ts: tuple[torch.Tensor, ...], dev: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dev) for t in ts)
 
-
-def model_device(model) -> torch.device:
-    """Where the model's weights are (its first parameter's device; CPU without any)."""
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _mean_kl(gates, tensors, heads) -> torch.Tensor:

@@ -62,6 +62,12 @@ def tiny_llama(*, layers: int = 2, heads: int = 4, kv_heads: int = 2, hidden: in
     return LlamaForCausalLM(cfg).eval()
 
 
+def model_device(model) -> torch.device:
+    """Where the model's weights are (its first parameter's device; CPU without any)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def shape(model) -> tuple[int, int, int, int]:
     """(layers, query heads, kv heads, head dim) of a transformers causal LM."""
     cfg = model.config
