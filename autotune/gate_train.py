@@ -263,10 +263,9 @@ def fit(gates: dict[int, BlockGate], data: dict[int, LayerData],
     dev = next(iter(gates.values())).wq.device  # the gates' device: the data goes there
     tensors = {ly: _to(data[ly].stacked(), dev) for ly in gates}
     vt = {ly: _to(val[ly].stacked(), dev) for ly in gates} if val is not None else None
-    if dev.type != "cpu":
-        return _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: threads cost more than they save
+    if dev.type == "cpu":
+        torch.set_num_threads(1)  # small tensors: threads cost more than they save
     try:
         return _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log)
     finally:

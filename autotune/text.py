@@ -204,6 +204,14 @@ def retrieval_samples(encode, filler_ids, length: int, count: int, seed: int = 0
     seed + 2000 + i), the filler of the classic passkey test, where attention behaves unlike
     on prose (DuoAttention calibrates on such samples); "both" alternates the two, starting
     with text (so the first N samples of --retrieval-eval N hold both kinds)."""
+    return _samples(encode, filler_ids, length, count, filler, seed + 1000, seed + 2000,
+                    spans=True)
+
+
+def _samples(encode, filler_ids, length: int, count: int, filler: str, text_seed: int,
+             repeat_seed: int, *, spans: bool) -> list:
+    """retrieval_ids samples hidden in `filler_ids` (seeds text_seed + j), in repeated short
+    sentences (seeds repeat_seed + j) or alternately in both, starting with text."""
     if filler not in FILLERS:
         raise ValueError(f"unknown retrieval filler '{filler}' ({', '.join(FILLERS)})")
     filler_ids = list(filler_ids)
@@ -212,11 +220,11 @@ def retrieval_samples(encode, filler_ids, length: int, count: int, seed: int = 0
         kind = filler if filler != "both" else ("text", "repeat")[i % 2]
         j = i if filler != "both" else i // 2
         if kind == "text":
-            out.append(retrieval_ids(encode, filler_ids, length, seed=seed + 1000 + j,
-                                     spans=True))
+            out.append(retrieval_ids(encode, filler_ids, length, seed=text_seed + j,
+                                     spans=spans))
         else:
-            ids = repeat_filler(encode, length, seed=seed + 2000 + j)
-            out.append(retrieval_ids(encode, ids, length, seed=seed + 2000 + j, spans=True))
+            ids = repeat_filler(encode, length, seed=repeat_seed + j)
+            out.append(retrieval_ids(encode, ids, length, seed=repeat_seed + j, spans=spans))
     return out
 
 
@@ -228,19 +236,7 @@ def gate_retrieval_ids(encode, filler_ids, length: int, count: int, seed: int = 
     "both" alternates the two, starting with text. The seeds stay apart from the samples that
     rank retrieval heads (retrieval_samples: seed + 1000 + j and seed + 2000 + j), so heads are
     never ranked on a fact a gate was trained on."""
-    if filler not in FILLERS:
-        raise ValueError(f"unknown retrieval filler '{filler}' ({', '.join(FILLERS)})")
-    filler_ids = list(filler_ids)
-    out = []
-    for i in range(count):
-        kind = filler if filler != "both" else ("text", "repeat")[i % 2]
-        j = i if filler != "both" else i // 2
-        if kind == "text":
-            out.append(retrieval_ids(encode, filler_ids, length, seed=seed + j))
-        else:
-            ids = repeat_filler(encode, length, seed=seed + 3000 + j)
-            out.append(retrieval_ids(encode, ids, length, seed=seed + 3000 + j))
-    return out
+    return _samples(encode, filler_ids, length, count, filler, seed, seed + 3000, spans=False)
 
 
 def _docs_groups(topics: dict[str, str], min_chars: int = 100) -> list[list[str]]:

@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=["all:6", "all:d0.19"],
                     help="DENSE_LAYERS:TOPK, e.g. all:6 (every layer gated) or 0,1:5, or "
                          "DENSE_LAYERS:dDENSITY: the threshold whose block density on an unused "
-                         "calibration chunk is DENSITY (e.g. all:d0.19); none: train only")
+                         "calibration chunk is DENSITY (e.g. all:d0.19); --configs with no value: "
+                         "train only")
     ap.add_argument("--rope", type=int, default=32,
                     help="gate dimensions with the gate's block-level rotary embedding")
     ap.add_argument("--retrieval", type=int, default=0,

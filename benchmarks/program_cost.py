@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     import triton
     from attnc.codegen import kernel
     from attnc.codegen.flex import to_flex_block_mask
-    from attnc.codegen.tune import parse_candidate
+    from attnc.codegen.tune import _trial, parse_candidate
     from attnc.compiler.blockmask import Schedule
     from attnc.compiler.stages import compile_pattern
     from blockmask import make_mask_mod
@@ -79,9 +79,7 @@ def main(argv=None) -> int:
                                  layout="none").blockmask
             own = to_flex_block_mask(bm, device="cuda")
             pers.append(float((own.kv_num_blocks + own.full_kv_num_blocks).float().mean()))
-            cfg = kernel.Config(num_warps=c[2], num_stages=c[3],
-                                tma=c[4] if len(c) > 4 else 0,
-                                one_loop=bool(c[5]) if len(c) > 5 else False)
+            cfg = _trial(c).config()
             kernel.attention(q, k, v, bm, config=cfg)
             times.append(triton.testing.do_bench(
                 lambda bm=bm, cfg=cfg: kernel.attention(q, k, v, bm, config=cfg),
