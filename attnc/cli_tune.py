@@ -107,6 +107,19 @@ def register(sub) -> None:
     p.add_argument("--retrieval-eval", type=int, default=0, metavar="N",
                    help="N of the retrieval samples join the trials' calibration perplexity, so "
                         "that plans which stop recalling their keys score worse (default 0)")
+    p.add_argument("--retrieval-signal", type=int, default=0, metavar="N",
+                   help="N of the retrieval samples give the search a fourth signal, recall: "
+                        "each candidate's first-order increase of the recalled answers' loss "
+                        "(MoA's influence with the answer tokens' loss alone), so the "
+                        "knapsack pays for dropping the keys that recall needs (default 0)")
+    p.add_argument("--recall-check", type=int, default=0, metavar="N",
+                   help="validate every front point's recall too, on N retrieval samples of the "
+                        "validation length (facts hidden in the held-out text and in repeated "
+                        "short sentences, alternately): a point meets the accuracy budget only "
+                        "if it recalls dense's share of the needles less --max-recall-drop "
+                        "(default 0: no check)")
+    p.add_argument("--max-recall-drop", type=float, default=0.0, metavar="X",
+                   help="share of the needles a plan may recall fewer than dense (default 0)")
     p.add_argument("--gate-device", default=None, metavar="DEV",
                    help="train the gates with the model on this torch device (e.g. cuda; "
                         "default: the CPU, where the tuner runs); both go back to the CPU after")
@@ -145,9 +158,15 @@ def cmd_tune(args) -> int:
                   file=sys.stderr)
             return 2
     if args.retrieval_heads < 0 or args.retrieval_samples < 1 or \
-            not 0 <= args.retrieval_eval <= args.retrieval_samples:
-        print("attnc: --retrieval-heads must be >= 0, --retrieval-samples >= 1 and "
-              "--retrieval-eval between 0 and --retrieval-samples", file=sys.stderr)
+            not 0 <= args.retrieval_eval <= args.retrieval_samples or \
+            not 0 <= args.retrieval_signal <= args.retrieval_samples:
+        print("attnc: --retrieval-heads must be >= 0, --retrieval-samples >= 1, and "
+              "--retrieval-eval and --retrieval-signal between 0 and --retrieval-samples",
+              file=sys.stderr)
+        return 2
+    if args.recall_check < 0 or not 0 <= args.max_recall_drop <= 1:
+        print("attnc: --recall-check must be >= 0 and --max-recall-drop in [0, 1]",
+              file=sys.stderr)
         return 2
     if args.gates is not None and not Path(args.gates).is_file():
         # Found now, not after the model is loaded and captured.
@@ -218,13 +237,22 @@ def cmd_tune(args) -> int:
         return tok(text, add_special_tokens=False).input_ids
 
     retrieval = None
-    if args.retrieval_heads or args.retrieval_eval:
+    if args.retrieval_heads or args.retrieval_eval or args.retrieval_signal:
         try:
             retrieval = retrieval_samples(encode, calib_ids.tolist(), max(lengths),
                                           args.retrieval_samples, seed=args.seed,
                                           filler=args.retrieval_filler)
         except ValueError as e:
             print(f"attnc: --retrieval-samples: {e}", file=sys.stderr)
+            return 2
+    recall = None
+    if args.recall_check:
+        vlen = args.validation_length or min(held_ids.numel(), 2 * max(lengths))
+        try:  # other seeds than the tuning samples', in the held-out text
+            recall = retrieval_samples(encode, held_ids.tolist(), vlen, args.recall_check,
+                                       seed=args.seed + 100, filler="both")
+        except ValueError as e:
+            print(f"attnc: --recall-check: {e}", file=sys.stderr)
             return 2
     if args.train_gate and gates is None:
         from attnc.gate_api import train_gate
@@ -272,7 +300,9 @@ def cmd_tune(args) -> int:
                        workdir=out.parent if str(out.parent) else ".",
                        progress=not args.no_progress, worker=args.worker, gates=gates,
                        retrieval=retrieval, retrieval_heads=args.retrieval_heads,
-                       retrieval_eval=args.retrieval_eval, retrieval_rank=args.retrieval_rank)
+                       retrieval_eval=args.retrieval_eval, retrieval_rank=args.retrieval_rank,
+                       retrieval_signal=args.retrieval_signal, recall_samples=recall,
+                       max_recall_drop=args.max_recall_drop)
     except ValueError as e:  # budgets, lengths, families the tuner refuses, one line each
         if settings().debug:
             raise

@@ -116,7 +116,9 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
              gate_densities: Sequence[float] = GATE_DENSITIES,
              retrieval: Sequence | None = None,
              retrieval_heads: int = 0, retrieval_eval: int = 0,
-             retrieval_rank: str = "mass") -> TuneResult | None:
+             retrieval_rank: str = "mass", retrieval_signal: int = 0,
+             recall_samples: Sequence | None = None,
+             max_recall_drop: float = 0.0) -> TuneResult | None:
     """Choose a pattern per head (per KV head with granularity "kv") of a transformers causal LM.
 
     Signals are measured on calibration segments at `lengths` (default: half and all of
@@ -152,7 +154,20 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     keys; autotune.retrieval.retrieval_influence), which also finds heads that need the far
     context without attending to the fact itself.
     `retrieval_eval` of the samples join the trials' calibration perplexity (weighted by
-    length), so that a plan which stops recalling their keys scores worse."""
+    length), so that a plan which stops recalling their keys scores worse.
+    `retrieval_signal` of the samples give every (unit, candidate) a fourth signal, "recall":
+    MoA's influence on the loss of the recalled answers alone, on the rows that carry its
+    gradient (autotune.retrieval.recall_signal); the search weighs it like the others
+    (`w_recall`), so the knapsack pays for dropping the keys that recall needs, per
+    candidate, where retrieval_heads only keeps whole units dense.
+
+    `recall_samples` (retrieval samples with spans, best at the validation length and apart
+    from those above) join the validation: every front point's recall (needles whose key is
+    the top prediction, token by token: autotune.retrieval.answer_recall) is measured with
+    dense's, and a point meets the accuracy budget only if it recalls at least dense's share
+    less `max_recall_drop`; when none does, the point within the cost budgets that recalls
+    most (then the lowest perplexity) is returned, not met. Perplexity alone barely sees a
+    plan that loses a fact recalled from far back."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     calib_ids = calib_ids.reshape(-1)
@@ -160,6 +175,14 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     _check_args(calib_ids, max_ppl_increase=max_ppl_increase, latency_budget=latency_budget,
                 trials=trials, rows=rows, sampler=sampler, lengths=lengths, records=records,
                 retrieval_rank=retrieval_rank)
+    if not 0 <= max_recall_drop <= 1:  # also refuses NaN
+        raise ValueError(f"max_recall_drop {max_recall_drop}: a share of the needles in [0, 1]")
+    if recall_samples is not None and not any(sp for _, sp in recall_samples):
+        raise ValueError("recall_samples hold no needles (retrieval samples with spans: "
+                         "autotune.text.retrieval_samples)")
+    if retrieval_signal < 0 or retrieval_signal > len(retrieval or []):
+        raise ValueError(f"retrieval_signal {retrieval_signal}: between 0 and the "
+                         f"{len(retrieval or [])} retrieval samples given")
     if lengths is None:
         top = min(calib_ids.numel(), 2048)
         lengths = (top // 2, top)
@@ -201,6 +224,15 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
                       progress=bar.update if bar is not None else None, gates=gs)
     del caps
     timings["signals_s"] = time.perf_counter() - t1
+    if retrieval_signal:
+        t1 = time.perf_counter()
+        from attnc.autotune.retrieval import recall_signal
+
+        with _bar(retrieval_signal * L, "recall", progress) as bar:
+            sig.recall = recall_signal(
+                model, list(retrieval)[:retrieval_signal], cands, rows=rows, gates=gs,
+                progress=bar.update if bar is not None else None)[None]
+        timings["recall_s"] = time.perf_counter() - t1
 
     # 2. latency model and the problem
     t1 = time.perf_counter()
@@ -247,10 +279,11 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         logs = [math.log(perplexity(model, x)) * x.numel() for x in seqs]
         return math.exp(sum(logs) / sum(x.numel() for x in seqs))
 
-    def ppl_with(cells, *seqs, measure: bool = False):
+    def ppl_with(cells, *seqs, measure: bool = False, recall=None):
         """Perplexity with a plan; with `measure`, also the kept / causal pairs it realised on
         the sequences (a gate's share depends on the text and its length, so the estimate
-        the search used is not the density the plan has at the validation length)."""
+        the search used is not the density the plan has at the validation length); with
+        `recall` (retrieval samples), also answer_recall's result on them."""
         full = expand(cells, heads=H, kv_heads=G, granularity=granularity)
         masks = None
         if measure or any(c.input_dependent for c in full.values()):
@@ -263,9 +296,13 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
             apply(model, full)
         try:
             ppl = mean_ppl(seqs)
+            dens = masks.density() if measure else None  # of `seqs` alone
+            rec = answer_recall(model, recall) if recall else None
         finally:
             remove(model)
-        return (ppl, masks.density()) if measure else ppl
+        if recall:
+            return ppl, dens, rec
+        return (ppl, dens) if measure else ppl
 
     dense_ppl = mean_ppl(trial_ids)
     fp_text = prob.fingerprint()
@@ -274,6 +311,11 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         # objective, so another study.
         ids_text = ";".join(",".join(map(str, x.tolist())) for x in trial_ids[1:])
         fp_text += (f"\nretrieval eval {retrieval_eval} "
+                    f"{hashlib.sha256(ids_text.encode()).hexdigest()[:16]}")
+    if retrieval_signal:  # other samples give other recall signals: another problem
+        ids_text = ";".join(",".join(map(str, ids)) + "|" + repr([tuple(x) for x in sp])
+                            for ids, sp in list(retrieval)[:retrieval_signal])
+        fp_text += (f"\nretrieval signal {retrieval_signal} rows {rows} "
                     f"{hashlib.sha256(ids_text.encode()).hexdigest()[:16]}")
     if max_density is not None:
         # Trials of another density limit are not this study's: a resumed study would count
@@ -297,18 +339,29 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     t1 = time.perf_counter()
     val_ids = heldout_ids[:validation_length]
     dense_val = perplexity(model, val_ids)
+    recall = list(recall_samples) if recall_samples is not None else None
+    dense_recall = None
+    if recall:
+        from attnc.autotune.retrieval import answer_recall
+
+        hits, needles, nll = answer_recall(model, recall)
+        dense_recall = {"recall": hits / needles, "recall_hits": hits, "needles": needles,
+                        "recall_nll": nll}
     pts = []
     fr = search.front(study)
     with _bar(len(fr), "validate", progress) as bar:
         for t in fr:
             choice = np.asarray(t.user_attrs["choice"])
-            ppl, (realised, blocks) = ppl_with(prob.choice_cells(choice), val_ids,
-                                               measure=True)
+            got = ppl_with(prob.choice_cells(choice), val_ids, measure=True, recall=recall)
+            ppl, (realised, blocks) = got[:2]
             pts.append({"trial": t.number, "latency": t.values[0],
                         "calib_ppl_ratio": t.values[1], "heldout_ppl": ppl,
                         "heldout_ppl_ratio": ppl / dense_val, "density": prob.mean_density(choice),
                         "heldout_density": realised, "heldout_block_density": blocks,
                         "choice": choice.tolist(), "params": t.params})
+            if recall:
+                hits, needles, nll = got[2]
+                pts[-1].update(recall=hits / needles, recall_hits=hits, recall_nll=nll)
             if bar is not None:
                 bar.update(1)
     timings["validate_s"] = time.perf_counter() - t1
@@ -317,8 +370,13 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         return (latency_budget is None or p["latency"] <= latency_budget + 1e-9) and \
             (max_density is None or p["heldout_density"] <= max_density + 1e-9)
 
+    def ok_recall(p):  # dense's share of the needles, less the drop allowed
+        return dense_recall is None or \
+            p["recall"] >= dense_recall["recall"] - max_recall_drop - 1e-9
+
     def ok_acc(p):
-        return max_ppl_increase is None or p["heldout_ppl_ratio"] <= 1 + max_ppl_increase
+        return (max_ppl_increase is None or p["heldout_ppl_ratio"] <= 1 + max_ppl_increase) \
+            and ok_recall(p)
 
     good = [p for p in pts if ok_cost(p) and ok_acc(p)]
     if good and max_ppl_increase is not None:
@@ -327,7 +385,10 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         chosen, met = min(good, key=lambda p: (p["heldout_ppl_ratio"], p["latency"])), True
     else:
         within = [p for p in pts if ok_cost(p)] or pts
-        chosen = min(within, key=lambda p: p["heldout_ppl_ratio"]) if within else None
+        # With a recall check, the point that recalls most first: losing a fact is the
+        # failure perplexity does not show.
+        chosen = min(within, key=lambda p: (-p.get("recall", 0.0), p["heldout_ppl_ratio"])) \
+            if within else None
         # Dense is the answer in pure accuracy mode (it meets every budget there), and the
         # plan when every trial was pruned (e.g. too small a max_density: not met).
         accuracy_only = max_ppl_increase is not None and latency_budget is None \
@@ -337,7 +398,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
             chosen = {"trial": None, "latency": 1.0, "calib_ppl_ratio": 1.0,
                       "heldout_ppl": dense_val, "heldout_ppl_ratio": 1.0, "density": 1.0,
                       "heldout_density": 1.0, "heldout_block_density": 1.0,
-                      "choice": [0] * len(prob.units), "params": {}}
+                      "choice": [0] * len(prob.units), "params": {},
+                      **{k: v for k, v in (dense_recall or {}).items() if k != "needles"}}
     choice = np.asarray(chosen["choice"])
     unit_cells = prob.choice_cells(choice)
     cells = expand(unit_cells, heads=H, kv_heads=G, granularity=granularity)
@@ -348,12 +410,19 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         f"at n = {validation_length}; mean density {chosen['density']:.3f} (search), "
         f"{chosen['heldout_density']:.3f} (held-out text at n = {validation_length})",
     ]
+    if dense_recall is not None:
+        comments.append(f"recall {chosen['recall_hits']} of {dense_recall['needles']} needles "
+                        f"(dense {dense_recall['recall_hits']})")
     text = plan_text(name, layers=L, heads=H, kv_heads=G, choice=unit_cells,
                      granularity=granularity, comments=comments)
     report = _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val,
                      validation_length, max_ppl_increase, latency_budget, max_density,
                      timings, storage, (L, H, G, D))
     report["retrieval_heads"] = retrieval_rows
+    report["retrieval_signal"] = retrieval_signal
+    if dense_recall is not None:
+        report["dense"].update(dense_recall)
+        report["budgets"]["max_recall_drop"] = max_recall_drop
     return TuneResult(text, cells, report, study_name, storage, timings, sig, gs)
 
 
@@ -435,6 +504,8 @@ def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val
                              "influence": float(sig.influence[k, ly, h, i])}
                         for k, n_ in enumerate(sig.lengths)},
         })
+        if sig.recall is not None:
+            rows[-1]["recall"] = float(sig.recall[0, ly, h, i])
     trials = [{"number": t.number, "state": t.state.name, "values": t.values,
                "params": t.params, "density": t.user_attrs.get("density")}
               for t in study.trials]

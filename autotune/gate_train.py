@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .model import model_device, shape
 
 _CAPTURE = "attnc_gate_capture"
 FORMAT = "attnc-gates/1"
+SCHEDULES = ("constant", "cosine")  # learning-rate schedules of fit
 
 
 # ---------------------------------------------------------------- identity and plan keys
@@ -253,13 +255,17 @@ class TrainResult:
 def fit(gates: dict[int, BlockGate], data: dict[int, LayerData],
         heads: dict[int, list[int]], *, steps: int = 300, lr: float = 3e-3,
         weight_decay: float = 0.0, val: dict[int, LayerData] | None = None,
-        check_every: int = 25, log: Callable[[str], None] | None = None
+        check_every: int = 25, log: Callable[[str], None] | None = None,
+        schedule: str = "constant"
         ) -> tuple[list[float], list[tuple[int, float]], int | None]:
     """Adam on the sum over layers of each layer's KL (the layers are independent, so one
-    optimiser trains them all at once). With `val`, the held-out KL is checked every
+    optimiser trains them all at once), at a constant learning rate or (`schedule` "cosine")
+    one that decays from `lr` to 0 over the steps. With `val`, the held-out KL is checked every
     `check_every` steps and the best weights are kept (the gates overfit a few calibration
     chunks). Returns the mean training KL before each step and after the last, the held-out
     curve [(step, KL)] and the step whose weights were kept (None without `val`)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{schedule}' ({', '.join(SCHEDULES)})")
     dev = next(iter(gates.values())).wq.device  # the gates' device: the data goes there
     tensors = {ly: _to(data[ly].stacked(), dev) for ly in gates}
     vt = {ly: _to(val[ly].stacked(), dev) for ly in gates} if val is not None else None
@@ -267,7 +273,8 @@ def fit(gates: dict[int, BlockGate], data: dict[int, LayerData],
     if dev.type == "cpu":
         torch.set_num_threads(1)  # small tensors: threads cost more than they save
     try:
-        return _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log)
+        return _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log,
+                    schedule)
     finally:
         torch.set_num_threads(threads)
 
@@ -281,9 +288,14 @@ def _mean_kl(gates, tensors, heads) -> torch.Tensor:
     return sum(kl_loss(g, *tensors[ly], heads[ly]) for ly, g in gates.items()) / len(gates)
 
 
-def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log):
+def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log, schedule):
     params = [p for g in gates.values() for p in (g.wq, g.wk, g.dist)]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    # Full-batch steps: the last ones, at a small rate, settle into the minimum that a
+    # constant rate keeps circling (the held-out KL was still falling at the last step).
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))) \
+        if schedule == "cosine" else None
     hist: list[float] = []
     curve: list[tuple[int, float]] = []
     best: tuple[float, int, list[torch.Tensor]] | None = None
@@ -309,6 +321,8 @@ def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log):
             loss.backward()
             total += loss.item()
         opt.step()
+        if sched is not None:
+            sched.step()
         hist.append(total)
         if log and (step % 50 == 0):
             log(f"step {step}: KL {hist[-1]:.4f}"
@@ -347,7 +361,8 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                early_stop: bool = True, log: Callable[[str], None] | None = None,
                stride: int | None = None, rope: int = 32,
                pre_rope: bool = True, extra_ids: Sequence[torch.Tensor] = (),
-               device: str | torch.device | None = None) -> TrainResult:
+               device: str | torch.device | None = None,
+               schedule: str = "constant") -> TrainResult:
     """Train gates for `model` by distillation: the dense model runs on `sequences` chunks of
     `length` calibration tokens; per layer and head the gate learns the attention probabilities
     max-pooled to blocks (KL(target || gate)). With `plan` (a plan with gated cells: PlanInfo,
@@ -364,9 +379,12 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     samples (autotune.text.retrieval_ids), so the gates see attention that fetches a fact
     from far back. `device`: where the gates train (default: the model's device); the model
     runs where it is, its features are kept on the CPU between the chunks, and the returned
-    gates stay on `device`."""
+    gates stay on `device`. `schedule`: the learning rate, "constant" or "cosine" (decays to
+    0 over the steps; see fit)."""
     from .apply import _plan_info
 
+    if schedule not in SCHEDULES:  # before the model's passes, not after
+        raise ValueError(f"unknown schedule '{schedule}' ({', '.join(SCHEDULES)})")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     L, H, G, D = shape(model)
@@ -417,7 +435,7 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     before = val_kl() if val is not None else None
     t2 = time.perf_counter()
     hist, curve, best = fit(gates, data, heads, steps=steps, lr=lr, weight_decay=weight_decay,
-                            val=val if early_stop else None, log=log)
+                            val=val if early_stop else None, log=log, schedule=schedule)
     t3 = time.perf_counter()
     after = val_kl() if val is not None else None
     gs = GateSet(gates, cells)
@@ -425,7 +443,8 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     gs.meta = gate_meta(gs, model, {"length": length, "sequences": len(seqs),
                                     "extra_chunks": len(extra_ids),
                                     "stride": stride or length, "steps": steps,
-                                    "lr": lr, "init": init, "seed": seed,
+                                    "lr": lr, "schedule": schedule, "init": init,
+                                    "seed": seed,
                                     "kl_first": hist[0], "kl_last": hist[-1],
                                     "heldout_kl": after, "best_step": best})
     for p in gs.parameters():

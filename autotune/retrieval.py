@@ -71,13 +71,7 @@ def retrieval_influence(model, samples: Sequence[Sample], *, sink: int = 64,
         if not spans:
             continue
         x = torch.as_tensor(list(ids)).view(1, -1)
-        labels = torch.full_like(x, -100)
-        for f0, f1, a0, a1 in spans:
-            if not 0 <= f0 < f1 <= a0 - 1 < a1 <= x.shape[1]:
-                raise ValueError(f"retrieval span ({f0}, {f1}, {a0}, {a1}) does not fit a "
-                                 f"sample of {x.shape[1]} tokens (fact before its answer)")
-            labels[0, a0:a1] = x[0, a0:a1]
-        cap = capture(model, x, grad=True, labels=labels)
+        cap = capture(model, x, grad=True, labels=_answer_labels(x, spans))
         if total is None:
             total = np.zeros((len(cap.layers), cap.heads))
         # The library's streaming mask, once per chunk of rows for every layer and head. Rows
@@ -106,6 +100,92 @@ def retrieval_influence(model, samples: Sequence[Sample], *, sink: int = 64,
     return total / count
 
 
+def _answer_labels(x: torch.Tensor, spans) -> torch.Tensor:
+    """transformers labels that count the needles' answer tokens alone (-100 elsewhere)."""
+    labels = torch.full_like(x, -100)
+    for f0, f1, a0, a1 in spans:
+        if not 0 <= f0 < f1 <= a0 - 1 < a1 <= x.shape[1]:
+            raise ValueError(f"retrieval span ({f0}, {f1}, {a0}, {a1}) does not fit a "
+                             f"sample of {x.shape[1]} tokens (fact before its answer)")
+        labels[0, a0:a1] = x[0, a0:a1]
+    return labels
+
+
+def gradient_rows(cap, spans, count: int) -> np.ndarray:
+    """The query positions that carry most of the answer loss's gradient: every row that
+    predicts an answer token, then the rows with the largest |dL/do|^2 summed over layers and
+    heads, `count` in all (fewer if the sample is shorter), sorted."""
+    energy = torch.zeros(cap.n, dtype=torch.float64)
+    for lc in cap.layers:
+        if lc.do is not None:
+            energy += (lc.do.double() ** 2).sum((0, 2))
+    must = sorted({r for _, _, a0, a1 in spans for r in range(a0 - 1, a1 - 1)})
+    energy[must] = float("inf")
+    k = min(max(count, len(must)), cap.n)
+    return np.sort(torch.topk(energy, k).indices.numpy()).astype(np.int64)
+
+
+def recall_signal(model, samples: Sequence[Sample], candidates, *, rows: int = 256,
+                  gates=None, progress=None) -> np.ndarray:
+    """[layers, heads, candidates]: MoA's first-order loss influence of each candidate's
+    dropped pairs (autotune.signals.compute) with the loss of the recalled answers' tokens
+    alone, summed over the samples. Prose calibration barely weighs a fact recalled from far
+    back, so its signals let a plan drop the keys that recall needs; this signal makes the
+    knapsack pay for exactly those (MoA's point about calibration data with long-range
+    dependencies, on the answers' loss as DuoAttention measures it). Per sample: one forward
+    and backward pass, then the signals on the `rows` query positions that carry most of the
+    answers' gradient (gradient_rows), where a uniform sample would mostly miss them. Gated
+    candidates need `gates`. `progress(k)` is called per layer of each sample."""
+    from .signals import compute
+
+    total = None
+    for ids, spans in samples:
+        if not spans:
+            continue
+        x = torch.as_tensor(list(ids)).view(1, -1)
+        cap = capture(model, x, grad=True, labels=_answer_labels(x, spans))
+        rws = gradient_rows(cap, spans, rows)
+        sig = compute([cap], candidates, row_sets=[rws], gates=gates, progress=progress)
+        del cap
+        total = sig.influence[0] if total is None else total + sig.influence[0]
+    if total is None:
+        raise ValueError("no retrieval samples with needles")
+    return total
+
+
+def answer_recall(model, samples: Sequence[Sample]) -> tuple[int, int, float]:
+    """(needles recalled, needles, mean loss of the answer tokens in nats) of `model` as it is
+    (a plan applied or not): a needle is recalled when every token of its key is the model's
+    top prediction after the text before it (teacher forcing: greedy decoding from the
+    question gives the same key). Logits are formed for the answer rows only."""
+    from .model import model_device
+
+    hits = needles = 0
+    nll, tokens = 0.0, 0
+    dev = model_device(model)
+    for ids, spans in samples:
+        if not spans:
+            continue
+        x = torch.as_tensor(list(ids)).view(1, -1)
+        _answer_labels(x, spans)  # the spans' checks
+        rows = torch.tensor([r for _, _, a0, a1 in spans for r in range(a0 - 1, a1 - 1)])
+        with torch.no_grad():
+            logits = model(x.to(dev), logits_to_keep=rows.to(dev), use_cache=False).logits
+        logp = torch.log_softmax(logits[0].float().cpu(), -1)
+        want = x[0, rows + 1]
+        right = logp.argmax(-1) == want
+        nll -= float(logp[torch.arange(rows.numel()), want].sum())
+        tokens += rows.numel()
+        k = 0
+        for _, _, a0, a1 in spans:
+            hits += bool(right[k:k + a1 - a0].all())
+            k += a1 - a0
+            needles += 1
+    if not needles:
+        raise ValueError("no retrieval samples with needles")
+    return hits, needles, nll / tokens
+
+
 def unit_scores(scores: np.ndarray, kv_heads: int, granularity: str = "kv",
                 reduce: str = "max") -> np.ndarray:
     """[layers, units]: per KV head its best query head's score (`reduce` "max", for attention
@@ -129,5 +209,5 @@ def top_units(scores: np.ndarray, count: int, kv_heads: int, granularity: str = 
     return [(int(i) // per.shape[1], int(i) % per.shape[1]) for i in flat]
 
 
-__all__ = ["Sample", "fact_mass", "retrieval_influence", "retrieval_scores", "top_units",
-           "unit_scores"]
+__all__ = ["Sample", "answer_recall", "fact_mass", "gradient_rows", "recall_signal",
+           "retrieval_influence", "retrieval_scores", "top_units", "unit_scores"]

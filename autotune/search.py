@@ -17,6 +17,8 @@ from .latency import LatencyModel
 from .signals import Signals, density
 
 SIGNALS = ("error", "mass", "influence")
+# With retrieval samples (Signals.recall), a fourth: influence on the recalled answers' loss.
+RECALL = "recall"
 
 
 @dataclass
@@ -62,13 +64,19 @@ class Problem:
     def families(self) -> list[str]:
         return sorted({c.family for c in self.candidates if not c.dense})
 
+    @property
+    def signal_names(self) -> tuple[str, ...]:
+        """The signals the search weighs: SIGNALS, and RECALL where the signals have it."""
+        return SIGNALS + ((RECALL,) if self.signals.recall is not None else ())
+
     def unit_signal(self, name: str) -> np.ndarray:
-        """[lengths, U, C]: error and mass averaged over the unit's heads, influence summed."""
+        """[lengths, U, C]: error and mass averaged over the unit's heads, influences summed
+        (recall's lengths axis is 1: its samples are summed)."""
         s = getattr(self.signals, name)  # [Ls, layers, H, C]
         Ls, nl, H, C = s.shape
         g = self.heads_per_unit
         s = s.reshape(Ls, nl, H // g, g, C)
-        s = s.sum(3) if name == "influence" else s.mean(3)
+        s = s.sum(3) if name in ("influence", RECALL) else s.mean(3)
         return s.reshape(Ls, nl * (H // g), C)
 
     def loss(self, weights: dict[str, float], agg: str = "max",
@@ -77,7 +85,7 @@ class Problem:
         non-dense finite options, raised to `power` (> 1 makes the knapsack fix the worst
         heads first: losses compound across layers), combined over lengths by max or mean."""
         total = np.zeros(self.cost.shape)
-        for name in SIGNALS:
+        for name in self.signal_names:
             w = weights.get(name, 0.0)
             if w <= 0:
                 continue
@@ -111,6 +119,8 @@ class Problem:
              "lengths": self.signals.lengths, "latency_n": self.latency_n}
         if self.dense_units:  # a study with other forced units is another problem
             d["dense_units"] = sorted(self.dense_units)
+        if self.signals.recall is not None:  # another search space (w_recall)
+            d["signals"] = list(self.signal_names)
         return json.dumps(d, sort_keys=True)
 
 
@@ -182,9 +192,10 @@ def target_range(prob: Problem, space: Space) -> tuple[float, float]:
 def _suggest(trial: optuna.Trial, prob: Problem, space: Space):
     lo, hi = target_range(prob, space)
     target = trial.suggest_float("latency_target", lo, hi)
-    w = {s: trial.suggest_float(f"w_{s}", 0.0, 1.0) for s in SIGNALS}
+    names = prob.signal_names
+    w = {s: trial.suggest_float(f"w_{s}", 0.0, 1.0) for s in names}
     if sum(w.values()) <= 0:
-        w = dict.fromkeys(SIGNALS, 1.0)
+        w = dict.fromkeys(names, 1.0)
     agg = trial.suggest_categorical("length_agg", ["max", "mean"])
     tilt = trial.suggest_float("layer_tilt", -2.0, 2.0)
     split = trial.suggest_categorical("layer_split", ["global", "tilt", "uniform"])
@@ -356,17 +367,19 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
         lo, hi = target_range(prob, space)
         base = {"latency_target": min(hi, max(lo, 0.5)), "length_agg": "max", "layer_tilt": 0.0,
                 "loss_power": 1.0, "dense_top": 0.0,
-                "layer_split": "global", **{f"w_{s}": 1.0 for s in SIGNALS},
+                "layer_split": "global", **{f"w_{s}": 1.0 for s in prob.signal_names},
                 **{f"use_{f}": True for f in prob.families()}}
         starts = [base,
                   # A DuoAttention-like start: the heads the MoA signal ranks worst stay dense.
+                  # (With retrieval samples, recall's ranking joins the MoA signal's.)
                   {**base, "w_error": 0.0, "w_mass": 0.0, "loss_power": 2.0, "dense_top": 0.2},
                   # The best uniform plan (one candidate everywhere) within the budget.
                   {**base, "layer_split": "uniform"}]
         # Then the base with one signal at a time, and with compounding losses: each varies
         # one setting, where TPE's early trials move all of them at once and rarely land
         # near a good point within a few dozen trials (docs/BENCHMARKS.md).
-        starts += [{**base, **{f"w_{s}": float(s == only) for s in SIGNALS}} for only in SIGNALS]
+        names = prob.signal_names
+        starts += [{**base, **{f"w_{s}": float(s == only) for s in names}} for only in names]
         starts.append({**base, "loss_power": 2.0})
         for params in starts[:trials]:  # never more than the trials asked for
             study.enqueue_trial(params, skip_if_exists=True)
@@ -391,5 +404,5 @@ def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return out
 
 
-__all__ = ["Problem", "SIGNALS", "Space", "assign", "build_problem", "default_storage", "front",
-           "open_study", "run"]
+__all__ = ["Problem", "RECALL", "SIGNALS", "Space", "assign", "build_problem",
+           "default_storage", "front", "open_study", "run"]

@@ -31,6 +31,9 @@ class Signals:
     # [lengths, layers, heads, candidates]: kept / causal pairs of input-dependent (gated)
     # candidates, measured on the captured text; NaN for static candidates (see `density`).
     layer_density: np.ndarray | None = None
+    # [1, layers, heads, candidates]: MoA influence on the loss of recalled answers alone,
+    # summed over retrieval samples (autotune.retrieval.recall_signal); None without samples.
+    recall: np.ndarray | None = None
 
     @property
     def layers(self) -> int:
@@ -43,7 +46,8 @@ class Signals:
                 "error": self.error.tolist(), "valid": self.valid.tolist(),
                 "density": self.density.tolist(),
                 "layer_density": None if self.layer_density is None
-                else np.nan_to_num(self.layer_density, nan=-1.0).tolist()}
+                else np.nan_to_num(self.layer_density, nan=-1.0).tolist(),
+                "recall": None if self.recall is None else self.recall.tolist()}
 
     def cell_density(self, li: int, layer: int, head: int, ci: int) -> float:
         """Kept / causal pairs of candidate ci on (layer, head) at the li-th length."""
@@ -146,7 +150,8 @@ def gate_thresholds(gates, cap: Capture, densities: Sequence[float]) -> list[flo
 
 def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, rows: int = 512,
             chunk: int = 128, seed: int = 0,
-            progress: Callable[[int], None] | None = None, gates=None) -> Signals:
+            progress: Callable[[int], None] | None = None, gates=None,
+            row_sets: Sequence[np.ndarray] | None = None) -> Signals:
     """Kept mass, MoA influence and relative output error of every candidate on every head, at
     each captured length. For a query row i with probabilities A_i, dA_i = dO_i V^T (the
     gradient w.r.t. A_i) and T_i = sum_j A_ij dA_ij, MoA's per-pair influence is
@@ -155,7 +160,11 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
 
     Gated candidates (`gated_candidates`) need `gates` (a codegen.gate.GateSet covering every
     head of every layer): their masks come from the gate run on each layer's captured Q and
-    K, so they, and their densities (`layer_density`), differ per layer and head."""
+    K, so they, and their densities (`layer_density`), differ per layer and head.
+
+    `row_sets` (one sorted array of distinct query positions per capture) replaces the
+    uniform sample: the signals are then over those rows alone, influence summed over them
+    (not scaled to all n rows), e.g. the rows that carry a retrieval answer's gradient."""
     cands = list(candidates)
     gated = [ci for ci, c in enumerate(cands) if c.gated]
     dyn = [ci for ci, c in enumerate(cands) if c.dynamic]
@@ -173,10 +182,19 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
     valid = np.zeros((Ls, C), dtype=bool)
     dens = np.ones((Ls, H, C))
     ldens = np.full((Ls, nl, H, C), np.nan) if gated or dyn else None
+    if row_sets is not None and len(row_sets) != Ls:
+        raise ValueError(f"{len(row_sets)} row sets for {Ls} captures")
     for li, cap in enumerate(captures):
         n = cap.n
-        rws = sample_rows(n, rows, seed)
+        if row_sets is None:
+            rws = sample_rows(n, rows, seed)
+        else:
+            rws = np.asarray(row_sets[li], dtype=np.int64)
+            if rws.ndim != 1 or rws.size == 0 or rws.min() < 0 or rws.max() >= n \
+                    or (np.diff(rws) <= 0).any():
+                raise ValueError(f"row set {li}: sorted distinct positions in 0..{n - 1}")
         R = rws.size
+        scale = n / R if row_sets is None else 1.0
         valid[li] = [valid_at(c, n) for c in cands]
         for ci, c in enumerate(cands):
             if valid[li, ci] and not c.input_dependent:
@@ -246,7 +264,7 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
                 if ids_all:
                     mass[li, layer, h, ids] = (acc_mass / R).numpy()
                     err[li, layer, h, ids] = np.sqrt(acc_err.numpy() / max(norm, 1e-30))
-                    infl[li, layer, h, ids] = (acc_infl * (n / R)).numpy() \
+                    infl[li, layer, h, ids] = (acc_infl * scale).numpy() \
                         if lc.do is not None else np.nan
             if progress is not None:
                 progress(1)
@@ -254,8 +272,9 @@ def compute(captures: Sequence[Capture], candidates: Sequence[Candidate], *, row
         mass[li][..., invalid] = 0.0
         err[li][..., invalid] = np.inf
         infl[li][..., invalid] = np.inf
+    used = rows if row_sets is None else max(len(r) for r in row_sets)
     return Signals(cands, [c.n for c in captures], H, G, mass, infl, err, valid, dens,
-                   int(min(rows, min(c.n for c in captures))), ldens)
+                   int(min(used, min(c.n for c in captures))), ldens)
 
 
 def _check_gates(gates, cap: Capture) -> None:

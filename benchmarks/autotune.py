@@ -114,13 +114,21 @@ def passkey_accuracy(model, trials, tok, cache: bool = False) -> dict:
 
 def _tune(tune_api, model, tok, calib, held, args, out):
     retrieval = None
-    if args.retrieval_heads or args.retrieval_eval:
+    if args.retrieval_heads or args.retrieval_eval or args.retrieval_signal:
         from attnc.autotune.text import retrieval_samples
 
         # Never the passkey prompts: facts hidden in calibration text.
         retrieval = retrieval_samples(lambda t: tok(t, add_special_tokens=False).input_ids,
                                       calib.tolist(), max(args.lengths), args.retrieval_samples,
                                       filler=args.retrieval_filler)
+    recall = None
+    if args.recall_check:
+        from attnc.autotune.text import retrieval_samples
+
+        # As attnc tune --recall-check: held-out filler, other seeds, never the passkey prompts.
+        recall = retrieval_samples(lambda t: tok(t, add_special_tokens=False).input_ids,
+                                   held.tolist(), args.validation_length, args.recall_check,
+                                   seed=100, filler="both")
     res = tune_api.autotune(model, calib, heldout_ids=held, lengths=args.lengths,
                             validation_length=args.validation_length, trials=args.trials,
                             rows=args.rows, max_ppl_increase=args.max_ppl_increase,
@@ -130,6 +138,8 @@ def _tune(tune_api, model, tok, calib, held, args, out):
                             granularity=args.granularity, families=args.families,
                             retrieval=retrieval, retrieval_heads=args.retrieval_heads,
                             retrieval_eval=args.retrieval_eval,
+                            retrieval_signal=args.retrieval_signal,
+                            recall_samples=recall, max_recall_drop=args.max_recall_drop,
                             retrieval_rank=args.retrieval_rank,
                             **({"gate_densities": args.gate_densities}
                                if args.gate_densities else {}))
@@ -257,6 +267,14 @@ def main() -> None:
                     help="the retrieval samples' filler (attnc tune --retrieval-filler)")
     ap.add_argument("--retrieval-eval", type=int, default=0,
                     help="retrieval samples that join the trials' calibration perplexity")
+    ap.add_argument("--recall-check", type=int, default=0,
+                    help="retrieval samples of the validation length on which every front "
+                         "point's recall is validated (attnc tune --recall-check)")
+    ap.add_argument("--max-recall-drop", type=float, default=0.0,
+                    help="share of the needles a plan may recall fewer than dense")
+    ap.add_argument("--retrieval-signal", type=int, default=0,
+                    help="retrieval samples that give the search its recall signal (attnc tune "
+                         "--retrieval-signal)")
     ap.add_argument("--skip-uniform", action="store_true",
                     help="no uniform streaming comparison (e.g. a second run at a density "
                          "another run has compared already)")

@@ -558,6 +558,25 @@ def test_cli_tune_retrieval_heads_by_influence(tmp_path, capsys):
     assert rc == (0 if rep["budget_met"] else 1)
     (head,) = rep["retrieval_heads"]
     assert {"layer", "unit", "score"} <= set(head)
+    # The recall signal and the recall check through the CLI.
+    out2 = tmp_path / "r2" / "plan.attn"
+    rc = main(["tune", "--model", str(model_dir), "--text", "chronicle", "--lengths", "64",
+               "128", "--validation-length", "192", "--trials", "2", "--rows", "16",
+               "--block", "16", "--families", "causal", "--max-ppl-increase", "50%",
+               "--no-progress", "--name", "r", "--retrieval-signal", "1",
+               "--retrieval-samples", "1", "--recall-check", "2", "--max-recall-drop", "0.5",
+               "-o", str(out2)])
+    capsys.readouterr()
+    rep = json.loads(out2.with_suffix(".json").read_text())
+    assert rc == (0 if rep["budget_met"] else 1) and rep["retrieval_signal"] == 1
+    assert rep["dense"]["needles"] == 8 and rep["budgets"]["max_recall_drop"] == 0.5
+    assert all("recall" in p for p in rep["front"]) and "recall" in rep["cells"][0]
+    for flags, msg in ((["--retrieval-signal", "5", "--retrieval-samples", "4"],
+                        "--retrieval-signal between 0 and --retrieval-samples"),
+                       (["--recall-check", "-1"], "--recall-check must be >= 0"),
+                       (["--max-recall-drop", "2"], "--max-recall-drop in [0, 1]")):
+        assert main(["tune", "--model", str(model_dir), *flags, "-o", str(out2)]) == 2
+        assert msg in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # argparse's usage error
         main(["tune", "--model", str(model_dir), "--retrieval-rank", "attention", "-o",
               str(out)])
@@ -968,6 +987,187 @@ def test_autotune_keeps_retrieval_heads_dense(tiny, tmp_path):
     assert res2.study_name != res.study_name and len(res2.report["retrieval_heads"]) == 2
     with pytest.raises(ValueError, match="retrieval samples"):
         _tune(tiny, tmp_path / "b", 2, retrieval_heads=1)
+
+
+def test_signals_on_given_rows_are_not_extrapolated(tiny, ids):
+    """compute(row_sets=) takes the rows as given: on every row it equals the uniform sample
+    of all rows; on a subset, influence is that subset's sum (no n / R scaling), and the
+    subset's rows are those of the full per-row sum."""
+    cap = capture(tiny, ids)
+    cands = [candidate("dense"), candidate("streaming", sink=4, window=16),
+             candidate("window", size=8)]
+    n = cap.n
+    full = signals.compute([cap], cands, rows=n)
+    given = signals.compute([cap], cands, row_sets=[np.arange(n)])
+    for name in ("mass", "influence", "error"):
+        np.testing.assert_allclose(getattr(given, name), getattr(full, name), rtol=1e-6)
+    half = np.arange(0, n, 2)
+    sub = signals.compute([cap], cands, row_sets=[half])
+    other = signals.compute([cap], cands, row_sets=[np.arange(1, n, 2)])
+    np.testing.assert_allclose(sub.influence + other.influence, full.influence, rtol=1e-5,
+                               atol=1e-9)
+    assert sub.rows == half.size
+    for bad in ([np.array([3, 2])], [np.array([0, n])], [np.array([], dtype=np.int64)],
+                [half, half]):
+        with pytest.raises(ValueError, match="row set"):
+            signals.compute([cap], cands, row_sets=bad)
+
+
+def test_recall_signal_is_moa_influence_of_the_answer_loss(tiny):
+    """recall_signal: MoA's influence with the loss of the answer tokens alone, on the rows
+    that carry its gradient (every answer row among them), summed over samples; checked
+    against the per-pair formula on dense matrices of the model's own captured tensors."""
+    from attnc.autotune.retrieval import _answer_labels, gradient_rows, recall_signal
+
+    samples = [_retrieval_sample(300, s) for s in (3, 4)]
+    cands = [candidate("dense"), candidate("streaming", sink=4, window=32),
+             candidate("window", size=64)]
+    got = recall_signal(tiny, samples, cands, rows=40)
+    assert got.shape == (2, 4, 3) and (got[..., 0] == 0).all() and (got >= 0).all()
+    assert got[..., 1:].max() > 0
+    want = np.zeros_like(got)
+    for ids, spans in samples:
+        x = torch.tensor([ids])
+        cap = capture(tiny, x, labels=_answer_labels(x, spans))
+        rows = gradient_rows(cap, spans, 40)
+        answer_rows = {r for _, _, a0, a1 in spans for r in range(a0 - 1, a1 - 1)}
+        assert rows.size == 40 and answer_rows <= set(rows.tolist())
+        assert (np.diff(rows) > 0).all()
+        n = cap.n
+        causal = torch.ones(n, n).tril().bool()
+        for ly, lc in enumerate(cap.layers):
+            for h in range(4):
+                g = h // 2
+                S = (lc.q[h] @ lc.k[g].T * cap.scaling).masked_fill(~causal, float("-inf"))
+                A = torch.softmax(S.double(), -1)[rows]
+                dA = (lc.do[h].double() @ lc.v[g].double().T)[rows]
+                T = (A * dA).sum(-1, keepdim=True)
+                t = (A * (dA - T) / (1 - A).clamp(min=1e-6)).masked_fill(~causal[rows], 0)
+                for ci, c in enumerate(cands[1:], 1):
+                    keep = torch.from_numpy(c.mask_rows(rows, n, h))
+                    want[ly, h, ci] += float((t * ~keep).sum(-1).abs().sum())
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
+    with pytest.raises(ValueError, match="no retrieval samples"):
+        recall_signal(tiny, [(samples[0][0], [])], cands)
+
+
+def test_autotune_weighs_the_recall_signal(tiny, tmp_path):
+    """retrieval_signal: the signals gain recall, the search a weight for it (w_recall), the
+    report each cell's recall; another study than without it; out of range is refused."""
+    from attnc.autotune.retrieval import recall_signal
+
+    samples = [_retrieval_sample(400, s) for s in (5, 6)]
+    res = _tune(tiny, tmp_path, 3, max_ppl_increase=0.5, retrieval=samples,
+                retrieval_signal=2)
+    assert res.signals.recall.shape == (1, 2, 4, len(res.signals.candidates))
+    np.testing.assert_allclose(res.signals.recall[0],
+                               recall_signal(tiny, samples, res.signals.candidates, rows=32),
+                               rtol=1e-5, atol=1e-9)
+    rep = res.report
+    assert rep["retrieval_signal"] == 2 and "recall_s" in rep["timings"]
+    assert all("recall" in c for c in rep["cells"])
+    assert all("w_recall" in t["params"] for t in rep["trials"] if t["params"])
+    plain = _tune(tiny, tmp_path, 1, max_ppl_increase=0.5)
+    assert plain.study_name != res.study_name and plain.signals.recall is None
+    assert "w_recall" not in plain.report["trials"][0]["params"]
+    one = _tune(tiny, tmp_path, 1, max_ppl_increase=0.5, retrieval=samples, retrieval_signal=1)
+    assert one.study_name not in (res.study_name, plain.study_name)
+    with pytest.raises(ValueError, match="retrieval_signal 3"):
+        _tune(tiny, tmp_path / "c", 1, retrieval=samples, retrieval_signal=3)
+
+
+def test_answer_recall_counts_needles_whose_key_is_the_top_prediction(tiny):
+    """answer_recall: a needle counts when every key token is the argmax after the text
+    before it; the loss is the answer tokens' mean NLL; both against the full logits."""
+    from attnc.autotune.retrieval import answer_recall
+
+    samples = [_retrieval_sample(300, s) for s in (3, 4)]
+    hits, needles, nll = answer_recall(tiny, samples)
+    want_hits, losses = 0, []
+    for ids, spans in samples:
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny(torch.tensor([ids])).logits[0].float(), -1)
+        for _, _, a0, a1 in spans:
+            rows = torch.arange(a0 - 1, a1 - 1)
+            tgt = torch.tensor(ids[a0:a1])
+            want_hits += bool((logp[rows].argmax(-1) == tgt).all())
+            losses += (-logp[rows, tgt]).tolist()
+    assert (hits, needles) == (want_hits, 4) and nll == pytest.approx(np.mean(losses), rel=1e-5)
+    # A model that always predicts the next token recalls every needle: the count is not
+    # stuck at zero (the tiny random model recalls none).
+    ids, spans = samples[0]
+    x = torch.tensor([ids])
+
+    class Oracle(torch.nn.Module):
+        def forward(self, inp, logits_to_keep=None, use_cache=False):
+            out = torch.full((1, logits_to_keep.numel(), 256), -10.0)
+            out[0, torch.arange(logits_to_keep.numel()), x[0, logits_to_keep + 1]] = 10.0
+            return type("O", (), {"logits": out})()
+
+    oracle = Oracle()
+    oracle.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
+    assert answer_recall(oracle, [samples[0]])[:2] == (2, 2)
+    with pytest.raises(ValueError, match="no retrieval samples"):
+        answer_recall(tiny, [(ids, [])])
+
+
+def test_autotune_recall_check_decides_the_chosen_point(tiny, tmp_path, monkeypatch):
+    """recall_samples: dense's and every front point's recall are reported; a point that
+    recalls fewer needles than dense less max_recall_drop does not meet the budget."""
+    from attnc.autotune import retrieval
+
+    samples = [_retrieval_sample(400, s) for s in (7, 8)]
+    calls = []
+
+    def fake(model, smp):  # dense first (4 of 4), then every plan 3 of 4
+        calls.append(len(smp))
+        return (4, 4, 0.1) if len(calls) == 1 else (3, 4, 0.9)
+
+    monkeypatch.setattr(retrieval, "answer_recall", fake)
+    res = _tune(tiny, tmp_path, 3, max_ppl_increase=0.5, latency_budget=0.9,
+                recall_samples=samples)
+    rep = res.report
+    assert rep["dense"]["recall"] == 1.0 and rep["dense"]["needles"] == 4
+    assert rep["front"] and all(p["recall"] == 0.75 for p in rep["front"])
+    assert set(calls) == {2} and len(calls) == len(rep["front"]) + 1
+    assert not rep["budget_met"] and rep["budgets"]["max_recall_drop"] == 0.0
+    assert "recall 3 of 4 needles (dense 4)" in res.plan_text
+    calls.clear()
+    res = _tune(tiny, tmp_path, 3, max_ppl_increase=0.5, latency_budget=0.9,
+                recall_samples=samples, max_recall_drop=0.25)
+    assert res.report["budget_met"] == any(
+        p["heldout_ppl_ratio"] <= 1.5 and p["latency"] <= 0.9 + 1e-9
+        for p in res.report["front"])
+    for bad, match in [({"max_recall_drop": -0.1}, "max_recall_drop"),
+                       ({"max_recall_drop": float("nan")}, "max_recall_drop"),
+                       ({"recall_samples": [(samples[0][0], [])]}, "no needles")]:
+        with pytest.raises(ValueError, match=match):
+            _tune(tiny, tmp_path / "bad", 1, **{"recall_samples": samples, **bad})
+
+
+def test_recall_weight_moves_the_knapsack():
+    """A unit whose sparse options cost recall stays dense when recall is weighed, and is
+    made sparse when it is not (the other signals say nothing against it)."""
+    cands = [candidate("dense"), candidate("streaming", sink=4, window=16)]
+    H, C = 2, 2
+    zeros = np.zeros((1, 1, H, C))
+    sig = signals.Signals(cands, [64], H, H, mass=np.ones((1, 1, H, C)), influence=zeros + 1e-3,
+                          error=zeros + 1e-3, valid=np.ones((1, C), bool),
+                          density=np.ones((1, H, C)), rows=64)
+    sig.influence[..., 0] = sig.error[..., 0] = 0
+    sig.recall = np.zeros((1, 1, H, C))
+    sig.recall[0, 0, 1, 1] = 5.0  # head 1's streaming loses the answers
+    sig.recall[0, 0, 0, 1] = 1e-4
+    lat = latency.LatencyModel.from_records(None, head_dim=16, block_m=16, block_n=16)
+    prob = search.build_problem(sig, lat, layers=1, granularity="q", latency_n=64)
+    assert prob.signal_names == (*search.SIGNALS, search.RECALL)
+    target = prob.latency(np.array([1, 0]))  # room for one unit made sparse
+    both = dict.fromkeys(prob.signal_names, 1.0)
+    assert search.assign(prob, target, both).tolist() == [1, 0]
+    blind = {**both, "recall": 0.0, "influence": 0.0, "error": 1.0}
+    sig.error[0, 0, 0, 1] = 2e-3  # without recall, head 0 looks the worse one to make sparse
+    assert search.assign(prob, target, blind).tolist() == [0, 1]
+    assert search.assign(prob, target, {**blind, "recall": 1.0}).tolist() == [1, 0]
 
 
 # ---------------------------------------------------------------- bad input

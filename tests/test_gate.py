@@ -4,6 +4,7 @@ tiny Llama, safetensors weights and their checks, apply(), and the kernel path (
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -205,6 +206,31 @@ def test_early_stopping_keeps_the_best_held_out_step(tiny):
     assert r.best_step == best[0]
     assert r.heldout[0] == pytest.approx(r.val_curve[0][1], rel=1e-6)
     assert r.heldout[1] == pytest.approx(best[1], rel=1e-5)
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero(tiny, monkeypatch):
+    """schedule="cosine": Adam's rate follows lr * (1 + cos(pi * step / steps)) / 2 over the
+    steps (constant otherwise); the gate file's metadata records it; others are refused."""
+    m, ids = tiny
+    seen = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **kw):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    r = gt.train_gate(m, ids[:512], block=16, d_gate=16, length=256, sequences=2, steps=8,
+                      lr=1e-2, schedule="cosine", early_stop=False)
+    want = [1e-2 * (1 + math.cos(math.pi * i / 8)) / 2 for i in range(8)]
+    assert seen == pytest.approx(want) and r.gates.meta["train"]
+    assert json.loads(r.gates.meta["train"])["schedule"] == "cosine"
+    seen.clear()
+    gt.train_gate(m, ids[:512], block=16, d_gate=16, length=256, sequences=2, steps=3,
+                  lr=1e-2, early_stop=False)
+    assert seen == [1e-2] * 3
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        gt.train_gate(m, ids[:512], block=16, length=256, steps=1, schedule="linear")
 
 
 @pytest.mark.parametrize("density", [0.3, 0.6])
