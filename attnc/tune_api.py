@@ -22,6 +22,7 @@ from attnc.autotune.capture import capture
 from attnc.autotune.latency import LatencyModel
 from attnc.autotune.model import shape
 from attnc.autotune.planio import expand, plan_text
+from attnc.autotune.retrieval import answer_recall
 from attnc.autotune.signals import compute, density, gate_thresholds
 
 # Block densities (kept / causal blocks over every head on the calibration text) whose global
@@ -167,7 +168,9 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     dense's, and a point meets the accuracy budget only if it recalls at least dense's share
     less `max_recall_drop`; when none does, the point within the cost budgets that recalls
     most (then the lowest perplexity) is returned, not met. Perplexity alone barely sees a
-    plan that loses a fact recalled from far back."""
+    plan that loses a fact recalled from far back. With `retrieval_eval` samples too, the
+    same rule holds in every trial on those samples: a trial that recalls fewer of their
+    needles is infeasible (search.run's constraint), so the front holds plans that recall."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     calib_ids = calib_ids.reshape(-1)
@@ -305,6 +308,23 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         return (ppl, dens) if measure else ppl
 
     dense_ppl = mean_ppl(trial_ids)
+    # With the recall check on, a trial must also recall the retrieval_eval samples' needles
+    # as dense does (less max_recall_drop), or it is infeasible: the samplers steer away from
+    # it and the front leaves it out, so the validation's recall check has points to keep.
+    trial_recall = list(retrieval)[:retrieval_eval] \
+        if recall_samples is not None and retrieval_eval else None
+    trial_floor = None
+    if trial_recall:
+        hits, needles, _ = answer_recall(model, trial_recall)
+        trial_floor = hits / needles - max_recall_drop
+
+    def trial_eval(cells):
+        if not trial_recall:
+            return ppl_with(cells, *trial_ids)
+        ppl, _, (hits, needles, _) = ppl_with(cells, *trial_ids, recall=trial_recall)
+        short = trial_floor - hits / needles
+        return ppl, (short if short > 1e-9 else 0.0)
+
     fp_text = prob.fingerprint()
     if retrieval_eval:
         # The samples themselves, not just their count: another filler or seed is another
@@ -317,6 +337,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
                             for ids, sp in list(retrieval)[:retrieval_signal])
         fp_text += (f"\nretrieval signal {retrieval_signal} rows {rows} "
                     f"{hashlib.sha256(ids_text.encode()).hexdigest()[:16]}")
+    if trial_recall:  # feasibility is part of the trials' results
+        fp_text += f"\nrecall constraint {max_recall_drop!r}"
     if max_density is not None:
         # Trials of another density limit are not this study's: a resumed study would count
         # them (and their densities) towards this run's trials.
@@ -329,8 +351,8 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         storage = search.default_storage(str(Path(workdir) / "attnc-tune.db"))
     study = search.open_study(storage, study_name, sampler=sampler, seed=seed)
     space = search.Space(latency_budget=latency_budget, max_density=max_density)
-    search.run(prob, lambda cells: ppl_with(cells, *trial_ids), dense_ppl, study, trials=trials,
-               space=space, progress=progress)
+    search.run(prob, trial_eval, dense_ppl, study, trials=trials, space=space,
+               progress=progress)
     timings["search_s"] = time.perf_counter() - t1
     if worker:
         return None
@@ -342,8 +364,6 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     recall = list(recall_samples) if recall_samples is not None else None
     dense_recall = None
     if recall:
-        from attnc.autotune.retrieval import answer_recall
-
         hits, needles, nll = answer_recall(model, recall)
         dense_recall = {"recall": hits / needles, "recall_hits": hits, "needles": needles,
                         "recall_nll": nll}
@@ -507,7 +527,8 @@ def _report(prob, sig, lat, study, pts, chosen, met, cells, dense_ppl, dense_val
         if sig.recall is not None:
             rows[-1]["recall"] = float(sig.recall[0, ly, h, i])
     trials = [{"number": t.number, "state": t.state.name, "values": t.values,
-               "params": t.params, "density": t.user_attrs.get("density")}
+               "params": t.params, "density": t.user_attrs.get("density"),
+               "constraint": t.user_attrs.get("constraint")}
               for t in study.trials]
     return {
         "model": {"layers": L, "heads": H, "kv_heads": G, "head_dim": D},

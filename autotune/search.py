@@ -292,7 +292,9 @@ def _uniform(loss: np.ndarray, cost: np.ndarray, budget: float, allowed: np.ndar
     return best
 
 
-Evaluator = Callable[[dict[tuple[int, int], Candidate]], float]
+# A trial's calibration perplexity, or (perplexity, constraint): the trial is feasible when the
+# constraint is <= 0 (e.g. needles recalled fewer than allowed, see attnc.autotune).
+Evaluator = Callable[[dict[tuple[int, int], Candidate]], "float | tuple[float, float]"]
 
 
 def default_storage(path: str) -> str:
@@ -310,10 +312,14 @@ def open_study(storage: str, study_name: str, *, sampler: str = "tpe", seed: int
     if storage.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
         storage = "postgresql+psycopg2://" + storage[len("postgresql://"):]
+    # Optuna 5 takes constraints from the trial (Trial.set_constraint, in `run`); older
+    # versions from the sampler's constraints_func.
+    cons = {} if _SET_CONSTRAINT else {"constraints_func": _constraints}
     if sampler == "nsga2":
-        smp = optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+        smp = optuna.samplers.NSGAIISampler(seed=seed, population_size=8, **cons)
     else:
-        smp = optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True)
+        smp = optuna.samplers.TPESampler(seed=seed, n_startup_trials=6, multivariate=True,
+                                         **cons)
     import random
     import time
 
@@ -335,9 +341,20 @@ def open_study(storage: str, study_name: str, *, sampler: str = "tpe", seed: int
     raise AssertionError("unreachable")
 
 
+_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def _constraints(t: optuna.trial.FrozenTrial) -> tuple[float]:
+    """The sampler's view of a trial's constraint (user attribute, <= 0 feasible): samplers
+    steer away from infeasible settings; trials without one are feasible."""
+    return (float(t.user_attrs.get("constraint", 0.0)),)
+
+
 def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Study, *,
         trials: int, space: Space, progress: bool = False) -> optuna.Study:
-    """Run trials until the study holds `trials` finished ones (shared between workers)."""
+    """Run trials until the study holds `trials` finished ones (shared between workers). An
+    evaluator that returns (perplexity, constraint) makes trials with a constraint > 0
+    infeasible: the samplers avoid them and `front` leaves them out."""
     fp = prob.fingerprint()
     have = study.user_attrs.get("problem")
     if have is None:
@@ -357,10 +374,16 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
         key = tuple(choice.tolist())
         if key not in cache:
             cache[key] = evaluate(prob.choice_cells(choice))
+        ppl = cache[key]
+        if isinstance(ppl, tuple):
+            ppl, violation = ppl
+            trial.set_user_attr("constraint", float(violation))
+            if _SET_CONSTRAINT:
+                trial.set_constraint("recall", float(violation))
         trial.set_user_attr("choice", list(key))
         trial.set_user_attr("density", prob.mean_density(choice))
         trial.set_user_attr("worker", os.getpid())
-        return prob.latency(choice), cache[key] / dense_ppl
+        return prob.latency(choice), ppl / dense_ppl
 
     done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     if not study.trials:
@@ -394,9 +417,16 @@ def run(prob: Problem, evaluate: Evaluator, dense_ppl: float, study: optuna.Stud
 
 
 def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The Pareto-optimal finished trials, fastest first (duplicates of a choice dropped)."""
+    """The Pareto-optimal finished trials, fastest first (duplicates of a choice dropped),
+    among the feasible ones (constraint <= 0; all of them if none is feasible, so that the
+    caller can still return the best it found)."""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    pool = [t for t in done if t.user_attrs.get("constraint", 0.0) <= 0] or done
+    best = [t for t in pool if not any(
+        all(a <= b for a, b in zip(o.values, t.values, strict=True)) and o.values != t.values
+        for o in pool)]
     seen, out = set(), []
-    for t in sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1])):
+    for t in sorted(best, key=lambda t: (t.values[0], t.values[1], t.number)):
         key = tuple(t.user_attrs.get("choice", ()))
         if key and key not in seen:
             seen.add(key)

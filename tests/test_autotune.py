@@ -1114,7 +1114,7 @@ def test_answer_recall_counts_needles_whose_key_is_the_top_prediction(tiny):
 def test_autotune_recall_check_decides_the_chosen_point(tiny, tmp_path, monkeypatch):
     """recall_samples: dense's and every front point's recall are reported; a point that
     recalls fewer needles than dense less max_recall_drop does not meet the budget."""
-    from attnc.autotune import retrieval
+    from attnc import tune_api
 
     samples = [_retrieval_sample(400, s) for s in (7, 8)]
     calls = []
@@ -1123,7 +1123,7 @@ def test_autotune_recall_check_decides_the_chosen_point(tiny, tmp_path, monkeypa
         calls.append(len(smp))
         return (4, 4, 0.1) if len(calls) == 1 else (3, 4, 0.9)
 
-    monkeypatch.setattr(retrieval, "answer_recall", fake)
+    monkeypatch.setattr(tune_api, "answer_recall", fake)
     res = _tune(tiny, tmp_path, 3, max_ppl_increase=0.5, latency_budget=0.9,
                 recall_samples=samples)
     rep = res.report
@@ -1145,10 +1145,68 @@ def test_autotune_recall_check_decides_the_chosen_point(tiny, tmp_path, monkeypa
             _tune(tiny, tmp_path / "bad", 1, **{"recall_samples": samples, **bad})
 
 
+def test_search_leaves_infeasible_trials_out_of_the_front(tmp_path):
+    """An evaluator that returns (perplexity, constraint) makes trials with constraint > 0
+    infeasible: they are recorded, the front holds only feasible ones, and when none is
+    feasible the front is the unconstrained one (the tuner still returns its best)."""
+    cands = [candidate("causal"), candidate("streaming", sink=4, window=16)]
+    H, C = 4, 2
+    sig = signals.Signals(cands, [64], H, H, mass=np.ones((1, 1, H, C)),
+                          influence=np.full((1, 1, H, C), 1e-3), error=np.full((1, 1, H, C), 1e-3),
+                          valid=np.ones((1, C), bool), density=np.ones((1, H, C)), rows=64)
+    sig.error[0, 0, 3, 1] = 1.0  # the knapsack makes head 3 sparse last
+    lat = latency.LatencyModel.from_records(None, head_dim=16, block_m=16, block_n=16)
+    prob = search.build_problem(sig, lat, layers=1, granularity="q", latency_n=2048)
+
+    def evaluate(cells):  # making head 3 sparse "loses recall"
+        sparse = sum(not c.dense for c in cells.values())
+        return 10.0 + sparse, (1.0 if not cells[(0, 3)].dense else 0.0)
+
+    study = search.open_study(search.default_storage(str(tmp_path / "s.db")), "c", seed=0)
+    search.run(prob, evaluate, 10.0, study, trials=12, space=search.Space())
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert {t.user_attrs["constraint"] for t in done} == {0.0, 1.0}
+    fr = search.front(study)
+    assert fr and all(t.user_attrs["choice"][3] == 0 for t in fr)
+    study2 = search.open_study(search.default_storage(str(tmp_path / "s.db")), "d", seed=0)
+    search.run(prob, lambda cells: (10.0, 1.0), 10.0, study2, trials=3, space=search.Space())
+    assert search.front(study2)
+
+
+def test_autotune_recall_constraint_in_the_trials(tiny, tmp_path, monkeypatch):
+    """recall_samples with retrieval_eval: every trial's recall on the eval samples is
+    checked against dense's; trials that recall fewer are infeasible (reported), another
+    study than without the check."""
+    from attnc import tune_api
+
+    samples = [_retrieval_sample(400, s) for s in (5, 6)]
+    calls = []
+
+    dense_impl = tiny.config._attn_implementation
+
+    def fake(model, smp):  # dense recalls every needle, every plan half of them
+        calls.append(len(smp))
+        return (4, 4, 0.1) if model.config._attn_implementation == dense_impl else (2, 4, 0.9)
+
+    monkeypatch.setattr(tune_api, "answer_recall", fake)
+    res = _tune(tiny, tmp_path, 3, max_ppl_increase=0.5, latency_budget=0.99,
+                retrieval=samples, retrieval_eval=2, recall_samples=samples[:1],
+                max_recall_drop=0.25)
+    trials = [t for t in res.report["trials"] if t["state"] == "COMPLETE"]
+    assert trials and all(t["constraint"] == pytest.approx(0.25) for t in trials)
+    assert not res.report["budget_met"]  # no plan recalls enough: fallback, not met
+    # dense and each new trial choice on the 2 eval samples; dense and each front point on the
+    # validation's one
+    assert calls[0] == 2 and calls.count(1) == len(res.report["front"]) + 1
+    plain = _tune(tiny, tmp_path, 1, max_ppl_increase=0.5, retrieval=samples, retrieval_eval=2)
+    assert plain.study_name != res.study_name
+    assert all(t["constraint"] is None for t in plain.report["trials"])
+
+
 def test_recall_weight_moves_the_knapsack():
     """A unit whose sparse options cost recall stays dense when recall is weighed, and is
     made sparse when it is not (the other signals say nothing against it)."""
-    cands = [candidate("dense"), candidate("streaming", sink=4, window=16)]
+    cands = [candidate("causal"), candidate("streaming", sink=4, window=16)]
     H, C = 2, 2
     zeros = np.zeros((1, 1, H, C))
     sig = signals.Signals(cands, [64], H, H, mass=np.ones((1, 1, H, C)), influence=zeros + 1e-3,
@@ -1159,7 +1217,7 @@ def test_recall_weight_moves_the_knapsack():
     sig.recall[0, 0, 1, 1] = 5.0  # head 1's streaming loses the answers
     sig.recall[0, 0, 0, 1] = 1e-4
     lat = latency.LatencyModel.from_records(None, head_dim=16, block_m=16, block_n=16)
-    prob = search.build_problem(sig, lat, layers=1, granularity="q", latency_n=64)
+    prob = search.build_problem(sig, lat, layers=1, granularity="q", latency_n=2048)
     assert prob.signal_names == (*search.SIGNALS, search.RECALL)
     target = prob.latency(np.array([1, 0]))  # room for one unit made sparse
     both = dict.fromkeys(prob.signal_names, 1.0)
