@@ -22,7 +22,7 @@ from attnc.autotune.capture import capture
 from attnc.autotune.latency import LatencyModel
 from attnc.autotune.model import shape
 from attnc.autotune.planio import expand, plan_text
-from attnc.autotune.retrieval import answer_recall
+from attnc.autotune.retrieval import answer_recall, recall_signal
 from attnc.autotune.signals import compute, density, gate_thresholds
 
 # Block densities (kept / causal blocks over every head on the calibration text) whose global
@@ -229,8 +229,6 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     timings["signals_s"] = time.perf_counter() - t1
     if retrieval_signal:
         t1 = time.perf_counter()
-        from attnc.autotune.retrieval import recall_signal
-
         with _bar(retrieval_signal * L, "recall", progress) as bar:
             sig.recall = recall_signal(
                 model, list(retrieval)[:retrieval_signal], cands, rows=rows, gates=gs,
