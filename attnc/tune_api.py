@@ -22,7 +22,7 @@ from attnc.autotune.capture import capture
 from attnc.autotune.latency import LatencyModel
 from attnc.autotune.model import shape
 from attnc.autotune.planio import expand, plan_text
-from attnc.autotune.retrieval import answer_recall, recall_signal
+from attnc.autotune.retrieval import answer_recall, loss_and_recall, recall_signal
 from attnc.autotune.signals import compute, density, gate_thresholds
 
 # Block densities (kept / causal blocks over every head on the calibration text) whose global
@@ -276,15 +276,26 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     trial_ids = [eval_ids] + [torch.as_tensor(list(ids)) for ids, _ in
                               (retrieval or [])[:retrieval_eval]]
 
-    def mean_ppl(seqs) -> float:
-        logs = [math.log(perplexity(model, x)) * x.numel() for x in seqs]
-        return math.exp(sum(logs) / sum(x.numel() for x in seqs))
+    def mean_ppl(seqs, spans=None):
+        """Length-weighted perplexity; with `spans` (one per sequence, None for prose), also
+        (needles recalled, needles) of the sequences that have them, from the same passes."""
+        logs, hits, needles = [], 0, 0
+        for x, sp in zip(seqs, spans or [None] * len(seqs), strict=True):
+            if sp:
+                loss, h, k = loss_and_recall(model, x, sp)
+                hits, needles = hits + h, needles + k
+            else:
+                loss = math.log(perplexity(model, x))
+            logs.append(loss * x.numel())
+        ppl = math.exp(sum(logs) / sum(x.numel() for x in seqs))
+        return (ppl, hits, needles) if spans is not None else ppl
 
-    def ppl_with(cells, *seqs, measure: bool = False, recall=None):
+    def ppl_with(cells, *seqs, measure: bool = False, recall=None, spans=None):
         """Perplexity with a plan; with `measure`, also the kept / causal pairs it realised on
         the sequences (a gate's share depends on the text and its length, so the estimate
         the search used is not the density the plan has at the validation length); with
-        `recall` (retrieval samples), also answer_recall's result on them."""
+        `recall` (retrieval samples), also answer_recall's result on them; with `spans`,
+        (perplexity, hits, needles) of mean_ppl instead of the perplexity."""
         full = expand(cells, heads=H, kv_heads=G, granularity=granularity)
         masks = None
         if measure or any(c.input_dependent for c in full.values()):
@@ -296,7 +307,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         else:
             apply(model, full)
         try:
-            ppl = mean_ppl(seqs)
+            ppl = mean_ppl(seqs, spans)
             dens = masks.density() if measure else None  # of `seqs` alone
             rec = answer_recall(model, recall) if recall else None
         finally:
@@ -305,21 +316,23 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
             return ppl, dens, rec
         return (ppl, dens) if measure else ppl
 
-    dense_ppl = mean_ppl(trial_ids)
     # With the recall check on, a trial must also recall the retrieval_eval samples' needles
     # as dense does (less max_recall_drop), or it is infeasible: the samplers steer away from
     # it and the front leaves it out, so the validation's recall check has points to keep.
-    trial_recall = list(retrieval)[:retrieval_eval] \
+    # The eval samples' needles are counted in the same passes as their perplexity.
+    trial_spans = [None] + [sp for _, sp in list(retrieval)[:retrieval_eval]] \
         if recall_samples is not None and retrieval_eval else None
     trial_floor = None
-    if trial_recall:
-        hits, needles, _ = answer_recall(model, trial_recall)
+    if trial_spans:
+        dense_ppl, hits, needles = mean_ppl(trial_ids, trial_spans)
         trial_floor = hits / needles - max_recall_drop
+    else:
+        dense_ppl = mean_ppl(trial_ids)
 
     def trial_eval(cells):
-        if not trial_recall:
+        if not trial_spans:
             return ppl_with(cells, *trial_ids)
-        ppl, _, (hits, needles, _) = ppl_with(cells, *trial_ids, recall=trial_recall)
+        ppl, hits, needles = ppl_with(cells, *trial_ids, spans=trial_spans)
         short = trial_floor - hits / needles
         return ppl, (short if short > 1e-9 else 0.0)
 
@@ -335,7 +348,7 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
                             for ids, sp in list(retrieval)[:retrieval_signal])
         fp_text += (f"\nretrieval signal {retrieval_signal} rows {rows} "
                     f"{hashlib.sha256(ids_text.encode()).hexdigest()[:16]}")
-    if trial_recall:  # feasibility is part of the trials' results
+    if trial_spans:  # feasibility is part of the trials' results
         fp_text += f"\nrecall constraint {max_recall_drop!r}"
     if max_density is not None:
         # Trials of another density limit are not this study's: a resumed study would count

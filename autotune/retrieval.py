@@ -186,6 +186,28 @@ def answer_recall(model, samples: Sequence[Sample]) -> tuple[int, int, float]:
     return hits, needles, nll / tokens
 
 
+def loss_and_recall(model, ids, spans) -> tuple[float, int, int]:
+    """One forward pass over a retrieval sample: its mean next-token loss over every token (as
+    autotune.apply.perplexity takes it) and (needles recalled, needles) as answer_recall
+    counts them, so a sample that is in the objective is checked for recall at no extra
+    pass."""
+    from .model import model_device
+
+    x = torch.as_tensor(list(ids)).view(1, -1)
+    _answer_labels(x, spans)  # the spans' checks
+    with torch.no_grad():
+        logits = model(x.to(model_device(model)), use_cache=False).logits[0, :-1]
+    logp = torch.log_softmax(logits.float(), -1).cpu()
+    del logits
+    want = x[0, 1:]
+    loss = -float(logp[torch.arange(want.numel()), want].mean())
+    hits = 0
+    for _, _, a0, a1 in spans:
+        rows = torch.arange(a0 - 1, a1 - 1)
+        hits += bool((logp[rows].argmax(-1) == want[rows]).all())
+    return loss, hits, len(spans)
+
+
 def unit_scores(scores: np.ndarray, kv_heads: int, granularity: str = "kv",
                 reduce: str = "max") -> np.ndarray:
     """[layers, units]: per KV head its best query head's score (`reduce` "max", for attention
@@ -209,5 +231,5 @@ def top_units(scores: np.ndarray, count: int, kv_heads: int, granularity: str = 
     return [(int(i) // per.shape[1], int(i) % per.shape[1]) for i in flat]
 
 
-__all__ = ["Sample", "answer_recall", "fact_mass", "gradient_rows", "recall_signal",
-           "retrieval_influence", "retrieval_scores", "top_units", "unit_scores"]
+__all__ = ["Sample", "answer_recall", "fact_mass", "gradient_rows", "loss_and_recall",
+           "recall_signal", "retrieval_influence", "retrieval_scores", "top_units", "unit_scores"]

@@ -1111,6 +1111,17 @@ def test_answer_recall_counts_needles_whose_key_is_the_top_prediction(tiny):
         answer_recall(tiny, [(ids, [])])
 
 
+def test_loss_and_recall_is_perplexity_and_answer_recall_in_one_pass(tiny):
+    from attnc.autotune.retrieval import answer_recall, loss_and_recall
+
+    ids, spans = _retrieval_sample(300, 3)
+    loss, hits, needles = loss_and_recall(tiny, ids, spans)
+    assert loss == pytest.approx(math.log(ap.perplexity(tiny, torch.tensor(ids))), rel=1e-5)
+    assert (hits, needles) == answer_recall(tiny, [(ids, spans)])[:2]
+    with pytest.raises(ValueError, match="does not fit"):
+        loss_and_recall(tiny, ids, [(50, 40, 60, 62)])
+
+
 def test_autotune_recall_check_decides_the_chosen_point(tiny, tmp_path, monkeypatch):
     """recall_samples: dense's and every front point's recall are reported; a point that
     recalls fewer needles than dense less max_recall_drop does not meet the budget."""
@@ -1188,16 +1199,24 @@ def test_autotune_recall_constraint_in_the_trials(tiny, tmp_path, monkeypatch):
         calls.append(len(smp))
         return (4, 4, 0.1) if model.config._attn_implementation == dense_impl else (2, 4, 0.9)
 
+    def fake_loss(model, ids, spans):  # the same rule for the trials' eval samples
+        calls.append(0)
+        loss = math.log(ap.perplexity(model, torch.tensor(ids)))
+        dense = model.config._attn_implementation == dense_impl
+        return loss, len(spans) if dense else len(spans) // 2, len(spans)
+
     monkeypatch.setattr(tune_api, "answer_recall", fake)
+    monkeypatch.setattr(tune_api, "loss_and_recall", fake_loss)
     res = _tune(tiny, tmp_path, 3, max_ppl_increase=0.5, latency_budget=0.99,
                 retrieval=samples, retrieval_eval=2, recall_samples=samples[:1],
                 max_recall_drop=0.25)
     trials = [t for t in res.report["trials"] if t["state"] == "COMPLETE"]
     assert trials and all(t["constraint"] == pytest.approx(0.25) for t in trials)
     assert not res.report["budget_met"]  # no plan recalls enough: fallback, not met
-    # dense and each new trial choice on the 2 eval samples; dense and each front point on the
-    # validation's one
-    assert calls[0] == 2 and calls.count(1) == len(res.report["front"]) + 1
+    # dense and each new trial choice on the 2 eval samples (in their perplexity passes);
+    # dense and each front point on the validation's one
+    assert calls[:2] == [0, 0] and calls.count(1) == len(res.report["front"]) + 1
+    assert 2 not in calls
     plain = _tune(tiny, tmp_path, 1, max_ppl_increase=0.5, retrieval=samples, retrieval_eval=2)
     assert plain.study_name != res.study_name
     assert all(t["constraint"] is None for t in plain.report["trials"])
