@@ -1201,7 +1201,7 @@ def test_autotune_recall_constraint_in_the_trials(tiny, tmp_path, monkeypatch):
 
     def fake_loss(model, ids, spans):  # the same rule for the trials' eval samples
         calls.append(0)
-        loss = math.log(ap.perplexity(model, torch.tensor(ids)))
+        loss = math.log(ap.perplexity(model, torch.as_tensor(ids)))
         dense = model.config._attn_implementation == dense_impl
         return loss, len(spans) if dense else len(spans) // 2, len(spans)
 
