@@ -30,6 +30,7 @@ from .model import model_device, shape
 _CAPTURE = "attnc_gate_capture"
 FORMAT = "attnc-gates/1"
 SCHEDULES = ("constant", "cosine")  # learning-rate schedules of fit
+WEIGHTINGS = ("uniform", "gradient")  # how train_gate weighs the query block rows
 
 
 # ---------------------------------------------------------------- identity and plan keys
@@ -134,17 +135,24 @@ class LayerData:
     pq: list[torch.Tensor] = field(default_factory=list)  # per sequence [H, nb, 3D]
     pk: list[torch.Tensor] = field(default_factory=list)  # [G, nb, 3D]
     target: list[torch.Tensor] = field(default_factory=list)  # [H, nb, nb]
+    # [H, nb] per sequence with collect(grad=True): how much each query block row's output
+    # matters to the loss (sum over its rows of |dL/do|), the rows' weights in kl_loss.
+    weight: list[torch.Tensor] = field(default_factory=list)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.stack(self.pq), torch.stack(self.pk), torch.stack(self.target)
+
+    def weights(self) -> torch.Tensor | None:
+        return torch.stack(self.weight) if self.weight else None
 
 
 class _Recorder:
     """An attention function: dense causal SDPA (the model runs unchanged) that also records,
     per wanted layer, the pooled Q and K and the block-level attention target."""
 
-    def __init__(self, block: int, layers: set[int], inv_freq: torch.Tensor | None = None):
-        self.block, self.layers, self.inv_freq = block, layers, inv_freq
+    def __init__(self, block: int, layers: set[int], inv_freq: torch.Tensor | None = None,
+                 grad: bool = False):
+        self.block, self.layers, self.inv_freq, self.grad = block, layers, inv_freq, grad
         self.data: dict[int, LayerData] = {ly: LayerData() for ly in layers}
 
     def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -161,7 +169,19 @@ class _Recorder:
                 d.pq.append(gate_features(q, self.block, inv_freq=self.inv_freq).cpu())
                 d.pk.append(gate_features(k, self.block, inv_freq=self.inv_freq).cpu())
                 d.target.append(block_targets(q, k, self.block, float(scale)).cpu())
+            if self.grad and out.requires_grad:
+                out.register_hook(lambda g, d=d: d.weight.extend(
+                    _block_norms(g, self.block).cpu().unbind(0)))
         return out.transpose(1, 2).contiguous(), None
+
+
+def _block_norms(g: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, nb]: per query block, the sum over its rows of |g| (g [B, H, L, D])."""
+    B, H, L, _ = g.shape
+    nb = -(-L // block)
+    r = g.detach().float().norm(dim=-1)
+    r = F.pad(r, (0, nb * block - L))
+    return r.view(B, H, nb, block).sum(-1)
 
 
 def model_rope(model) -> torch.Tensor | None:
@@ -183,10 +203,12 @@ def model_rope(model) -> torch.Tensor | None:
 @torch.no_grad()
 def collect(model, sequences: list[torch.Tensor], block: int,
             layers: list[int] | None = None, *, inv_freq: torch.Tensor | None = None,
-            gates: GateSet | None = None) -> dict[int, LayerData]:
+            gates: GateSet | None = None, grad: bool = False) -> dict[int, LayerData]:
     """Run the dense model on each sequence (ids [L], one length) and collect, per layer, the
     pooled features (of Q and K with the rotary embedding of `inv_freq` undone, when given,
-    or as `gates` see them) and block targets the gates learn from."""
+    or as `gates` see them) and block targets the gates learn from. grad=True also runs the
+    backward pass of the sequence's next-token loss and records each query block row's
+    weight (LayerData.weight: the sum over its rows of |dL/do| per head)."""
     from transformers import AttentionInterface
 
     if gates is not None:
@@ -194,16 +216,27 @@ def collect(model, sequences: list[torch.Tensor], block: int,
 
     L = shape(model)[0]
     dev = model_device(model)
-    rec = _Recorder(block, set(range(L)) if layers is None else set(layers), inv_freq)
+    rec = _Recorder(block, set(range(L)) if layers is None else set(layers), inv_freq, grad)
     AttentionInterface.register(_CAPTURE, rec)
     was_training = model.training
+    params = [p.requires_grad for p in model.parameters()]
     model.eval()
     try:
-        with use_attention(model, _CAPTURE):
+        if grad:  # the gradient reaches the attention outputs, never the weights
+            for p in model.parameters():
+                p.requires_grad_(False)
+        with use_attention(model, _CAPTURE), torch.set_grad_enabled(grad):
             for ids in sequences:
-                model(ids.reshape(1, -1).to(dev), use_cache=False)
+                x = ids.reshape(1, -1).to(dev)
+                if grad:
+                    emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
+                    model(inputs_embeds=emb, labels=x, use_cache=False).loss.backward()
+                else:
+                    model(x, use_cache=False)
                 _trim_heap()
     finally:
+        for p, r in zip(model.parameters(), params, strict=True):
+            p.requires_grad_(r)
         model.train(was_training)
     return rec.data
 
@@ -228,18 +261,27 @@ def _trim_heap() -> None:
 
 
 def kl_loss(gate: BlockGate, pq: torch.Tensor, pk: torch.Tensor, target: torch.Tensor,
-            heads: list[int] | None = None) -> torch.Tensor:
+            heads: list[int] | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean KL(target || gate) over the query block rows (with at least two eligible key
-    blocks: a row with one has nothing to choose) of the given heads."""
+    blocks: a row with one has nothing to choose) of the given heads; with `weight` (rows'
+    weights, the shape of target without its last axis), a weighted mean, each head's
+    weights scaled to mean 1 (a head's rows are reweighted, heads keep equal shares)."""
     nb = pq.shape[-2]
     el = eligible(nb, gate.block, 0, nb * gate.block, device=pq.device)
     lp = gate.log_probs(pq, pk, el)
     t = target
     if heads is not None:
         lp, t = lp[..., heads, :, :], t[..., heads, :, :]
+        weight = weight[..., heads, :] if weight is not None else None
     kl = torch.where(t > 0, t * (torch.log(t.clamp(min=1e-30)) - lp), torch.zeros_like(t))
     rows = el.sum(-1) >= 2
-    return kl.sum(-1)[..., rows].mean()
+    per_row = kl.sum(-1)[..., rows]
+    if weight is None:
+        return per_row.mean()
+    w = weight[..., rows]
+    other = tuple(i for i in range(w.dim()) if i != w.dim() - 2)  # all but the head axis
+    w = w / w.mean(dim=other, keepdim=True).clamp(min=1e-30)
+    return (per_row * w).mean()
 
 
 @dataclass
@@ -268,13 +310,16 @@ def fit(gates: dict[int, BlockGate], data: dict[int, LayerData],
         raise ValueError(f"unknown schedule '{schedule}' ({', '.join(SCHEDULES)})")
     dev = next(iter(gates.values())).wq.device  # the gates' device: the data goes there
     tensors = {ly: _to(data[ly].stacked(), dev) for ly in gates}
+    # Row weights where the data has them (collect(grad=True)); the held-out KL stays plain.
+    wts = {ly: None if data[ly].weights() is None else data[ly].weights().to(dev)
+           for ly in gates}
     vt = {ly: _to(val[ly].stacked(), dev) for ly in gates} if val is not None else None
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(1)  # small tensors: threads cost more than they save
     try:
         return _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log,
-                    schedule)
+                    schedule, wts)
     finally:
         torch.set_num_threads(threads)
 
@@ -284,11 +329,12 @@ def _to(ts: tuple[torch.Tensor, ...], dev: torch.device) -> tuple[torch.Tensor, 
 
 
 
-def _mean_kl(gates, tensors, heads) -> torch.Tensor:
-    return sum(kl_loss(g, *tensors[ly], heads[ly]) for ly, g in gates.items()) / len(gates)
+def _mean_kl(gates, tensors, heads, wts=None) -> torch.Tensor:
+    return sum(kl_loss(g, *tensors[ly], heads[ly], (wts or {}).get(ly))
+               for ly, g in gates.items()) / len(gates)
 
 
-def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log, schedule):
+def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log, schedule, wts):
     params = [p for g in gates.values() for p in (g.wq, g.wk, g.dist)]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     # Full-batch steps: the last ones, at a small rate, settle into the minimum that a
@@ -317,7 +363,7 @@ def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log, s
         # outgrew 24 GB with 77 training chunks).
         total = 0.0
         for ly, g in gates.items():
-            loss = kl_loss(g, *tensors[ly], heads[ly]) / len(gates)
+            loss = kl_loss(g, *tensors[ly], heads[ly], wts[ly]) / len(gates)
             loss.backward()
             total += loss.item()
         opt.step()
@@ -333,7 +379,7 @@ def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log, s
             for p, b in zip(params, best[2], strict=True):
                 p.copy_(b)
     with torch.no_grad():
-        hist.append(float(_mean_kl(gates, tensors, heads)))
+        hist.append(float(_mean_kl(gates, tensors, heads, wts)))
     return hist, curve, (best[1] if best is not None else None)
 
 
@@ -362,7 +408,7 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                stride: int | None = None, rope: int = 32,
                pre_rope: bool = True, extra_ids: Sequence[torch.Tensor] = (),
                device: str | torch.device | None = None,
-               schedule: str = "constant") -> TrainResult:
+               schedule: str = "constant", weighting: str = "uniform") -> TrainResult:
     """Train gates for `model` by distillation: the dense model runs on `sequences` chunks of
     `length` calibration tokens; per layer and head the gate learns the attention probabilities
     max-pooled to blocks (KL(target || gate)). With `plan` (a plan with gated cells: PlanInfo,
@@ -380,11 +426,17 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     from far back. `device`: where the gates train (default: the model's device); the model
     runs where it is, its features are kept on the CPU between the chunks, and the returned
     gates stay on `device`. `schedule`: the learning rate, "constant" or "cosine" (decays to
-    0 over the steps; see fit)."""
+    0 over the steps; see fit). `weighting` "gradient" weighs each query block row's KL by
+    how much its output matters to the model's loss (the sum over its rows of |dL/do|, from
+    one backward pass per training chunk; each head's weights averaged to 1): the gate's
+    capacity goes to the rows whose attention the loss depends on (MoA's loss-aware view
+    applied to the distillation); "uniform" (the default) weighs every row alike."""
     from .apply import _plan_info
 
     if schedule not in SCHEDULES:  # before the model's passes, not after
         raise ValueError(f"unknown schedule '{schedule}' ({', '.join(SCHEDULES)})")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting '{weighting}' ({', '.join(WEIGHTINGS)})")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     L, H, G, D = shape(model)
@@ -418,7 +470,8 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                              f"has the training length {length}")
         seqs.append(x)
     inv_freq = model_rope(model) if pre_rope else None
-    data = collect(model, seqs, block, layers, inv_freq=inv_freq)
+    data = collect(model, seqs, block, layers, inv_freq=inv_freq,
+                   grad=weighting == "gradient")
     t1 = time.perf_counter()
     dev = model_device(model) if device is None else torch.device(device)
     gates = {ly: BlockGate(H, G, D, block, d_gate, init=init, seed=seed + ly,
@@ -443,7 +496,8 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     gs.meta = gate_meta(gs, model, {"length": length, "sequences": len(seqs),
                                     "extra_chunks": len(extra_ids),
                                     "stride": stride or length, "steps": steps,
-                                    "lr": lr, "schedule": schedule, "init": init,
+                                    "lr": lr, "schedule": schedule,
+                                    "weighting": weighting, "init": init,
                                     "seed": seed,
                                     "kl_first": hist[0], "kl_last": hist[-1],
                                     "heldout_kl": after, "best_step": best})

@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                     help="learning rate over the steps: constant, or cosine decay to 0")
+    ap.add_argument("--weighting", choices=["uniform", "gradient"], default="uniform",
+                    help="weigh each query block row's KL alike, or by the sum of |dL/do| "
+                         "over its rows (one backward pass per training chunk)")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--d-gate", type=int, default=64)
     ap.add_argument("--configs", nargs="*", default=["all:6", "all:d0.19"],
@@ -144,7 +147,7 @@ def main() -> None:
                           sequences=a.sequences, steps=a.steps, lr=a.lr,
                           heldout_ids=held[n:n + tl], log=print, stride=a.stride,
                           rope=a.rope, pre_rope=not a.post_rope, extra_ids=extra,
-                          seed=a.seed, schedule=a.schedule)
+                          seed=a.seed, schedule=a.schedule, weighting=a.weighting)
         ga.save_gates(r, gpath)
         gates = r.gates
         res["train"] = {"length": tl, "sequences": a.sequences, "steps": a.steps,

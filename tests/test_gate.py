@@ -233,6 +233,38 @@ def test_cosine_schedule_decays_the_learning_rate_to_zero(tiny, monkeypatch):
         gt.train_gate(m, ids[:512], block=16, length=256, steps=1, schedule="linear")
 
 
+def test_gradient_weights_are_block_sums_of_the_output_gradient(tiny):
+    """collect(grad=True): per layer, head and query block, the sum over the block's rows of
+    |dL/do| for the sequence's next-token loss (the gradient capture() records); kl_loss with
+    equal weights is the plain mean, and weights move it; train_gate(weighting=) uses them."""
+    from attnc.autotune.capture import capture
+
+    m, ids = tiny
+    x = ids[:200]
+    data = gt.collect(m, [x], 16, grad=True)
+    cap = capture(m, x)
+    for ly, lc in enumerate(cap.layers):
+        r = torch.nn.functional.pad(lc.do.norm(dim=-1), (0, 208 - 200))
+        want = r.view(4, 13, 16).sum(-1)
+        torch.testing.assert_close(data[ly].weights()[0], want, rtol=1e-4, atol=1e-8)
+    assert not any(p.requires_grad is False for p in m.parameters())  # restored
+    assert gt.collect(m, [x], 16)[0].weights() is None
+    gate = BlockGate(4, 2, 16, 16, 8, seed=0)
+    pq, pk, t = data[0].stacked()
+    plain = gt.kl_loss(gate, pq, pk, t)
+    w = data[0].weights()
+    torch.testing.assert_close(gt.kl_loss(gate, pq, pk, t, weight=torch.ones_like(w)), plain)
+    torch.testing.assert_close(gt.kl_loss(gate, pq, pk, t, weight=3 * torch.ones_like(w)),
+                               plain)
+    assert not torch.isclose(gt.kl_loss(gate, pq, pk, t, weight=w), plain)
+    r = gt.train_gate(m, ids[:512], block=16, d_gate=16, length=256, sequences=2, steps=3,
+                      weighting="gradient", early_stop=False)
+    assert json.loads(r.gates.meta["train"])["weighting"] == "gradient"
+    assert r.history[-1] < r.history[0]
+    with pytest.raises(ValueError, match="unknown weighting 'loss'"):
+        gt.train_gate(m, ids[:512], block=16, length=256, steps=1, weighting="loss")
+
+
 @pytest.mark.parametrize("density", [0.3, 0.6])
 def test_calibrated_threshold_meets_the_block_density(tiny, trained, density):
     m, ids = tiny
