@@ -276,9 +276,10 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     trial_ids = [eval_ids] + [torch.as_tensor(list(ids)) for ids, _ in
                               (retrieval or [])[:retrieval_eval]]
 
-    def mean_ppl(seqs, spans=None):
-        """Length-weighted perplexity; with `spans` (one per sequence, None for prose), also
-        (needles recalled, needles) of the sequences that have them, from the same passes."""
+    def mean_ppl(seqs, spans=None) -> tuple[float, int, int]:
+        """Length-weighted perplexity and (needles recalled, needles) of the sequences that
+        have `spans` (one per sequence, None for prose; no spans: 0, 0), from the same
+        passes."""
         logs, hits, needles = [], 0, 0
         for x, sp in zip(seqs, spans or [None] * len(seqs), strict=True):
             if sp:
@@ -287,15 +288,14 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
             else:
                 loss = math.log(perplexity(model, x))
             logs.append(loss * x.numel())
-        ppl = math.exp(sum(logs) / sum(x.numel() for x in seqs))
-        return (ppl, hits, needles) if spans is not None else ppl
+        return math.exp(sum(logs) / sum(x.numel() for x in seqs)), hits, needles
 
-    def ppl_with(cells, *seqs, measure: bool = False, recall=None, spans=None):
-        """Perplexity with a plan; with `measure`, also the kept / causal pairs it realised on
-        the sequences (a gate's share depends on the text and its length, so the estimate
-        the search used is not the density the plan has at the validation length); with
-        `recall` (retrieval samples), also answer_recall's result on them; with `spans`,
-        (perplexity, hits, needles) of mean_ppl instead of the perplexity."""
+    def ppl_with(cells, *seqs, measure: bool = False, recall=None, spans=None) -> dict:
+        """With a plan applied: "ppl", "hits" and "needles" (mean_ppl with `spans`);
+        "density", with `measure`, the kept / causal pairs it realised on the sequences (a
+        gate's share depends on the text and its length, so the estimate the search used is
+        not the density the plan has at the validation length); "recall", with `recall`
+        (retrieval samples), answer_recall's result on them."""
         full = expand(cells, heads=H, kv_heads=G, granularity=granularity)
         masks = None
         if measure or any(c.input_dependent for c in full.values()):
@@ -307,14 +307,12 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         else:
             apply(model, full)
         try:
-            ppl = mean_ppl(seqs, spans)
+            ppl, hits, needles = mean_ppl(seqs, spans)
             dens = masks.density() if measure else None  # of `seqs` alone
             rec = answer_recall(model, recall) if recall else None
         finally:
             remove(model)
-        if recall:
-            return ppl, dens, rec
-        return (ppl, dens) if measure else ppl
+        return {"ppl": ppl, "hits": hits, "needles": needles, "density": dens, "recall": rec}
 
     # With the recall check on, a trial must also recall the retrieval_eval samples' needles
     # as dense does (less max_recall_drop), or it is infeasible: the samplers steer away from
@@ -322,19 +320,15 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
     # The eval samples' needles are counted in the same passes as their perplexity.
     trial_spans = [None] + [sp for _, sp in list(retrieval)[:retrieval_eval]] \
         if recall_samples is not None and retrieval_eval else None
-    trial_floor = None
-    if trial_spans:
-        dense_ppl, hits, needles = mean_ppl(trial_ids, trial_spans)
-        trial_floor = hits / needles - max_recall_drop
-    else:
-        dense_ppl = mean_ppl(trial_ids)
+    dense_ppl, hits, needles = mean_ppl(trial_ids, trial_spans)
+    trial_floor = hits / needles - max_recall_drop if trial_spans else None
 
     def trial_eval(cells):
+        r = ppl_with(cells, *trial_ids, spans=trial_spans)
         if not trial_spans:
-            return ppl_with(cells, *trial_ids)
-        ppl, hits, needles = ppl_with(cells, *trial_ids, spans=trial_spans)
-        short = trial_floor - hits / needles
-        return ppl, (short if short > 1e-9 else 0.0)
+            return r["ppl"]
+        short = trial_floor - r["hits"] / r["needles"]
+        return r["ppl"], (short if short > 1e-9 else 0.0)
 
     fp_text = prob.fingerprint()
     if retrieval_eval:
@@ -384,14 +378,14 @@ def autotune(model, calib_ids: torch.Tensor, *, heldout_ids: torch.Tensor | None
         for t in fr:
             choice = np.asarray(t.user_attrs["choice"])
             got = ppl_with(prob.choice_cells(choice), val_ids, measure=True, recall=recall)
-            ppl, (realised, blocks) = got[:2]
+            ppl, (realised, blocks) = got["ppl"], got["density"]
             pts.append({"trial": t.number, "latency": t.values[0],
                         "calib_ppl_ratio": t.values[1], "heldout_ppl": ppl,
                         "heldout_ppl_ratio": ppl / dense_val, "density": prob.mean_density(choice),
                         "heldout_density": realised, "heldout_block_density": blocks,
                         "choice": choice.tolist(), "params": t.params})
             if recall:
-                hits, needles, nll = got[2]
+                hits, needles, nll = got["recall"]
                 pts[-1].update(recall=hits / needles, recall_hits=hits, recall_nll=nll)
             if bar is not None:
                 bar.update(1)

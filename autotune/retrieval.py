@@ -153,6 +153,20 @@ def recall_signal(model, samples: Sequence[Sample], candidates, *, rows: int = 2
     return total
 
 
+def _answer_rows(spans) -> torch.Tensor:
+    """The rows that predict the needles' answer tokens, needle after needle."""
+    return torch.tensor([r for _, _, a0, a1 in spans for r in range(a0 - 1, a1 - 1)])
+
+
+def _recalled(right: torch.Tensor, spans) -> int:
+    """Needles whose every answer token is right (`right` over _answer_rows(spans))."""
+    hits, k = 0, 0
+    for _, _, a0, a1 in spans:
+        hits += bool(right[k:k + a1 - a0].all())
+        k += a1 - a0
+    return hits
+
+
 def answer_recall(model, samples: Sequence[Sample]) -> tuple[int, int, float]:
     """(needles recalled, needles, mean loss of the answer tokens in nats) of `model` as it is
     (a plan applied or not): a needle is recalled when every token of its key is the model's
@@ -168,19 +182,15 @@ def answer_recall(model, samples: Sequence[Sample]) -> tuple[int, int, float]:
             continue
         x = torch.as_tensor(list(ids)).view(1, -1)
         _answer_labels(x, spans)  # the spans' checks
-        rows = torch.tensor([r for _, _, a0, a1 in spans for r in range(a0 - 1, a1 - 1)])
+        rows = _answer_rows(spans)
         with torch.no_grad():
             logits = model(x.to(dev), logits_to_keep=rows.to(dev), use_cache=False).logits
         logp = torch.log_softmax(logits[0].float().cpu(), -1)
         want = x[0, rows + 1]
-        right = logp.argmax(-1) == want
         nll -= float(logp[torch.arange(rows.numel()), want].sum())
         tokens += rows.numel()
-        k = 0
-        for _, _, a0, a1 in spans:
-            hits += bool(right[k:k + a1 - a0].all())
-            k += a1 - a0
-            needles += 1
+        hits += _recalled(logp.argmax(-1) == want, spans)
+        needles += len(spans)
     if not needles:
         raise ValueError("no retrieval samples with needles")
     return hits, needles, nll / tokens
@@ -201,11 +211,8 @@ def loss_and_recall(model, ids, spans) -> tuple[float, int, int]:
     del logits
     want = x[0, 1:]
     loss = -float(logp[torch.arange(want.numel()), want].mean())
-    hits = 0
-    for _, _, a0, a1 in spans:
-        rows = torch.arange(a0 - 1, a1 - 1)
-        hits += bool((logp[rows].argmax(-1) == want[rows]).all())
-    return loss, hits, len(spans)
+    rows = _answer_rows(spans)
+    return loss, _recalled(logp[rows].argmax(-1) == want[rows], spans), len(spans)
 
 
 def unit_scores(scores: np.ndarray, kv_heads: int, granularity: str = "kv",

@@ -19,6 +19,9 @@ from .signals import Signals, density
 SIGNALS = ("error", "mass", "influence")
 # With retrieval samples (Signals.recall), a fourth: influence on the recalled answers' loss.
 RECALL = "recall"
+# Optuna 5 takes a trial's constraint from Trial.set_constraint; older versions only from the
+# sampler's constraints_func.
+_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
 
 
 @dataclass
@@ -312,8 +315,6 @@ def open_study(storage: str, study_name: str, *, sampler: str = "tpe", seed: int
     if storage.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
             and importlib.util.find_spec("psycopg2") is not None:
         storage = "postgresql+psycopg2://" + storage[len("postgresql://"):]
-    # Optuna 5 takes constraints from the trial (Trial.set_constraint, in `run`); older
-    # versions from the sampler's constraints_func.
     cons = {} if _SET_CONSTRAINT else {"constraints_func": _constraints}
     if sampler == "nsga2":
         smp = optuna.samplers.NSGAIISampler(seed=seed, population_size=8, **cons)
@@ -339,9 +340,6 @@ def open_study(storage: str, study_name: str, *, sampler: str = "tpe", seed: int
                 raise
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")
-
-
-_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
 
 
 def _constraints(t: optuna.trial.FrozenTrial) -> tuple[float]:

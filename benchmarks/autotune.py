@@ -113,22 +113,20 @@ def passkey_accuracy(model, trials, tok, cache: bool = False) -> dict:
 
 
 def _tune(tune_api, model, tok, calib, held, args, out):
-    retrieval = None
+    from attnc.autotune.text import retrieval_samples
+
+    def enc(t: str) -> list[int]:  # no BOS inside a sample
+        return tok(t, add_special_tokens=False).input_ids
+
+    retrieval = recall = None
     if args.retrieval_heads or args.retrieval_eval or args.retrieval_signal:
-        from attnc.autotune.text import retrieval_samples
-
         # Never the passkey prompts: facts hidden in calibration text.
-        retrieval = retrieval_samples(lambda t: tok(t, add_special_tokens=False).input_ids,
-                                      calib.tolist(), max(args.lengths), args.retrieval_samples,
-                                      filler=args.retrieval_filler)
-    recall = None
+        retrieval = retrieval_samples(enc, calib.tolist(), max(args.lengths),
+                                      args.retrieval_samples, filler=args.retrieval_filler)
     if args.recall_check:
-        from attnc.autotune.text import retrieval_samples
-
         # As attnc tune --recall-check: held-out filler, other seeds, never the passkey prompts.
-        recall = retrieval_samples(lambda t: tok(t, add_special_tokens=False).input_ids,
-                                   held.tolist(), args.validation_length, args.recall_check,
-                                   seed=100, filler="both")
+        recall = retrieval_samples(enc, held.tolist(), args.validation_length,
+                                   args.recall_check, seed=100, filler="both")
     res = tune_api.autotune(model, calib, heldout_ids=held, lengths=args.lengths,
                             validation_length=args.validation_length, trials=args.trials,
                             rows=args.rows, max_ppl_increase=args.max_ppl_increase,
