@@ -15,7 +15,8 @@ __all__ = ["AttncError", "Kernel", "Library", "Program", "__version__", "load", 
 
 def __getattr__(name: str):
     # The head tuner needs torch and transformers: attnc.autotune(model, calib_ids, ...) and
-    # attnc.apply(model, plan) and attnc.train_gate(model, calib_ids) load it on first use.
+    # attnc.apply(model, plan), attnc.train_gate(model, calib_ids) and attnc.finetune_gate
+    # load it on first use.
     if name == "autotune":
         import importlib
 
@@ -25,8 +26,8 @@ def __getattr__(name: str):
         from attnc.gate_api import apply
 
         return apply
-    if name == "train_gate":
-        from attnc.gate_api import train_gate
+    if name in ("train_gate", "finetune_gate"):
+        from attnc import gate_api
 
-        return train_gate
+        return getattr(gate_api, name)
     raise AttributeError(f"module 'attnc' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from attnc.autotune.gate_train import (
     FORMAT,
     TrainResult,
     cells_key,
+    finetune_gate,
     gate_cells,
     model_id,
     pattern_is_gated,
@@ -340,5 +341,5 @@ def apply(model, plan, *, gates: GateSet | TrainResult | str | Path | None = Non
     return masks
 
 
-__all__ = ["NAME", "apply", "gates_path", "load_gates", "perplexity", "remove", "save_gates",
-           "train_gate"]
+__all__ = ["NAME", "apply", "finetune_gate", "gates_path", "load_gates", "perplexity", "remove",
+           "save_gates", "train_gate"]

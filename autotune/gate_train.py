@@ -508,6 +508,241 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                        best)
 
 
+# ---------------------------------------------------------------- fine-tuning on the model's loss
+
+
+_FINETUNE = "attnc_gate_finetune"
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
+                      block: int, scale: float) -> torch.Tensor:
+    """Causal attention of q [H, L, D] over k, v [G, L, D] in which each key's weight is
+    multiplied by its block's `keep` [H, nb, nb] (0/1 forward; its gradient says what adding or
+    dropping a block would do to the loss). Every row keeps its own block, so no row is empty."""
+    H, L, _ = q.shape
+    group = H // k.shape[0]
+    k = k.repeat_interleave(group, dim=0).float()
+    v = v.repeat_interleave(group, dim=0).float()
+    s = torch.einsum("hqd,hkd->hqk", q.float(), k) * scale
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1),
+                      float("-inf"))
+    e = torch.exp(s - s.amax(-1, keepdim=True).detach())
+    nb = keep.shape[-1]
+    pad = nb * block - L
+    e = F.pad(e, (0, pad, 0, pad)).view(H, nb, block, nb, block)
+    w = (e * keep[:, :, None, :, None]).view(H, nb * block, nb * block)[:, :L, :L]
+    # The own key's weight is at least exp(-88) of the row's largest unless scores differ by
+    # more than that: the floor keeps such a row finite (0) instead of NaN.
+    return (w / w.sum(-1, keepdim=True).clamp(min=1e-30)) @ v
+
+
+class _FineTune:
+    """An attention function for finetune_gate: the gated heads attend with the gate's hard
+    block selection at `threshold` (the evaluation's mask: score >= threshold, the own block
+    always) and a sigmoid relaxation of it in the backward pass (straight-through), the other
+    heads densely."""
+
+    def __init__(self, gs: GateSet, threshold: float, tau: float):
+        self.gs, self.threshold, self.tau = gs, threshold, tau
+        self.heads = {ly: sorted(h for c, h in gs.cells if c == ly) for ly in gs.layers}
+        self.kept = [0.0, 0.0]  # kept, eligible blocks of the gated heads in the last pass
+
+    def keep(self, ly: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        g = self.gs[ly]
+        H, L, _ = q.shape
+        with torch.no_grad():
+            pq = gate_features(q.detach().float(), g.block, inv_freq=g.model_inv_freq)
+            pk = gate_features(k.detach().float(), g.block, inv_freq=g.model_inv_freq)
+        nb = pq.shape[-2]
+        el = eligible(nb, g.block, 0, L, device=q.device)
+        own = torch.eye(nb, dtype=torch.bool, device=q.device)
+        sc = g.scores(g.log_probs(pq, pk, el), el)
+        hard = (el & (sc >= self.threshold)) | own
+        soft = torch.sigmoid((torch.log(sc.clamp(min=1e-30)) - math.log(self.threshold))
+                             / self.tau)
+        keep = hard.float() + soft - soft.detach()  # forward: hard; backward: the sigmoid's
+        keep = torch.where(own, torch.ones_like(keep), torch.where(el, keep,
+                                                                    torch.zeros_like(keep)))
+        gated = torch.zeros(H, dtype=torch.bool, device=q.device)
+        gated[self.heads[ly]] = True
+        with torch.no_grad():
+            self.kept[0] += float(hard[gated].logical_and(el).sum())
+            self.kept[1] += float(el.sum()) * int(gated.sum())
+        return torch.where(gated.view(-1, 1, 1), keep, el.float())
+
+    def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                 **kwargs):
+        from torch.utils.checkpoint import checkpoint
+
+        ly = module.layer_idx
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if ly not in self.heads:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
+                                                 enable_gqa=key.shape[1] != query.shape[1])
+        else:
+            outs = []
+            for b in range(query.shape[0]):
+                keep = self.keep(ly, query[b], key[b])
+                # Recomputed in the backward pass: the L x L weights of every layer at once
+                # would not fit (9 heads x 4096^2 floats is 600 MB a layer).
+                outs.append(checkpoint(_masked_attention, query[b], key[b], value[b], keep,
+                                       self.gs.block, float(scale), use_reentrant=False))
+            out = torch.stack(outs).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+
+
+@torch.no_grad()
+def gated_perplexity(model, gates: GateSet, ids: torch.Tensor, threshold: float
+                     ) -> tuple[float, float]:
+    """(perplexity, block density of the gated cells) of `model` on ids [L] with every gated
+    cell keeping the blocks whose gate score is at least `threshold` (and its own block):
+    what attnc.gate_api.apply gives for the plan `gated(block, topk = 0, threshold)`, computed
+    where the model runs, without element masks on the CPU (dense L x L weights per layer)."""
+    from transformers import AttentionInterface
+
+    ft = _FineTune(gates, threshold, 1.0)
+    AttentionInterface.register(_FINETUNE, ft)
+    x = ids.reshape(1, -1).to(model_device(model))
+    with use_attention(model, _FINETUNE):
+        loss = model(x, labels=x, use_cache=False).loss
+    return math.exp(float(loss)), ft.kept[0] / max(ft.kept[1], 1.0)
+
+
+@dataclass
+class FinetuneResult:
+    gates: GateSet
+    history: list[dict]  # per step: chunk, KL to the dense model, threshold, block density
+    thresholds: list[float]
+    seconds: float
+    val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val perplexity)
+    best_step: int | None = None  # the step whose weights were kept (with val_ids)
+
+
+def finetune_gate(model, gates: GateSet | TrainResult, chunks: Sequence[torch.Tensor], *,
+                  density: float = 0.18, steps: int = 100, lr: float = 3e-4, tau: float = 0.5,
+                  distill: float = 0.0, recalibrate_every: int = 1,
+                  calib_chunks: int = 4, log: Callable[[str], None] | None = None,
+                  seed: int = 0, max_seconds: float | None = None,
+                  val_ids: torch.Tensor | None = None, check_every: int = 10
+                  ) -> FinetuneResult:
+    """Fine-tune distilled gates on what the model loses through them (beyond SeerAttention's
+    distillation): the model runs with every gated cell attending through the gate's hard block
+    selection at the global threshold that keeps `density` of the blocks (as the evaluation
+    does), the loss is the KL from the dense model's next-token distributions to the gated
+    model's, and its gradient reaches the gate through a sigmoid of the log score around the
+    threshold (temperature `tau`; a straight-through estimator: only blocks near the threshold
+    learn, and they learn whether keeping them lowers the model's loss). The threshold is
+    recalibrated on the dense features of the first `calib_chunks` chunks every
+    `recalibrate_every` steps (default every step: the gates' ranking moves, and the density
+    with it, otherwise). `distill` > 0 adds that weight of the distillation KL of the same
+    chunk (a regulariser for the ranking away from the threshold). One chunk per step, cycled
+    in a fixed shuffled order; `max_seconds` stops earlier (after the step that passes it).
+    With `val_ids` (held-out tokens, not a chunk trained on), the gated model's perplexity on
+    them at the current threshold is measured every `check_every` steps and after the last,
+    and the weights with the lowest are kept (early stopping: the loss of one training chunk
+    is a noisy guide).
+    Trains the gates in place (on their device, with the model on
+    it) and returns them with the history."""
+    if isinstance(gates, TrainResult):
+        gates = gates.gates
+    if not 0 < density < 1:
+        raise ValueError(f"density must be in (0, 1), not {density}")
+    if steps < 1 or tau <= 0 or recalibrate_every < 1 or calib_chunks < 1:
+        raise ValueError("steps, tau, recalibrate_every and calib_chunks must be positive")
+    chunks = [torch.as_tensor(c).reshape(-1) for c in chunks]
+    if not chunks:
+        raise ValueError("finetune_gate needs at least one chunk")
+    if gates.block <= 0:
+        raise NotImplementedError("fine-tuning needs a block gate (block > 0)")
+    from transformers import AttentionInterface
+
+    t0 = time.perf_counter()
+    dev = model_device(model)
+    gates.to(dev)
+    params = [p for ly in gates.layers for p in (gates[ly].wq, gates[ly].wk, gates[ly].dist)]
+    for p in params:
+        p.requires_grad_(True)
+    heads = {ly: sorted(h for c, h in gates.cells if c == ly) for ly in gates.layers}
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed)).tolist()
+    cal = collect(model, chunks[:calib_chunks], gates.block, gates=gates)
+    need_distill = distill > 0
+    opt = torch.optim.Adam(params, lr=lr)
+    ft = _FineTune(gates, 1.0, tau)
+    AttentionInterface.register(_FINETUNE, ft)
+    was_training = model.training
+    req = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    hist: list[dict] = []
+    thresholds: list[float] = []
+    curve: list[tuple[int, float]] = []
+    best: tuple[float, int, list[torch.Tensor]] | None = None
+
+    def check(step: int) -> None:
+        nonlocal best
+        ppl, _ = gated_perplexity(model, gates, val_ids, ft.threshold)
+        AttentionInterface.register(_FINETUNE, ft)  # gated_perplexity registered its own
+        curve.append((step, ppl))
+        if best is None or ppl < best[0]:
+            best = (ppl, step, [p.detach().clone() for p in params])
+
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for step in range(steps):
+            if step % recalibrate_every == 0:
+                ft.threshold = calibrate_threshold(gates, cal, density)
+                thresholds.append(ft.threshold)
+            if val_ids is not None and step % check_every == 0:
+                check(step)
+            i = order[step % len(order)]
+            x = chunks[i].reshape(1, -1).to(dev)
+            with torch.no_grad():
+                ref = F.log_softmax(model(x, use_cache=False).logits.float(), -1)
+            ft.kept = [0.0, 0.0]
+            with use_attention(model, _FINETUNE):
+                lg = F.log_softmax(model(x, use_cache=False).logits.float(), -1)
+            kl = (ref.exp() * (ref - lg)).sum(-1).mean()
+            loss = kl
+            if need_distill:
+                d = collect(model, [chunks[i]], gates.block, gates=gates)
+                loss = loss + distill * sum(
+                    kl_loss(gates[ly], *_to(d[ly].stacked(), dev), heads[ly])
+                    for ly in gates.layers) / len(gates.layers)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            row = {"step": step, "chunk": i, "kl": float(kl.detach()), "threshold": ft.threshold,
+                   "block_density": ft.kept[0] / max(ft.kept[1], 1.0)}
+            hist.append(row)
+            if log and step % 10 == 0:
+                log(f"finetune step {step}: KL to dense {row['kl']:.4f}, gated block density "
+                    f"{row['block_density']:.4f}, threshold {ft.threshold:.5g}, "
+                    f"{time.perf_counter() - t0:.0f} s")
+            del lg, ref, loss, kl
+            if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+                break
+        if val_ids is not None:
+            ft.threshold = calibrate_threshold(gates, cal, density)
+            check(len(hist))
+            with torch.no_grad():
+                for p, b in zip(params, best[2], strict=True):
+                    p.copy_(b)
+    finally:
+        for p, r in zip(model.parameters(), req, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
+        for p in params:
+            p.requires_grad_(False)
+    train = json.loads(gates.meta.get("train", "{}") or "{}")
+    train["finetune"] = {"steps": len(hist), "density": density, "lr": lr, "tau": tau,
+                         "distill": distill, "chunks": len(chunks), "seed": seed,
+                         "kl_first": hist[0]["kl"], "kl_last": hist[-1]["kl"],
+                         "best_step": best[1] if best is not None else None}
+    gates.meta["train"] = json.dumps(train)
+    return FinetuneResult(gates, hist, thresholds, time.perf_counter() - t0, curve,
+                          best[1] if best is not None else None)
+
+
 def gate_meta(gs: GateSet, model, train: dict | None = None) -> dict[str, str]:
     """The metadata a gate file carries (see attnc.gate_api.save_gates): format, the model's
     identity, the plan key of the set's cells, shapes, cells and how it was trained."""
@@ -567,6 +802,7 @@ def evaluate_kl(gs: GateSet, data: dict[int, LayerData]) -> float:
     return sum(out) / len(out)
 
 
-__all__ = ["FORMAT", "LayerData", "TrainResult", "block_targets", "calibrate_threshold",
-           "cells_key", "collect", "evaluate_kl", "fit", "gate_block", "gate_cells", "gate_meta",
-           "kl_loss", "model_id", "pattern_is_gated", "random_kl", "train_gate"]
+__all__ = ["FORMAT", "FinetuneResult", "LayerData", "TrainResult", "block_targets",
+           "calibrate_threshold", "cells_key", "collect", "evaluate_kl", "finetune_gate", "fit",
+           "gate_block", "gate_cells", "gate_meta", "gated_perplexity", "kl_loss", "model_id",
+           "pattern_is_gated", "random_kl", "train_gate"]

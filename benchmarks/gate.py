@@ -72,8 +72,10 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=["all:6", "all:d0.19"],
                     help="DENSE_LAYERS:TOPK, e.g. all:6 (every layer gated) or 0,1:5, or "
                          "DENSE_LAYERS:dDENSITY: the threshold whose block density on an unused "
-                         "calibration chunk is DENSITY (e.g. all:d0.19); --configs with no value: "
-                         "train only")
+                         "calibration chunk is DENSITY (e.g. all:d0.19), or "
+                         "DENSE_LAYERS:eDENSITY: the same on the evaluated text's own dense "
+                         "features (no labels: a budget set per input); --configs with no "
+                         "value: train only")
     ap.add_argument("--rope", type=int, default=32,
                     help="gate dimensions with the gate's block-level rotary embedding")
     ap.add_argument("--retrieval", type=int, default=0,
@@ -84,6 +86,22 @@ def main() -> None:
                          "test's kind of repeated short sentences, or both alternately")
     ap.add_argument("--post-rope", action="store_true",
                     help="the gate sees post-RoPE Q and K (default: the model's RoPE undone)")
+    ap.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                    help="then fine-tune the gates this many steps on the model's own loss "
+                         "(finetune_gate: hard selection at --finetune-density, KL to the dense "
+                         "model) and evaluate both")
+    ap.add_argument("--finetune-density", type=float, default=0.18)
+    ap.add_argument("--finetune-seconds", type=float, default=None,
+                    help="stop fine-tuning after this long")
+    ap.add_argument("--finetune-lr", type=float, default=3e-4)
+    ap.add_argument("--finetune-tau", type=float, default=0.5)
+    ap.add_argument("--finetune-distill", type=float, default=0.0,
+                    help="weight of the distillation KL kept as a regulariser")
+    ap.add_argument("--eval", choices=["reference", "direct"], default="reference",
+                    help="gated perplexity through apply() (element masks built on the CPU by "
+                         "the reference evaluator) or computed where the model runs "
+                         "(gate_train.gated_perplexity: the same numbers, minutes faster on a "
+                         "GPU; threshold configs only)")
     ap.add_argument("--sink", type=int, default=64)
     ap.add_argument("--gates", help="reuse this gate file instead of training")
     ap.add_argument("--out", default="/tmp/attnc-gate-bench", help="output folder")
@@ -118,7 +136,7 @@ def main() -> None:
                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                               "python": platform.python_version()},
                  "args": vars(a), "runs": []}
-    t = time.perf_counter()
+    t = t0 = time.perf_counter()
     model, tok = load(a.model)
     model = model.to(a.device)
     res["load_s"] = time.perf_counter() - t
@@ -133,16 +151,16 @@ def main() -> None:
     # The calibration chunk thresholds are set on starts where the training chunks end: it is
     # never trained on (nor used as retrieval filler).
     c0 = (a.sequences - 1) * (a.stride or tl) + tl
+    from attnc.autotune.text import gate_retrieval_ids
+
+    enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731 - no BOS
+    # Seeds 0.. as `attnc tune --gate-retrieval` uses: apart from the head ranking's.
+    extra = [torch.tensor(x) for x in gate_retrieval_ids(
+        enc, calib[:c0].tolist(), tl, a.retrieval, filler=a.retrieval_filler)]
     if a.gates:
         gates = ga.load_gates(a.gates, model=model).to(a.device)
         res["train"] = {"reused": a.gates}
     else:
-        from attnc.autotune.text import gate_retrieval_ids
-
-        enc = lambda t: tok(t, add_special_tokens=False).input_ids  # noqa: E731 - no BOS
-        # Seeds 0.. as `attnc tune --gate-retrieval` uses: apart from the head ranking's.
-        extra = [torch.tensor(x) for x in gate_retrieval_ids(
-            enc, calib[:c0].tolist(), tl, a.retrieval, filler=a.retrieval_filler)]
         r = ga.train_gate(model, calib, block=a.block, d_gate=a.d_gate, length=tl,
                           sequences=a.sequences, steps=a.steps, lr=a.lr,
                           heldout_ids=held[n:n + tl], log=print, stride=a.stride,
@@ -156,12 +174,38 @@ def main() -> None:
                         "heldout_curve": r.val_curve, "best_step": r.best_step,
                         "seconds": r.seconds}
         print("train", json.dumps(res["train"]))
-    if a.scores:
-        gates.configure(scores=a.scores)
+    sets = [("gated", gates)]
+    if a.finetune:
+        import copy
+
+        from attnc.autotune import gate_train as gt
+
+        # The chunks the gates were distilled on (calibration text and retrieval samples).
+        chunks = gt._chunks(calib, tl, a.sequences, a.stride) + extra
+        ft = ga.finetune_gate(model, copy.deepcopy(gates), chunks, density=a.finetune_density,
+                              steps=a.finetune, lr=a.finetune_lr, tau=a.finetune_tau,
+                              distill=a.finetune_distill, log=print, seed=a.seed,
+                              max_seconds=a.finetune_seconds, val_ids=held[n:n + tl])
+        ga.save_gates(ft.gates, out / "finetuned.gates.safetensors")
+        res["finetune"] = {"seconds": ft.seconds, "thresholds": ft.thresholds,
+                           "val_curve": ft.val_curve, "best_step": ft.best_step,
+                           "kl": [round(r["kl"], 5) for r in ft.history],
+                           "block_density": [round(r["block_density"], 4) for r in ft.history]}
+        print("finetune", json.dumps({"seconds": ft.seconds, "val_curve": ft.val_curve,
+                                      "best_step": ft.best_step}))
+        sets.append(("finetuned", ft.gates))
+    for _, g in sets:
+        if a.scores:
+            g.configure(scores=a.scores)
     res["scores"] = gates.score_kind
     _flush(out, res)
 
-    def run(name: str, plan: str | None, g=None) -> dict:
+    def run(name: str | None, plan: str | None, g=None, row: dict | None = None) -> dict:
+        if row is not None:  # measured elsewhere: record it
+            print(json.dumps(row))
+            res["runs"].append(row)
+            _flush(out, res)
+            return row
         t = time.perf_counter()
         masks = None
         if plan is not None:
@@ -182,27 +226,53 @@ def main() -> None:
         _flush(out, res)
         return row
 
+    print(f"[{time.perf_counter() - t0:.0f} s] evaluating", flush=True)
     dense = run("dense", None)
-    cal = None
+    for label, gates in sets:
+        evaluate(a, model, label, gates, calib, c0, tl, eval_ids, (L, H, G), run)
+    for row in res["runs"]:
+        row["ppl_ratio"] = row["ppl"] / dense["ppl"]
+    _flush(out, res)
+    print(json.dumps(res, indent=1))
+
+
+def evaluate(a, model, label, gates, calib, c0, tl, eval_ids, shape, run) -> None:
+    """Each --configs entry with these gates (for the first set, also the oracle and the
+    streaming plan of the same block density)."""
+    from attnc.autotune import gate_train as gt
+
+    L, H, G = shape
+    n = eval_ids.numel()
+    cal = own = None
     for cfg in a.configs:
         dl, sel = cfg.split(":")
         dense_layers = [] if dl == "all" else [int(x) for x in dl.split(",")]
-        if sel.startswith("d"):
-            if cal is None:  # the chunk after the training chunks: not used for training
-                from attnc.autotune import gate_train as gt
-
+        if sel[0] in "de":
+            if sel[0] == "e":
+                if own is None:  # the evaluated text's dense features: its scores, no labels
+                    own = gt.collect(model, [eval_ids.reshape(-1)], a.block, gates=gates)
+            elif cal is None:  # the chunk after the training chunks: not used for training
                 cal = gt.collect(model, [calib[c0:c0 + tl]], a.block, gates=gates)
             # Dense layers count fully: the gated layers get what is left of the budget.
             want = (float(sel[1:]) * L - len(dense_layers)) / (L - len(dense_layers))
-            thr = gt.calibrate_threshold(gates, cal, want)
-            body = f"gated(block = {a.block}, topk = 0, threshold = {thr:.6g})"
+            thr = gt.calibrate_threshold(gates, own if sel[0] == "e" else cal, want)
+            body = f"gated(block = {a.block}, topk = 0, threshold = " + \
+                (f"{thr!r})" if sel[0] == "e" else f"{thr:.6g})")
         else:
             body = f"gated(block = {a.block}, topk = {sel})"
-        g = run(f"gated {cfg}", plan_text(L, H, G, dense_layers, body), gates)
-        if a.oracle:
+        if a.eval == "direct" and sel[0] in "de" and not dense_layers:
+            t = time.perf_counter()
+            ppl, bd = gt.gated_perplexity(model, gates, eval_ids, thr)
+            g = {"name": f"{label} {cfg}", "ppl": ppl, "block_density": bd, "eval": "direct",
+                 "threshold": thr, "seconds": time.perf_counter() - t}
+            run(None, None, row=g)
+        else:
+            g = run(f"{label} {cfg}", plan_text(L, H, G, dense_layers, body), gates)
+        if a.oracle and label == "gated":
             obody = body
-            if sel.startswith("d"):
-                othr = gt.calibrate_threshold(gates, cal, want, oracle=True)
+            if sel[0] in "de":
+                othr = gt.calibrate_threshold(gates, own if sel[0] == "e" else cal, want,
+                                              oracle=True)
                 obody = f"gated(block = {a.block}, topk = 0, threshold = {othr:.6g})"
             run(f"oracle {cfg}", plan_text(L, H, G, dense_layers, obody), oracle_gates(gates))
         # The streaming plan of the same block density (the largest window not above it).
@@ -213,13 +283,9 @@ def main() -> None:
             tot = (bd * (L - nd) + nd) / L
             if tot <= g["block_density"] + 1e-9:
                 best = w
-        if best is not None:
+        if best is not None and label == "gated" and a.eval == "reference":
             body = f"streaming(sink = {a.sink}, window = {best})"
             run(f"streaming {cfg}", plan_text(L, H, G, dense_layers, body))
-    for row in res["runs"]:
-        row["ppl_ratio"] = row["ppl"] / dense["ppl"]
-    _flush(out, res)
-    print(json.dumps(res, indent=1))
 
 
 def _flush(out: Path, res: dict) -> None:

@@ -3,6 +3,7 @@ tiny Llama, safetensors weights and their checks, apply(), and the kernel path (
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -397,6 +398,82 @@ def test_apply_with_gates(tiny, trained, tmp_path):
     torch.testing.assert_close(full, dense, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(m(x).logits, dense)
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_forward_is_the_evaluated_selection(tiny, trained):
+    """finetune_gate's attention (hard selection forward) gives the logits apply() gives for
+    the gated plan at the same threshold, and its gradient reaches the gate weights."""
+    from attnc.autotune.capture import use_attention
+    from transformers import AttentionInterface
+
+    m, ids = tiny
+    x = ids[:200].view(1, -1)
+    data = gt.collect(m, [ids[768:1024]], 16, gates=trained.gates)
+    thr = gt.calibrate_threshold(trained.gates, data, 0.4)
+    plan = ("plan p(layers = 2, heads = 4, kv_heads = 2) {\n    default: gated(block = 16, "
+            f"topk = 0, threshold = {thr!r})\n}}\n")
+    ga.apply(m, plan, gates=trained)
+    try:
+        with torch.no_grad():
+            want = m(x).logits
+    finally:
+        ga.remove(m)
+    gs = copy.deepcopy(trained.gates)
+    for p in gs.parameters():
+        p.requires_grad_(True)
+    ft = gt._FineTune(gs, thr, 0.5)
+    AttentionInterface.register("attnc_test_finetune", ft)
+    with use_attention(m, "attnc_test_finetune"):
+        got = m(x).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert 0 < ft.kept[0] / ft.kept[1] < 1
+    # gated_perplexity is apply()'s perplexity and block density, without element masks.
+    masks = ga.apply(m, plan, gates=trained, stats=True)
+    try:
+        ppl = ga.perplexity(m, x)
+    finally:
+        ga.remove(m)
+    got_ppl, got_density = gt.gated_perplexity(m, trained.gates, x, thr)
+    assert got_ppl == pytest.approx(ppl, rel=1e-5)
+    assert got_density == pytest.approx(masks.density("all")[1], rel=1e-6)
+    got.float().logsumexp(-1).sum().backward()
+    assert all(g.wq.grad is not None and g.wq.grad.abs().sum() > 0
+               for g in gs.layer_gates.values())
+
+
+def test_finetune_lowers_the_gated_models_kl_at_a_fixed_density(tiny, trained):
+    """On one chunk, at a block density held by recalibrating every step, fine-tuning lowers
+    the gated model's KL to the dense model; the model is left untouched and the gates
+    frozen; bad settings are refused."""
+    m, ids = tiny
+    before = [p.detach().clone() for p in m.parameters()]
+    gs = copy.deepcopy(trained.gates)
+    r = gt.finetune_gate(m, gs, [ids[0:256]], density=0.3, steps=40, lr=3e-4, tau=0.5,
+                         calib_chunks=1)
+    kl = [h["kl"] for h in r.history]
+    assert sum(kl[-10:]) / 10 < 0.99 * kl[0]
+    assert all(abs(h["block_density"] - 0.3) < 0.03 for h in r.history)
+    assert len(r.thresholds) == 40 and r.gates is gs
+    assert json.loads(gs.meta["train"])["finetune"]["steps"] == 40
+    assert not any(p.requires_grad for p in gs.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
+    assert all(p.requires_grad for p in m.parameters())
+    # Early stopping on held-out tokens keeps the weights of the best checked step.
+    gs = copy.deepcopy(trained.gates)
+    r = gt.finetune_gate(m, gs, [ids[0:256], ids[256:512]], density=0.3, steps=12, lr=3e-3,
+                         calib_chunks=1, val_ids=ids[768:1024], check_every=4)
+    assert [s for s, _ in r.val_curve] == [0, 4, 8, 12]
+    best = min(r.val_curve, key=lambda sv: sv[1])
+    assert r.best_step == best[0]
+    thr = gt.calibrate_threshold(gs, gt.collect(m, [ids[0:256]], 16, gates=gs), 0.3)
+    assert gt.gated_perplexity(m, gs, ids[768:1024], thr)[0] == pytest.approx(best[1], rel=1e-4)
+    with pytest.raises(ValueError, match="density"):
+        gt.finetune_gate(m, gs, [ids[0:256]], density=1.5)
+    with pytest.raises(ValueError, match="at least one chunk"):
+        gt.finetune_gate(m, gs, [], density=0.3)
 
 
 def test_apply_refuses_gates_of_another_model(trained):
