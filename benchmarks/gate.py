@@ -93,9 +93,9 @@ def main() -> None:
     ap.add_argument("--finetune-density", type=float, default=0.18)
     ap.add_argument("--finetune-seconds", type=float, default=None,
                     help="stop fine-tuning after this long")
-    ap.add_argument("--finetune-lr", type=float, default=3e-4)
+    ap.add_argument("--finetune-lr", type=float, default=1e-4)
     ap.add_argument("--finetune-tau", type=float, default=0.5)
-    ap.add_argument("--finetune-distill", type=float, default=0.0,
+    ap.add_argument("--finetune-distill", type=float, default=1.0,
                     help="weight of the distillation KL kept as a regulariser")
     ap.add_argument("--eval", choices=["reference", "direct"], default="reference",
                     help="gated perplexity through apply() (element masks built on the CPU by "
