@@ -80,6 +80,12 @@ def register(sub) -> None:
     p.add_argument("--gate-rope", type=int, default=32,
                    help="gate dimensions with the gate's own block-level rotary embedding "
                         "(even; 0: none; default 32)")
+    p.add_argument("--gate-finetune", type=int, default=0, metavar="STEPS",
+                   help="after --train-gate, fine-tune the gates this many steps on the model's "
+                        "own loss through their hard selection (attnc.finetune_gate; a GPU "
+                        "with --gate-device: each step runs the model forward and backward)")
+    p.add_argument("--gate-finetune-density", type=float, default=0.19,
+                   help="the block density the fine-tuning selects at (default 0.19)")
     p.add_argument("--gate-retrieval", type=int, default=0, metavar="N",
                    help="also train the gates on N synthetic retrieval samples: facts hidden in "
                         "the calibration text and asked for later (default 0)")
@@ -254,8 +260,13 @@ def cmd_tune(args) -> int:
         except ValueError as e:
             print(f"attnc: --recall-check: {e}", file=sys.stderr)
             return 2
+    if args.gate_finetune and not args.train_gate:
+        print("attnc: --gate-finetune fine-tunes the gates --train-gate trains: give both",
+              file=sys.stderr)
+        return 2
     if args.train_gate and gates is None:
-        from attnc.gate_api import train_gate
+        from attnc.autotune.gate_train import training_chunks
+        from attnc.gate_api import finetune_gate, train_gate
 
         tl = max(lengths)
         # Early stopping on the end of the held-out text (validation uses its start).
@@ -277,6 +288,16 @@ def cmd_tune(args) -> int:
                                seed=args.seed, heldout_ids=stop, stride=args.gate_stride,
                                rope=args.gate_rope, pre_rope=not args.gate_post_rope,
                                extra_ids=extra)
+            if args.gate_finetune:
+                # On the chunks the gates were distilled on, early-stopped on the held-out end.
+                chunks = training_chunks(calib_ids, tl, args.gate_sequences,
+                                         args.gate_stride) + extra
+                ft = finetune_gate(model, gates.gates, chunks,
+                                   density=args.gate_finetune_density,
+                                   steps=args.gate_finetune, seed=args.seed, val_ids=stop)
+                print(f"gates fine-tuned: {len(ft.history)} steps in {ft.seconds:.0f} s"
+                      + (f", kept step {ft.best_step}" if ft.best_step is not None else ""),
+                      file=sys.stderr)
         except (ValueError, RuntimeError) as e:  # refused arguments, a device that fails
             if settings().debug:
                 raise

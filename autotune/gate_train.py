@@ -400,6 +400,13 @@ def _chunks(ids: torch.Tensor, length: int, count: int | None,
     return [ids[i * stride:i * stride + length] for i in range(k)]
 
 
+def training_chunks(ids: torch.Tensor, length: int, count: int | None = None,
+                    stride: int | None = None) -> list[torch.Tensor]:
+    """The calibration chunks train_gate distils on (`count` chunks of `length` tokens, one
+    every `stride`), e.g. to fine-tune the same gates on them (finetune_gate)."""
+    return _chunks(ids, length, count, stride)
+
+
 def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
                d_gate: int = 64, length: int = 2048, sequences: int | None = 2,
                steps: int = 300, lr: float = 3e-3, weight_decay: float = 0.0,
@@ -594,10 +601,11 @@ class _FineTune:
 @torch.no_grad()
 def gated_perplexity(model, gates: GateSet, ids: torch.Tensor, threshold: float
                      ) -> tuple[float, float]:
-    """(perplexity, block density of the gated cells) of `model` on ids [L] with every gated
-    cell keeping the blocks whose gate score is at least `threshold` (and its own block):
-    what attnc.gate_api.apply gives for the plan `gated(block, topk = 0, threshold)`, computed
-    where the model runs, without element masks on the CPU (dense L x L weights per layer)."""
+    """(perplexity, block density of the gated cells) of `model` on ids [L] with every cell of
+    the gate set keeping the blocks whose gate score is at least `threshold` (and its own
+    block) and every other head dense: what attnc.gate_api.apply gives for that plan
+    (`gated(block, topk = 0, threshold)` in the gates' cells), computed where the model runs,
+    without element masks on the CPU (dense L x L weights per layer)."""
     from transformers import AttentionInterface
 
     ft = _FineTune(gates, threshold, 1.0)
@@ -809,4 +817,4 @@ def evaluate_kl(gs: GateSet, data: dict[int, LayerData]) -> float:
 __all__ = ["FORMAT", "FinetuneResult", "LayerData", "TrainResult", "block_targets",
            "calibrate_threshold", "cells_key", "collect", "evaluate_kl", "finetune_gate", "fit",
            "gate_block", "gate_cells", "gate_meta", "gated_perplexity", "kl_loss", "model_id",
-           "pattern_is_gated", "random_kl", "train_gate"]
+           "pattern_is_gated", "random_kl", "train_gate", "training_chunks"]

@@ -181,7 +181,7 @@ def main() -> None:
         from attnc.autotune import gate_train as gt
 
         # The chunks the gates were distilled on (calibration text and retrieval samples).
-        chunks = gt._chunks(calib, tl, a.sequences, a.stride) + extra
+        chunks = gt.training_chunks(calib, tl, a.sequences, a.stride) + extra
         ft = ga.finetune_gate(model, copy.deepcopy(gates), chunks, density=a.finetune_density,
                               steps=a.finetune, lr=a.finetune_lr, tau=a.finetune_tau,
                               distill=a.finetune_distill, log=print, seed=a.seed,

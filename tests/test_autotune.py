@@ -598,8 +598,9 @@ def test_cli_tune_with_trained_gates(tmp_path, capsys):
             "--no-progress", "--name", "g", "--gate-block", "16", "--gate-steps", "5",
             "--gate-sequences", "2"]
     rc = main([*args, "--train-gate", "--gate-retrieval", "2", "--gate-retrieval-filler", "both",
-               "--gate-device", "cpu", "-o", str(out)])
-    capsys.readouterr()
+               "--gate-device", "cpu", "--gate-finetune", "2", "--gate-finetune-density", "0.4",
+               "-o", str(out)])
+    assert "gates fine-tuned: 2 steps" in capsys.readouterr().err
     rep = json.loads(out.with_suffix(".json").read_text())
     assert rc == (0 if rep["budget_met"] else 1)
     assert any(c.startswith("gated") for c in rep["candidates"])
@@ -611,6 +612,11 @@ def test_cli_tune_with_trained_gates(tmp_path, capsys):
     with safe_open(str(wfile), "pt") as f:  # both retrieval samples were trained on
         train = json.loads(f.metadata()["train"])
     assert train["extra_chunks"] == 2 and train["sequences"] == 4
+    # Fine-tuned on the same chunks at the density asked for.
+    assert train["finetune"]["steps"] == 2 and train["finetune"]["chunks"] == 4
+    assert train["finetune"]["density"] == 0.4
+    assert main([*args, "--gate-finetune", "2", "-o", str(out)]) == 2
+    assert "give both" in capsys.readouterr().err
     for dev, msg in (("nodev", "is not a torch device"), ("cuda", "has no CUDA device")):
         if dev == "cuda" and torch.cuda.is_available():
             continue
