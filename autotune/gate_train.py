@@ -557,25 +557,27 @@ class _FineTune:
     def keep(self, ly: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         g = self.gs[ly]
         H, L, _ = q.shape
+        dev = g.wq.device  # the gate runs where its weights are; the mask goes to q's device
         with torch.no_grad():
-            pq = gate_features(q.detach().float(), g.block, inv_freq=g.model_inv_freq)
-            pk = gate_features(k.detach().float(), g.block, inv_freq=g.model_inv_freq)
+            pq = gate_features(q.detach().float(), g.block, inv_freq=g.model_inv_freq).to(dev)
+            pk = gate_features(k.detach().float(), g.block, inv_freq=g.model_inv_freq).to(dev)
         nb = pq.shape[-2]
-        el = eligible(nb, g.block, 0, L, device=q.device)
-        own = torch.eye(nb, dtype=torch.bool, device=q.device)
+        el = eligible(nb, g.block, 0, L, device=dev)
+        own = torch.eye(nb, dtype=torch.bool, device=dev)
         sc = g.scores(g.log_probs(pq, pk, el), el)
         hard = (el & (sc >= self.threshold)) | own
-        soft = torch.sigmoid((torch.log(sc.clamp(min=1e-30)) - math.log(self.threshold))
-                             / self.tau)
+        # A threshold of 0 (keep everything) has no boundary to learn at: the sigmoid is 1.
+        soft = torch.sigmoid((torch.log(sc.clamp(min=1e-30))
+                              - math.log(max(self.threshold, 1e-30))) / self.tau)
         keep = hard.float() + soft - soft.detach()  # forward: hard; backward: the sigmoid's
         keep = torch.where(own, torch.ones_like(keep), torch.where(el, keep,
                                                                     torch.zeros_like(keep)))
-        gated = torch.zeros(H, dtype=torch.bool, device=q.device)
+        gated = torch.zeros(H, dtype=torch.bool, device=dev)
         gated[self.heads[ly]] = True
         with torch.no_grad():
             self.kept[0] += float(hard[gated].logical_and(el).sum())
             self.kept[1] += float(el.sum()) * int(gated.sum())
-        return torch.where(gated.view(-1, 1, 1), keep, el.float())
+        return torch.where(gated.view(-1, 1, 1), keep, el.float()).to(q.device)
 
     def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                  **kwargs):
@@ -599,7 +601,7 @@ class _FineTune:
 
 
 @torch.no_grad()
-def gated_perplexity(model, gates: GateSet, ids: torch.Tensor, threshold: float
+def gated_perplexity(model, gates: GateSet | TrainResult, ids: torch.Tensor, threshold: float
                      ) -> tuple[float, float]:
     """(perplexity, block density of the gated cells) of `model` on ids [L] with every cell of
     the gate set keeping the blocks whose gate score is at least `threshold` (and its own
@@ -608,6 +610,8 @@ def gated_perplexity(model, gates: GateSet, ids: torch.Tensor, threshold: float
     without element masks on the CPU (dense L x L weights per layer)."""
     from transformers import AttentionInterface
 
+    if isinstance(gates, TrainResult):
+        gates = gates.gates
     ft = _FineTune(gates, threshold, 1.0)
     AttentionInterface.register(_FINETUNE, ft)
     x = ids.reshape(1, -1).to(model_device(model))

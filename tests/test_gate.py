@@ -436,9 +436,12 @@ def test_finetune_forward_is_the_evaluated_selection(tiny, trained):
         ppl = ga.perplexity(m, x)
     finally:
         ga.remove(m)
-    got_ppl, got_density = gt.gated_perplexity(m, trained.gates, x, thr)
+    got_ppl, got_density = gt.gated_perplexity(m, trained, x, thr)
     assert got_ppl == pytest.approx(ppl, rel=1e-5)
     assert got_density == pytest.approx(masks.density("all")[1], rel=1e-6)
+    # Threshold 0 keeps every block: the dense model's perplexity.
+    assert gt.gated_perplexity(m, trained, x, 0.0) == pytest.approx(
+        (ga.perplexity(m, x), 1.0), rel=1e-5)
     got.float().logsumexp(-1).sum().backward()
     assert all(g.wq.grad is not None and g.wq.grad.abs().sum() > 0
                for g in gs.layer_gates.values())
