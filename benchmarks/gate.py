@@ -1,5 +1,6 @@
-"""SmolLM2-135M on the CPU: train learned block gates, held-out perplexity of dense vs gated vs
-streaming plans at one length, with densities and wall times (python benchmarks/gate.py)."""
+"""SmolLM2-135M (CPU, or a GPU with --device): train learned block gates, optionally fine-tune
+them on the model's own loss (--finetune), held-out perplexity of dense vs gated vs streaming
+plans at one length, with densities and wall times (python benchmarks/gate.py)."""
 
 from __future__ import annotations
 
