@@ -383,11 +383,12 @@ def _fit(gates, tensors, vt, heads, steps, lr, weight_decay, check_every, log, s
     return hist, curve, (best[1] if best is not None else None)
 
 
-def _chunks(ids: torch.Tensor, length: int, count: int | None,
-            stride: int | None = None, what: str = "calibration") -> list[torch.Tensor]:
-    """Chunks of `length` tokens starting every `stride` tokens (default: length, disjoint);
-    a stride below the length overlaps them, so the same text is seen at other block
-    alignments and positions."""
+def training_chunks(ids: torch.Tensor, length: int, count: int | None = None,
+                    stride: int | None = None, what: str = "calibration") -> list[torch.Tensor]:
+    """The chunks train_gate distils on (and finetune_gate may fine-tune on): `count` chunks of
+    `length` tokens starting every `stride` tokens (default: length, disjoint); a stride below
+    the length overlaps them, so the same text is seen at other block alignments and
+    positions."""
     ids = ids.reshape(-1)
     stride = length if stride is None else stride
     if stride < 1:
@@ -398,13 +399,6 @@ def _chunks(ids: torch.Tensor, length: int, count: int | None,
     k = (ids.numel() - length) // stride + 1
     k = k if count is None else min(k, count)
     return [ids[i * stride:i * stride + length] for i in range(k)]
-
-
-def training_chunks(ids: torch.Tensor, length: int, count: int | None = None,
-                    stride: int | None = None) -> list[torch.Tensor]:
-    """The calibration chunks train_gate distils on (`count` chunks of `length` tokens, one
-    every `stride`), e.g. to fine-tune the same gates on them (finetune_gate)."""
-    return _chunks(ids, length, count, stride)
 
 
 def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
@@ -469,7 +463,7 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
         raise ValueError(f"sequences {sequences}: at least 1 (None: all the text holds)")
     layers = sorted({ly for ly, _ in cells})
     heads = {ly: sorted(h for c, h in cells if c == ly) for ly in layers}
-    seqs = _chunks(calib_ids, length, sequences, stride)
+    seqs = training_chunks(calib_ids, length, sequences, stride)
     for i, x in enumerate(extra_ids):
         x = torch.as_tensor(x).reshape(-1)
         if x.numel() != length:
@@ -483,7 +477,7 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
     dev = model_device(model) if device is None else torch.device(device)
     gates = {ly: BlockGate(H, G, D, block, d_gate, init=init, seed=seed + ly,
                            rope=rope).set_model_rope(inv_freq).to(dev) for ly in layers}
-    val = collect(model, _chunks(heldout_ids, length, 1, what="held-out"), block, layers,
+    val = collect(model, training_chunks(heldout_ids, length, 1, what="held-out"), block, layers,
                   inv_freq=inv_freq) \
         if heldout_ids is not None else None
     vt = {ly: _to(val[ly].stacked(), dev) for ly in layers} if val is not None else None
@@ -519,6 +513,7 @@ def train_gate(model, calib_ids: torch.Tensor, *, plan=None, block: int = 64,
 
 
 _FINETUNE = "attnc_gate_finetune"
+_GATED_EVAL = "attnc_gate_eval"  # gated_perplexity's, so it never replaces a fine-tuning's
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
@@ -613,9 +608,9 @@ def gated_perplexity(model, gates: GateSet | TrainResult, ids: torch.Tensor, thr
     if isinstance(gates, TrainResult):
         gates = gates.gates
     ft = _FineTune(gates, threshold, 1.0)
-    AttentionInterface.register(_FINETUNE, ft)
+    AttentionInterface.register(_GATED_EVAL, ft)
     x = ids.reshape(1, -1).to(model_device(model))
-    with use_attention(model, _FINETUNE):
+    with use_attention(model, _GATED_EVAL):
         loss = model(x, labels=x, use_cache=False).loss
     return math.exp(float(loss)), ft.kept[0] / max(ft.kept[1], 1.0)
 
@@ -681,7 +676,10 @@ def finetune_gate(model, gates: GateSet | TrainResult, chunks: Sequence[torch.Te
     heads = {ly: sorted(h for c, h in gates.cells if c == ly) for ly in gates.layers}
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed)).tolist()
     cal = collect(model, chunks[:calib_chunks], gates.block, gates=gates)
-    need_distill = distill > 0
+    # Each chunk's pooled features and block targets (the distillation term's data), collected
+    # the first time the chunk comes up: they do not depend on the gates (kept on the CPU as
+    # train_gate keeps them, 22 MB a chunk for SmolLM2 at 4096 tokens).
+    targets: dict[int, dict[int, LayerData]] = {}
     opt = torch.optim.Adam(params, lr=lr)
     ft = _FineTune(gates, 1.0, tau)
     AttentionInterface.register(_FINETUNE, ft)
@@ -696,7 +694,6 @@ def finetune_gate(model, gates: GateSet | TrainResult, chunks: Sequence[torch.Te
     def check(step: int) -> None:
         nonlocal best
         ppl, _ = gated_perplexity(model, gates, val_ids, ft.threshold)
-        AttentionInterface.register(_FINETUNE, ft)  # gated_perplexity registered its own
         curve.append((step, ppl))
         if best is None or ppl < best[0]:
             best = (ppl, step, [p.detach().clone() for p in params])
@@ -719,8 +716,10 @@ def finetune_gate(model, gates: GateSet | TrainResult, chunks: Sequence[torch.Te
                 lg = F.log_softmax(model(x, use_cache=False).logits.float(), -1)
             kl = (ref.exp() * (ref - lg)).sum(-1).mean()
             loss = kl
-            if need_distill:
-                d = collect(model, [chunks[i]], gates.block, gates=gates)
+            if distill > 0:
+                if i not in targets:
+                    targets[i] = collect(model, [chunks[i]], gates.block, gates=gates)
+                d = targets[i]
                 loss = loss + distill * sum(
                     kl_loss(gates[ly], *_to(d[ly].stacked(), dev), heads[ly])
                     for ly in gates.layers) / len(gates.layers)

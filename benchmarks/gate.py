@@ -201,12 +201,13 @@ def main() -> None:
     res["scores"] = gates.score_kind
     _flush(out, res)
 
-    def run(name: str | None, plan: str | None, g=None, row: dict | None = None) -> dict:
-        if row is not None:  # measured elsewhere: record it
-            print(json.dumps(row))
-            res["runs"].append(row)
-            _flush(out, res)
-            return row
+    def record(row: dict) -> dict:
+        print(json.dumps(row))
+        res["runs"].append(row)
+        _flush(out, res)
+        return row
+
+    def run(name: str, plan: str | None, g=None) -> dict:
         t = time.perf_counter()
         masks = None
         if plan is not None:
@@ -222,22 +223,19 @@ def main() -> None:
             if masks.gated:
                 row["gated_density"], row["gated_block_density"] = masks.density("gated")
             row["plan"] = plan
-        print(json.dumps(row))
-        res["runs"].append(row)
-        _flush(out, res)
-        return row
+        return record(row)
 
     print(f"[{time.perf_counter() - t0:.0f} s] evaluating", flush=True)
     dense = run("dense", None)
     for label, gates in sets:
-        evaluate(a, model, label, gates, calib, c0, tl, eval_ids, (L, H, G), run)
+        evaluate(a, model, label, gates, calib, c0, tl, eval_ids, (L, H, G), run, record)
     for row in res["runs"]:
         row["ppl_ratio"] = row["ppl"] / dense["ppl"]
     _flush(out, res)
     print(json.dumps(res, indent=1))
 
 
-def evaluate(a, model, label, gates, calib, c0, tl, eval_ids, shape, run) -> None:
+def evaluate(a, model, label, gates, calib, c0, tl, eval_ids, shape, run, record) -> None:
     """Each --configs entry with these gates (for the first set, also the oracle and the
     streaming plan of the same block density)."""
     from attnc.autotune import gate_train as gt
@@ -252,11 +250,14 @@ def evaluate(a, model, label, gates, calib, c0, tl, eval_ids, shape, run) -> Non
             if sel[0] == "e":
                 if own is None:  # the evaluated text's dense features: its scores, no labels
                     own = gt.collect(model, [eval_ids.reshape(-1)], a.block, gates=gates)
-            elif cal is None:  # the chunk after the training chunks: not used for training
-                cal = gt.collect(model, [calib[c0:c0 + tl]], a.block, gates=gates)
+                data = own
+            else:
+                if cal is None:  # the chunk after the training chunks: not used for training
+                    cal = gt.collect(model, [calib[c0:c0 + tl]], a.block, gates=gates)
+                data = cal
             # Dense layers count fully: the gated layers get what is left of the budget.
             want = (float(sel[1:]) * L - len(dense_layers)) / (L - len(dense_layers))
-            thr = gt.calibrate_threshold(gates, own if sel[0] == "e" else cal, want)
+            thr = gt.calibrate_threshold(gates, data, want)
             body = f"gated(block = {a.block}, topk = 0, threshold = " + \
                 (f"{thr!r})" if sel[0] == "e" else f"{thr:.6g})")
         else:
@@ -264,18 +265,18 @@ def evaluate(a, model, label, gates, calib, c0, tl, eval_ids, shape, run) -> Non
         if a.eval == "direct" and sel[0] in "de" and not dense_layers:
             t = time.perf_counter()
             ppl, bd = gt.gated_perplexity(model, gates, eval_ids, thr)
-            g = {"name": f"{label} {cfg}", "ppl": ppl, "block_density": bd, "eval": "direct",
-                 "threshold": thr, "seconds": time.perf_counter() - t}
-            run(None, None, row=g)
+            g = record({"name": f"{label} {cfg}", "ppl": ppl, "block_density": bd,
+                        "eval": "direct", "threshold": thr, "seconds": time.perf_counter() - t})
         else:
             g = run(f"{label} {cfg}", plan_text(L, H, G, dense_layers, body), gates)
         if a.oracle and label == "gated":
             obody = body
             if sel[0] in "de":
-                othr = gt.calibrate_threshold(gates, own if sel[0] == "e" else cal, want,
-                                              oracle=True)
+                othr = gt.calibrate_threshold(gates, data, want, oracle=True)
                 obody = f"gated(block = {a.block}, topk = 0, threshold = {othr:.6g})"
             run(f"oracle {cfg}", plan_text(L, H, G, dense_layers, obody), oracle_gates(gates))
+        if label != "gated" or a.eval != "reference":
+            continue  # the streaming comparison once per config, through apply()
         # The streaming plan of the same block density (the largest window not above it).
         best = None
         for w in range(a.block, n, a.block // 2):
@@ -284,7 +285,7 @@ def evaluate(a, model, label, gates, calib, c0, tl, eval_ids, shape, run) -> Non
             tot = (bd * (L - nd) + nd) / L
             if tot <= g["block_density"] + 1e-9:
                 best = w
-        if best is not None and label == "gated" and a.eval == "reference":
+        if best is not None:
             body = f"streaming(sink = {a.sink}, window = {best})"
             run(f"streaming {cfg}", plan_text(L, H, G, dense_layers, body))
 

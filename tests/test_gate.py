@@ -549,14 +549,14 @@ def test_tune_cli_has_the_train_gate_flag():
 def test_calibration_chunks_with_stride():
     """Disjoint chunks by default; a stride below the length overlaps them."""
     ids = torch.arange(10)
-    assert [c.tolist() for c in gt._chunks(ids, 4, None)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    got = gt._chunks(ids, 4, None, 2)
+    assert [c.tolist() for c in gt.training_chunks(ids, 4, None)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    got = gt.training_chunks(ids, 4, None, 2)
     assert [int(c[0]) for c in got] == [0, 2, 4, 6] and all(c.numel() == 4 for c in got)
-    assert len(gt._chunks(ids, 4, 3, 1)) == 3
+    assert len(gt.training_chunks(ids, 4, 3, 1)) == 3
     with pytest.raises(ValueError, match="fewer than the training length"):
-        gt._chunks(ids, 11, None)
+        gt.training_chunks(ids, 11, None)
     with pytest.raises(ValueError, match="stride"):
-        gt._chunks(ids, 4, None, 0)
+        gt.training_chunks(ids, 4, None, 0)
 
 
 def test_relative_scores_and_trained_distance(tiny, trained, tmp_path):
