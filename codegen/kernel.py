@@ -213,12 +213,31 @@ def _segments_loop(segs: list[tuple[str, str, int]], tag: str, masked: bool | in
 
 
 def _arith_schedule(rules, block_n: int, suffix: str = "") -> str:
-    """Key-block ranges from the rules' closed forms. Interval rules are sorted by their first
-    block and trimmed so that none overlaps an earlier one (each block is processed once);
-    each interval splits into partial, full and partial segments. A strided rule visits every
-    step-th block of the gaps between the intervals, split the same way. All full segments
-    run in one loop and all partial ones in another (fixed bodies, which Triton can
+    """Key-block ranges from the rules' closed forms (arith_ranges). All full segments run in
+    one loop and all partial ones in another (fixed bodies, which Triton can
     software-pipeline), so a program restarts the pipeline twice, not once per piece."""
+    L, full, part, nested = arith_ranges(rules, block_n, suffix)
+    L.append("    if ONE_LOOP:")
+    L += _segments_loop(full + part, "u", len(full), suffix, "        ")
+    L.append("    else:")
+    L += _segments_loop(full, "f", False, suffix, "        ")
+    L += _segments_loop(part, "p", True, suffix, "        ")
+    return "\n".join(L + nested)
+
+
+Segment = tuple[str, str, int]  # (first block, block count, step) as source expressions
+
+
+def arith_ranges(rules, block_n: int, suffix: str = ""
+                 ) -> tuple[list[str], list[Segment], list[Segment], list[str]]:
+    """Source lines that compute a program's key-block ranges from the rules' closed forms
+    (scalars only, from pid_m, Q_START, Q_LEN, N_CTX, BLOCK_M, BLOCK_N, h and n_var; `tl.`
+    names that Gluon has too), and the ranges as full and partial
+    segments. Interval rules are sorted by their first block and trimmed so that none
+    overlaps an earlier one (each block is processed once); each interval splits into
+    partial, full and partial segments. A strided rule visits every step-th block of the
+    gaps between the intervals, split the same way. Strided pieces whose pattern blocks span
+    several key blocks come as nested loops (the last item, source lines) instead."""
     P = lambda e: print_expr(e, _RANGE_NAMES)  # noqa: E731
     L = [
         "    # Key-block ranges computed from the block-mask IR's closed forms (no index loads).",
@@ -315,12 +334,7 @@ def _arith_schedule(rules, block_n: int, suffix: str = "") -> str:
                     nested += _loop("        ", f"for kb in range(tl.maximum(j0, {v}lo), "
                                     f"tl.minimum(j0 + {ratio}, {v}hi + 1)):", masked, None,
                                     suffix)
-    L.append("    if ONE_LOOP:")
-    L += _segments_loop(full + part, "u", len(full), suffix, "        ")
-    L.append("    else:")
-    L += _segments_loop(full, "f", False, suffix, "        ")
-    L += _segments_loop(part, "p", True, suffix, "        ")
-    return "\n".join(L + nested)
+    return L, full, part, nested
 
 
 INT32_MAX = 2**31 - 1
@@ -652,16 +666,22 @@ class Config:
     # Arithmetic-range kernels: full and partial blocks in one loop (one software pipeline
     # per program instead of two; the mask under a scalar branch).
     one_loop: bool = False
+    # Hopper (sm_90): the warp-specialised Gluon kernel (codegen.hopper) instead of the Triton
+    # skeleton: 1, a TMA producer warp and two consumer warpgroups with num_stages K/V
+    # stages; 2, the same with the warpgroups taking turns to issue their products.
+    ws: int = 0
 
     def text(self) -> str:
         extra = (f" :tma {self.tma}" if self.tma else "") + \
-            (" :one_loop true" if self.one_loop else "")
+            (" :one_loop true" if self.one_loop else "") + (f" :ws {self.ws}" if self.ws else "")
         return f"(launch :num_warps {self.num_warps} :num_stages {self.num_stages}{extra})"
 
     def label(self) -> str:
-        """Short form for tables and tuning records: w8/s3, w8/s3/tma, w8/s3/tma2+one."""
+        """Short form for tables and tuning records: w8/s3, w8/s3/tma, w8/s3/tma2+one,
+        w4/s2/ws, w4/s2/wspp."""
         flags = ([{1: "tma"}.get(self.tma, f"tma{self.tma}")] if self.tma else []) + \
-            (["one"] if self.one_loop else [])
+            (["one"] if self.one_loop else []) + \
+            ([{1: "ws", 2: "wspp"}.get(self.ws, f"ws{self.ws}")] if self.ws else [])
         return f"w{self.num_warps}/s{self.num_stages}" + ("/" + "+".join(flags) if flags else "")
 
 
@@ -679,6 +699,22 @@ def _tma_by_default(q: torch.Tensor, layout) -> bool:
     return (q.device.type == "cuda" and layout is None and q.shape[-1] <= 128
             and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device)[0] >= 9)
+
+
+def _ws_by_default(q: torch.Tensor, bm: BlockMaskIR) -> bool:
+    """The warp-specialised Gluon kernel without a tuning record: on sm_90 with 16-bit inputs,
+    head dim 128, and ranges without a strided rule (on an H200 it was 1.07-1.26x faster
+    than the Triton skeleton with TMA on causal, streaming and a_shape at 32k and 128k, and
+    1.6-3.5x slower on strided patterns, docs/BENCHMARKS.md)."""
+    if not (q.device.type == "cuda" and q.shape[-1] == 128
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(q.device)[0] == 9):
+        return False
+    from . import hopper
+
+    if hopper.supported(bm, q.dtype, q.shape[-1]) is not None:
+        return False
+    return all(r.stride is None for r in arithmetic_rules(bm))
 
 
 _LAYOUT_CODE = {None: 0, "diagonal": 1, "key_classes": 2}
@@ -765,6 +801,12 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
         raise ValueError("a diagonal layout needs all n queries")
     if bm.heads not in (1, H):
         raise ValueError(f"the block mask has {bm.heads} heads, q has {H}")
+    if config is None and block_mask is None and side is None and not interpret and \
+            _ws_by_default(q, bm):
+        config = Config(4, 2, ws=1)
+    if config is not None and config.ws:
+        sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+        return _ws_launch(q, k, v, bm, sm_scale, config, interpret, poison, block_mask, side)
     dev = q.device
     num_q_blocks = -(-grid_q // bm.schedule.block_m)
     if block_mask is not None:
@@ -835,6 +877,30 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
         num_stages=cfg.num_stages,
     )
     return Launch(src, (num_q_blocks, B * H), args, kwargs, o, lse)
+
+
+def _ws_launch(q, k, v, bm, sm_scale, cfg, interpret, poison, block_mask, side) -> Launch:
+    """The launch of the warp-specialised Gluon kernel (codegen.hopper) for checked inputs."""
+    from . import hopper
+
+    if interpret:
+        raise ValueError("the warp-specialised kernel is compiled Gluon: it does not run under "
+                         "TRITON_INTERPRET")
+    if block_mask is not None or side is not None:
+        raise ValueError("the warp-specialised kernel computes its key-block ranges itself "
+                         "(no index lists or side tensor)")
+    if cfg.num_warps != 4 or cfg.num_stages not in (2, 3) or cfg.ws not in (1, 2):
+        raise ValueError(f"warp-specialised launch {cfg.label()}: it runs 4 warps per "
+                         "consumer warpgroup (num_warps 4), 2 or 3 stages, ws 1 or 2")
+    why = hopper.supported(bm, q.dtype, q.shape[-1])
+    if why is not None:
+        raise ValueError(f"the warp-specialised kernel does not run this launch: {why}")
+    cache = bm.__dict__.setdefault("_ws_source", {})
+    if "src" not in cache:
+        cache["src"] = hopper.kernel_source(bm)
+    return hopper.launch_args(q, k, v, bm, sm_scale=sm_scale, stages=cfg.num_stages,
+                              pingpong=cfg.ws == 2, pos32=fits_int32(bm), src=cache["src"],
+                              poison=poison)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR,

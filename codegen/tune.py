@@ -40,6 +40,10 @@ CANDIDATES: list[tuple] = [
 # On Hopper and newer, the winners of the H200 runs with K and V through TMA come first (a
 # layout-transformed pattern fails them and falls back to the pointer-load candidates).
 HOPPER_CANDIDATES: list[tuple] = [
+    # The warp-specialised Gluon kernel (codegen.hopper): 2 or 3 stages, with ping-pong.
+    (128, 128, 4, 2, 0, False, 1),
+    (128, 128, 4, 2, 0, False, 2),
+    (128, 128, 4, 3, 0, False, 1),
     (128, 128, 8, 3, 1),
     (128, 128, 8, 3, 1, True),  # one loop: up to 3% faster on streaming and a_shape at 128k
     (64, 64, 4, 3, 1),
@@ -52,6 +56,9 @@ HOPPER_CANDIDATES: list[tuple] = [
 # Head dim 64 halves a tile's shared memory and registers: narrower tiles with TMA won there
 # (H200: shards 64x128/4/3, causal at 128k 128x64/8/3, streaming 64x64/4/3).
 HOPPER_CANDIDATES_D64: list[tuple] = [
+    (128, 128, 4, 3, 0, False, 1),
+    (128, 128, 4, 3, 0, False, 2),
+    (128, 64, 4, 3, 0, False, 1),
     (128, 128, 8, 3, 1),
     (64, 128, 4, 3, 1),
     (128, 64, 8, 3, 1),
@@ -79,35 +86,43 @@ class Trial:
     error: str = ""
     tma: int = 0
     one_loop: bool = False
+    ws: int = 0
 
     def config(self) -> kernel.Config:
-        return kernel.Config(self.num_warps, self.num_stages, self.tma, self.one_loop)
+        return kernel.Config(self.num_warps, self.num_stages, self.tma, self.one_loop, self.ws)
 
     def label(self) -> str:
         return f"{self.block_m}x{self.block_n}/{self.config().label()}"
 
 
 def _trial(cand: tuple, ms: float = math.inf, error: str = "") -> Trial:
-    """The Trial of a candidate tuple (block_m, block_n, warps, stages[, tma[, one_loop]])."""
-    tma, one_loop = (tuple(cand[4:]) + (0, False)[len(cand) - 4:])[:2]
-    return Trial(*cand[:4], ms, error, int(tma), bool(one_loop))
+    """The Trial of a candidate tuple (block_m, block_n, warps, stages[, tma[, one_loop[,
+    ws]]])."""
+    tma, one_loop, ws = (tuple(cand[4:]) + (0, False, 0)[len(cand) - 4:])[:3]
+    return Trial(*cand[:4], ms, error, int(tma), bool(one_loop), int(ws))
 
 
 def parse_candidate(text: str) -> tuple:
     """'128x128x8x3' with optional flags, the benchmarks' spelling: '+tma' (K and V through
-    TMA) or '+tma2' (Q and O too), '+one' (full and partial blocks in one loop) -> a candidate
-    tuple (block_m, block_n, warps, stages[, tma level, one loop])."""
+    TMA) or '+tma2' (Q and O too), '+one' (full and partial blocks in one loop), '+ws' (the
+    warp-specialised Hopper kernel) or '+wspp' (the same with ping-pong) -> a candidate
+    tuple (block_m, block_n, warps, stages[, tma level, one loop, ws])."""
     head, *flags = text.strip().split("+")
     try:
         nums = tuple(int(x) for x in head.split("x"))
     except ValueError:
         nums = ()
     levels = {"tma": 1, "tma2": 2}
+    wss = {"ws": 1, "wspp": 2}
     tma = [levels[f] for f in flags if f in levels]
-    if len(nums) != 4 or len(tma) > 1 or any(f not in levels and f != "one" for f in flags):
+    ws = [wss[f] for f in flags if f in wss]
+    if len(nums) != 4 or len(tma) > 1 or len(ws) > 1 or \
+            any(f not in levels and f not in wss and f != "one" for f in flags):
         raise ValueError(f"launch candidate {text!r}: want BMxBNxWARPSxSTAGES[+tma|+tma2]"
-                         "[+one]")
-    return nums + ((tma[0] if tma else 0), "one" in flags) if flags else nums
+                         "[+one][+ws|+wspp]")
+    if not flags:
+        return nums
+    return nums + ((tma[0] if tma else 0), "one" in flags) + ((ws[0],) if ws else ())
 
 
 @dataclass
