@@ -291,7 +291,7 @@ def _prelude() -> str:
 
 def supported(bm: BlockMaskIR, dtype: torch.dtype, head_dim: int) -> str | None:
     """None when the warp-specialised kernel runs this launch, else why not (one line)."""
-    from .kernel import PlanMask, arith_ranges, arithmetic_rules
+    from .kernel import PlanMask
 
     try:
         import triton.experimental.gluon.language.nvidia.hopper  # noqa: F401
@@ -305,12 +305,27 @@ def supported(bm: BlockMaskIR, dtype: torch.dtype, head_dim: int) -> str | None:
         return "it takes head dims 64 and 128"
     if bm.schedule.block_m != 128 or bm.schedule.block_n not in (64, 128):
         return "it needs 128-row query blocks and 64- or 128-key blocks"
-    rules = arithmetic_rules(bm)
-    if rules is None:
-        return "it needs key-block ranges computed in the kernel (no index lists or layouts)"
-    if arith_ranges(rules, bm.schedule.block_n)[3]:
-        return "strided pieces wider than a key block need nested loops"
-    return None
+    return schedule_reason(bm)
+
+
+def schedule_reason(bm: BlockMaskIR) -> str | None:
+    """Why the block mask's key-block schedule does not fit the kernel (None: it does), worked
+    out once per block mask: deriving the ranges of a head-dependent pattern is symbolic work
+    of milliseconds, which a per-launch check would add to every call (it made shards look
+    2-4x slower than it runs)."""
+    from .kernel import arith_ranges, arithmetic_rules
+
+    memo = bm.__dict__.setdefault("_ws_schedule", {})
+    if "why" not in memo:
+        rules = arithmetic_rules(bm)
+        if rules is None:
+            why = "it needs key-block ranges computed in the kernel (no index lists or layouts)"
+        elif arith_ranges(rules, bm.schedule.block_n)[3]:
+            why = "strided pieces wider than a key block need nested loops"
+        else:
+            why = None
+        memo["why"] = why
+    return memo["why"]
 
 
 def kernel_source(bm: BlockMaskIR, source: str = "") -> str:
