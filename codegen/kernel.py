@@ -701,11 +701,16 @@ def _tma_by_default(q: torch.Tensor, layout) -> bool:
             and torch.cuda.get_device_capability(q.device)[0] >= 9)
 
 
+WS_DEFAULT_MIN_N = 16384
+
+
 def _ws_by_default(q: torch.Tensor, bm: BlockMaskIR) -> bool:
-    """The warp-specialised Gluon kernel without a tuning record: on sm_90 with 16-bit inputs
-    and head dim 128, wherever it runs the block mask (on an H200 it was faster than the
-    Triton skeleton with TMA on every such case of docs/BENCHMARKS.md)."""
-    if not (q.device.type == "cuda" and q.shape[-1] == 128
+    """The warp-specialised Gluon kernel (2 stages) without a tuning record: on sm_90 with
+    16-bit inputs, head dim 128 and at least 16k keys, wherever it runs the block mask. On an
+    H200 it beat the Triton skeleton with TMA on causal, streaming, a_shape and shards at 32k
+    and 128k (within 2% on causal at 128k); at 8k its 2-stage launch lost on three of
+    four, and at head dim 64 it was level (docs/BENCHMARKS.md): the tuner decides there."""
+    if not (q.device.type == "cuda" and q.shape[-1] == 128 and bm.n >= WS_DEFAULT_MIN_N
             and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device)[0] == 9):
         return False
