@@ -881,7 +881,7 @@ def _vs_attention(q, k, v, o, lse, bm: BlockMaskIR, plan, sm_scale: float, b: in
         from .kernel import _tma_by_default
 
         # H200, 128k: 23.60 -> 20.74 ms with 64 x 64 tiles (docs/BENCHMARKS.md).
-        launch["TMA"] = int(_tma_by_default(q, None))
+        launch["TMA"] = int(_tma_by_default(qb_, kb_, vb_, None))
     kd, vd = kb_, vb_  # never read without TMA
     if launch["TMA"]:
         # Hopper: the diagonal ranges' tiles through TMA descriptors; gathered columns keep

@@ -692,19 +692,26 @@ def default_config(bm: BlockMaskIR, head_dim: int) -> Config:
     return Config(num_warps=8 if big else 4, num_stages=3 if head_dim <= 128 else 2)
 
 
-def _tma_by_default(q: torch.Tensor, layout) -> bool:
+def _tma_by_default(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout) -> bool:
     """TMA loads without a tuning record: on Hopper and newer, 16-bit inputs, head dims up to
     128, natural layout (on an H200: 9-16% faster in every head-dim-128 case measured; at head
-    dim 64 from 1% slower to 10% faster, docs/BENCHMARKS.md)."""
+    dim 64 from 1% slower to 10% faster, docs/BENCHMARKS.md), and bases TMA can address."""
     return (q.device.type == "cuda" and layout is None and q.shape[-1] <= 128
             and q.dtype in (torch.float16, torch.bfloat16)
-            and torch.cuda.get_device_capability(q.device)[0] >= 9)
+            and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and _tma_aligned(q, k, v))
+
+
+def _tma_aligned(*ts: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases; a contiguous view into a larger buffer may not be (a
+    non-contiguous one is copied, and the copy is)."""
+    return not any(t.is_contiguous() and t.data_ptr() % 16 for t in ts)
 
 
 WS_DEFAULT_MIN_N = 16384
 
 
-def _ws_by_default(q: torch.Tensor, bm: BlockMaskIR) -> bool:
+def _ws_by_default(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR) -> bool:
     """The warp-specialised Gluon kernel (2 stages) without a tuning record: on sm_90 with
     16-bit inputs, head dim 128 and at least 16k keys, wherever it runs the block mask. On an
     H200 it beat the Triton skeleton with TMA on causal, streaming, a_shape and shards at 32k
@@ -713,6 +720,8 @@ def _ws_by_default(q: torch.Tensor, bm: BlockMaskIR) -> bool:
     if not (q.device.type == "cuda" and q.shape[-1] == 128 and bm.n >= WS_DEFAULT_MIN_N
             and q.dtype in (torch.float16, torch.bfloat16)
             and torch.cuda.get_device_capability(q.device)[0] == 9):
+        return False
+    if not _tma_aligned(q, k, v):
         return False
     from . import hopper
 
@@ -804,7 +813,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
     if bm.heads not in (1, H):
         raise ValueError(f"the block mask has {bm.heads} heads, q has {H}")
     if config is None and block_mask is None and side is None and not interpret and \
-            _ws_by_default(q, bm):
+            _ws_by_default(q, k, v, bm):
         config = Config(4, 2, ws=1)
     if config is not None and config.ws:
         sm_scale = D ** -0.5 if sm_scale is None else sm_scale
@@ -843,7 +852,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     upcast = bool(interpret and q.dtype != torch.float32)
     cfg = config or default_config(bm, D)
-    if config is None and _tma_by_default(q, lay):
+    if config is None and _tma_by_default(q, k, v, lay):
         cfg = replace(cfg, tma=1)
     kd, vd = k, v
     if cfg.tma:

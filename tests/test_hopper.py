@@ -171,11 +171,13 @@ def _ref(q, k, v, mask, bias, scale, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("dtype", "D", "ws"), [
-    (torch.bfloat16, 128, 1), (torch.bfloat16, 128, 2), (torch.float16, 64, 1),
-    (torch.bfloat16, 64, 2)], ids=["bf16-128", "bf16-128-pingpong", "fp16-64", "bf16-64-pp"])
+@pytest.mark.parametrize(("dtype", "D", "ws", "BN"), [
+    (torch.bfloat16, 128, 1, 128), (torch.bfloat16, 128, 2, 128), (torch.float16, 64, 1, 128),
+    (torch.bfloat16, 64, 2, 128), (torch.bfloat16, 128, 1, 64), (torch.float16, 64, 2, 64)],
+    ids=["bf16-128", "bf16-128-pingpong", "fp16-64", "bf16-64-pp", "bf16-128-bn64",
+         "fp16-64-bn64-pp"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c[0])
-def test_matches_reference_on_hopper(case, dtype, D, ws):
+def test_matches_reference_on_hopper(case, dtype, D, ws, BN):
     if not _hopper_gpu():
         pytest.skip("needs an sm_90 GPU (Gluon's warpgroup kernels are not interpreted)")
     name, args, n, q_len, H, Hkv = case
@@ -185,7 +187,7 @@ def test_matches_reference_on_hopper(case, dtype, D, ws):
     k = torch.randn(2, Hkv, n, D, generator=g).to(dtype)
     v = torch.randn(2, Hkv, n, D, generator=g).to(dtype)
     lib = USER if name == "lagged" else LIB
-    bm = build(lower(lib, name, args), n=n, heads=H, q_len=q_len, schedule=BIG)
+    bm = build(lower(lib, name, args), n=n, heads=H, q_len=q_len, schedule=Schedule(128, BN))
     stages = 3 if D == 64 else 2
     res = kernel.attention(q.cuda(), k.cuda(), v.cuda(), bm, poison=True,
                            config=kernel.Config(4, stages, ws=ws))
@@ -224,3 +226,22 @@ def test_autotune_times_the_warp_specialised_candidates():
         assert (ws[0].ms < float("inf")) == ok, ws[0].error
         if not ok:
             assert "index lists" in ws[0].error
+
+
+@pytest.mark.gpu
+def test_default_launch_takes_it_from_16k_keys_at_head_dim_128():
+    if not _hopper_gpu():
+        pytest.skip("needs an sm_90 GPU")
+    for n, D, ws in [(16384, 128, True), (8192, 128, False), (16384, 64, False)]:
+        q = torch.zeros(1, 2, n, D, device="cuda", dtype=torch.bfloat16)
+        L = kernel.launch_args(q, q, q, _bm("causal", {}, n=n, heads=2))
+        assert ("warp-specialised" in L.source) == ws, (n, D)
+    # A base that TMA cannot address (not 16-byte aligned) runs the skeleton without TMA.
+    buf = torch.randn(2 * 16384 * 128 + 1, device="cuda", dtype=torch.bfloat16)
+    q = buf[1:].view(1, 2, 16384, 128)
+    bm = _bm("causal", {}, n=16384, heads=2)
+    L = kernel.launch_args(q, q, q, bm)
+    assert "warp-specialised" not in L.source and L.kwargs["TMA"] == 0
+    out = kernel.attention(q, q, q, bm).out
+    ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
