@@ -900,6 +900,8 @@ def _ws_launch(q, k, v, bm, sm_scale, cfg, interpret, poison, block_mask, side) 
     if block_mask is not None or side is not None:
         raise ValueError("the warp-specialised kernel computes its key-block ranges itself "
                          "(no index lists or side tensor)")
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] != 9:
+        raise ValueError("the warp-specialised kernel uses Hopper's warpgroup MMA: sm_90 only")
     if cfg.num_warps != 4 or cfg.num_stages not in (2, 3) or cfg.ws not in (1, 2):
         raise ValueError(f"warp-specialised launch {cfg.label()}: it runs 4 warps per "
                          "consumer warpgroup (num_warps 4), 2 or 3 stages, ws 1 or 2")

@@ -37,8 +37,10 @@ CANDIDATES: list[tuple] = [
     (64, 64, 4, 3),
     (64, 128, 4, 2),
 ]
-# On Hopper and newer, the winners of the H200 runs with K and V through TMA come first (a
-# layout-transformed pattern fails them and falls back to the pointer-load candidates).
+# On Hopper and newer, the winners of the H200 runs come first: the warp-specialised kernel
+# (sm_90 only; elsewhere, and for index lists, layouts and plans, it is refused and scores as
+# infinitely slow), then the skeleton with K and V through TMA (a layout-transformed pattern
+# fails those too and falls back to the pointer-load candidates).
 HOPPER_CANDIDATES: list[tuple] = [
     # The warp-specialised Gluon kernel (codegen.hopper): 2 or 3 stages, with ping-pong.
     (128, 128, 4, 2, 0, False, 1),
