@@ -241,11 +241,21 @@ def test_default_launch_takes_it_from_16k_keys_at_head_dim_128():
         q = torch.zeros(1, 2, n, D, device="cuda", dtype=torch.bfloat16)
         L = kernel.launch_args(q, q, q, _bm("causal", {}, n=n, heads=2))
         assert ("warp-specialised" in L.source) == ws, (n, D)
-    # A base that TMA cannot address (not 16-byte aligned) gets neither TMA launch.
-    buf = torch.zeros(2 * 16384 * 128 + 1, device="cuda", dtype=torch.bfloat16)
-    q = buf[1:].view(1, 2, 16384, 128)
-    L = kernel.launch_args(q, q, q, _bm("causal", {}, n=16384, heads=2))
+    # A base that TMA cannot address (not 16-byte aligned) gets neither TMA launch, and the
+    # pointer loads read the right rows (against a float32 matmul: SDPA misreads such views).
+    n, D = 16384, 128
+    buf = torch.randn(2 * n * D + 1, device="cuda", dtype=torch.bfloat16)
+    q = buf[1:].view(1, 2, n, D)
+    bm = _bm("causal", {}, n=n, heads=2)
+    L = kernel.launch_args(q, q, q, bm)
     assert "warp-specialised" not in L.source and L.kwargs["TMA"] == 0
+    out = kernel.attention(q, q, q, bm).out
+    rows = torch.arange(0, n, 256, device="cuda")
+    s = (q[0, :, rows].float() @ q[0].float().transpose(-1, -2)) * D ** -0.5
+    s = s.masked_fill(torch.arange(n, device="cuda")[None, None, :] > rows[None, :, None],
+                      float("-inf"))
+    ref = torch.softmax(s, -1) @ q[0].float()
+    assert ((out[0, :, rows].float() - ref).norm() / ref.norm()).item() < 5e-3
 
 
 def test_tma_only_for_16_byte_aligned_bases():
