@@ -715,7 +715,7 @@ def _ws_by_default(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockM
     """The warp-specialised Gluon kernel (2 stages) without a tuning record: on sm_90 with
     16-bit inputs, head dim 128 and at least 16k keys, wherever it runs the block mask. On an
     H200 it beat the Triton skeleton with TMA on causal, streaming, a_shape and shards at 32k
-    and 128k (within 2% on causal at 128k); at 8k its 2-stage launch lost on three of
+    and 128k (except causal at 128k: 2% slower); at 8k its 2-stage launch lost on three of
     four, and at head dim 64 it was level (docs/BENCHMARKS.md): the tuner decides there."""
     if not (q.device.type == "cuda" and q.shape[-1] == 128 and bm.n >= WS_DEFAULT_MIN_N
             and q.dtype in (torch.float16, torch.bfloat16)
