@@ -18,7 +18,7 @@ class Unsupported(AttncError):
 
 # Helpers the generated source defines once (integer semantics of the language: floor division
 # and Python-style modulo, total at zero; floor log2 exact in int64).
-PRELUDE = '''
+_DIVMOD = '''
 @triton.jit
 def _floordiv(a, b):
     safe = tl.where(b == 0, 1, b)
@@ -35,7 +35,9 @@ def _mod(a, b):
     return tl.where(b == 0, a, r)
 
 
-@triton.jit
+'''
+
+_UPDATE = '''@triton.jit
 def attnc_update(acc, l_i, m_i, s, v, scale, SAFE: tl.constexpr, IEEE: tl.constexpr):
     # One online-softmax step in base 2 over a tile of raw scores s (masked entries -inf),
     # scaled by `scale` inside the max and the exponent (one fused multiply-add per score, as
@@ -56,7 +58,9 @@ def attnc_update(acc, l_i, m_i, s, v, scale, SAFE: tl.constexpr, IEEE: tl.conste
     return acc, l_i, m_new
 
 
-@triton.jit
+'''
+
+_LOG2I = '''@triton.jit
 def _log2i(x):
     x = tl.maximum(x, 1)
     r = tl.floor(tl.log2(x.to(tl.float64))).to(tl.int64)
@@ -66,6 +70,10 @@ def _log2i(x):
     r = tl.where((one << r) > x, r - 1, r)
     return r
 '''
+# The integer helpers alone (codegen.hopper prints them for Gluon, which has its own
+# softmax); the Triton skeletons get the online-softmax step too.
+INT_HELPERS = _DIVMOD + _LOG2I
+PRELUDE = _DIVMOD + _UPDATE + _LOG2I
 
 
 def print_expr(e: Node, names: dict[str, str],

@@ -18,7 +18,7 @@ import torch
 from attnc.compiler.blockmask import BlockMaskIR
 from attnc.compiler.rules import rewrite
 
-from .expr import PRELUDE, print_expr
+from .expr import INT_HELPERS, print_expr
 
 HEADER = '''import triton
 from triton.experimental import gluon
@@ -273,7 +273,7 @@ def attnc_fwd(q_desc, k_desc, v_desc, o_desc, LSE, sm_scale, Q_LEN, N_CTX, N_VAR
                         (attnc_producer, (args, STAGES, PINGPONG, POS32))], [4, 1], [232, 40])
     # Registers per thread: 232 for each consumer warpgroup (the default partition gets what
     # maxnreg=168 x 12 warps leaves), 40 for the producer: with 24 it spilled its segment
-    # table on every step (shards: twice as slow), with 224 / 56 the consumers spilled.
+    # table in the step loop (shards), with 224 / 56 the consumers spilled (sm_90 SASS).
 '''
 
 _NAMES = {"q": "q_pos", "k": "k_pos", "h": "h", "n": "n_var"}
@@ -282,10 +282,8 @@ _NAMES = {"q": "q_pos", "k": "k_pos", "h": "h", "n": "n_var"}
 def _prelude() -> str:
     """The expression helpers (floor division, modulo, floor log2) as Gluon functions; the
     online-softmax helper is the Triton skeleton's only."""
-    src = PRELUDE.split("@triton.jit\ndef attnc_update")[0] + \
-        "@triton.jit\ndef _log2i" + PRELUDE.split("@triton.jit\ndef _log2i")[1]
     # Gluon tensors carry layouts: a constant tile comes from an existing one.
-    src = src.replace("one = tl.full(r.shape, 1, tl.int64)", "one = r * 0 + 1")
+    src = INT_HELPERS.replace("one = tl.full(r.shape, 1, tl.int64)", "one = r * 0 + 1")
     return src.replace("@triton.jit", "@gluon.jit")
 
 
@@ -384,16 +382,14 @@ def kernel_source(bm: BlockMaskIR, source: str = "") -> str:
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMaskIR, *,
                 sm_scale: float, stages: int, pingpong: bool, pos32: bool, src: str,
                 poison: bool = False):
-    """The warp-specialised kernel's launch (codegen.kernel.Launch) for checked inputs:
-    descriptors over [B * H, Lq, D] for Q and O and [B * Hkv, n, D] for K and V."""
+    """The warp-specialised kernel's launch (codegen.kernel.Launch) for inputs that
+    codegen.kernel checked and `supported` accepted: descriptors over [B * H, Lq, D] for Q
+    and O and [B * Hkv, n, D] for K and V."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .kernel import Launch
 
-    why = supported(bm, q.dtype, q.shape[-1])
-    if why is not None:
-        raise ValueError(f"the warp-specialised kernel does not run this launch: {why}")
     B, H, Lq, D = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

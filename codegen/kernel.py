@@ -815,8 +815,8 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
     if config is None and block_mask is None and side is None and not interpret and \
             _ws_by_default(q, k, v, bm):
         config = Config(4, 2, ws=1)
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     if config is not None and config.ws:
-        sm_scale = D ** -0.5 if sm_scale is None else sm_scale
         return _ws_launch(q, k, v, bm, sm_scale, config, interpret, poison, block_mask, side)
     dev = q.device
     num_q_blocks = -(-grid_q // bm.schedule.block_m)
@@ -849,7 +849,6 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMask
         pat = torch.tensor(bm.head_variant, dtype=torch.int32, device=dev)
     else:
         pat = side  # never read by a single-pattern kernel
-    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     upcast = bool(interpret and q.dtype != torch.float32)
     cfg = config or default_config(bm, D)
     if config is None and _tma_by_default(q, k, v, lay):

@@ -36,6 +36,26 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def masked_reference(q, k, v, mask, bias, scale, dtype):
+    """Dense masked attention in float64 (the truth) and in `dtype` (what PyTorch gets): two
+    (output as float64, natural-log LSE) pairs; k and v are repeated over GQA groups."""
+    import torch
+
+    H, Hkv = q.shape[1], k.shape[1]
+    out = []
+    for dt in (torch.float64, dtype):
+        kk = k.repeat_interleave(H // Hkv, 1).to(dt)
+        vv = v.repeat_interleave(H // Hkv, 1).to(dt)
+        s = (q.to(dt) @ kk.transpose(-1, -2)) * scale
+        if bias is not None:
+            s = s + bias.to(dt)
+        s = s.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(s.double(), -1)
+        p = torch.softmax(s.float() if dt != torch.float64 else s, -1).nan_to_num(0.0).to(dt)
+        out.append(((p @ vv).double(), lse))
+    return out
+
+
 def block_truth(ref, rows: int, cols: int, bm: int, bn: int):
     """Per block of a [H, rows, cols] boolean mask: (some pair kept, some valid pair masked,
     block holds padding), each [H, QB, KB] (padding: [1, QB, KB])."""

@@ -15,6 +15,7 @@ import torch
 from attnc.compiler.blockmask import Schedule, build
 from attnc.compiler.lower import lower
 from conftest import assert_within_torch_error
+from conftest import masked_reference as _ref
 
 import attnc
 from attnc import reference
@@ -49,23 +50,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def _fresh_seed() -> int:
     """Fresh random inputs for every check (the seed is in the failure message)."""
     return int.from_bytes(os.urandom(4), "little")
-
-
-def _ref(q, k, v, mask, bias, scale, dtype):
-    """Dense masked attention in float64 (the truth) and in `dtype` (what PyTorch gets)."""
-    H, Hkv = q.shape[1], k.shape[1]
-    out = []
-    for dt in (torch.float64, dtype):
-        kk = k.repeat_interleave(H // Hkv, 1).to(dt)
-        vv = v.repeat_interleave(H // Hkv, 1).to(dt)
-        s = (q.to(dt) @ kk.transpose(-1, -2)) * scale
-        if bias is not None:
-            s = s + bias.to(dt)
-        s = s.masked_fill(~mask, float("-inf"))
-        lse = torch.logsumexp(s.double(), -1)
-        p = torch.softmax(s.float() if dt != torch.float64 else s, -1).nan_to_num(0.0).to(dt)
-        out.append(((p @ vv).double(), lse))
-    return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
