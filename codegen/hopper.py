@@ -289,12 +289,20 @@ def _prelude() -> str:
 
 def supported(bm: BlockMaskIR, dtype: torch.dtype, head_dim: int) -> str | None:
     """None when the warp-specialised kernel runs this launch, else why not (one line)."""
+    import triton
+
     from .kernel import PlanMask
 
+    # Gluon's Hopper API changed until 3.6 (pyproject allows older Tritons); 3.6 and 3.9 are
+    # the versions this kernel was built and run with.
+    major, minor = (int("".join(c for c in x if c.isdigit()) or 0)
+                    for x in triton.__version__.split(".")[:2])
+    if (major, minor) < (3, 6):
+        return f"it needs Triton 3.6 or newer (Gluon's Hopper API), not {triton.__version__}"
     try:
         import triton.experimental.gluon.language.nvidia.hopper  # noqa: F401
     except ImportError:
-        return "this Triton has no Gluon for Hopper (3.6 or newer has)"
+        return "this Triton has no Gluon for Hopper"
     if isinstance(bm, PlanMask):
         return "plans (one kernel for several patterns) run on the Triton skeleton"
     if dtype not in (torch.float16, torch.bfloat16):

@@ -64,6 +64,16 @@ def test_unsupported_launches_say_why(name, args, dtype, D, schedule, why):
             hopper.kernel_source(bm)
 
 
+def test_tritons_before_3_6_are_refused(monkeypatch):
+    import triton
+
+    bm = _bm("causal", {}, n=1024)
+    if hopper.supported(bm, torch.bfloat16, 128) is not None:
+        pytest.skip(f"this Triton ({triton.__version__}) is refused already")
+    monkeypatch.setattr(triton, "__version__", "3.5.1")
+    assert "Triton 3.6 or newer" in hopper.supported(bm, torch.bfloat16, 128)
+
+
 def test_bad_ws_launches_are_refused_before_compiling():
     bm = _bm("causal", {}, n=256)
     q = torch.zeros(1, 4, 256, 128, dtype=torch.bfloat16)
